@@ -1,0 +1,1 @@
+"""The contract: a transaction payload in, the 14-dimension vector out."""

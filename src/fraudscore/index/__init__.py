@@ -1,0 +1,1 @@
+"""The index: built once from the reference file, memory-mapped, searched exactly."""

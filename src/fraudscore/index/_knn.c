@@ -1,0 +1,1103 @@
+/*
+ * fraudscore.index._knn — the compiled core: parse the reference file, build
+ * the index, and answer exact k = 5 nearest-neighbour queries over it.
+ *
+ * Exactness.  The contract's answers come from a brute force in double
+ * precision: d(q, r) = sum over the 14 dimensions, in order, of (q_d - r_d)^2
+ * with r_d the double nearest to the file's 4-decimal value, ties broken by
+ * the lower position in the file.  Here every reference value is stored as
+ * K = r * 10000 (an exact int16).  Pruning and the first filter run on
+ * integers: the query is rounded to Qi = round(q * 10000), and
+ * I(p) = sum (Qi_d - K_d)^2 is computed exactly in int32.  With
+ * e = q * 10000 - Qi (|e_d| <= 0.5) the triangle inequality gives
+ *     | sqrt(I(p)) - sqrt(1e8 * d(q, p)) | <= ||e|| = E        (1)
+ * so a point can only enter the top 5 if sqrt(I(p)) <= sqrt(1e8 * d5) + E,
+ * where d5 is the fifth-best exact distance seen so far.  Every point that
+ * passes that test gets its distance computed exactly as the brute force
+ * does; tree nodes whose integer lower bound fails it are skipped.  Nothing
+ * that could be in the answer is ever skipped, so the answer is the brute
+ * force's answer.
+ *
+ * Layout.  Dimensions 9, 10, 11 (0/1) and the -1 sentinels of 5 and 6 split
+ * the references into groups; inside a group those dimensions are constant
+ * and contribute one exact offset, so only the other (at most 11) are stored.
+ * Each group is a KD-tree with a tight bounding box per node; leaves hold
+ * blocks of 8 points stored as pairs of dimensions, [pair][point][2] int16,
+ * so one _mm256_madd_epi16 yields d_a^2 + d_b^2 for 8 points at once.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define HAVE_X86 1
+#endif
+
+#define DIMS 14
+#define SCALE 10000
+#define MAX_STORED 12 /* stored dimensions, padded to an even count */
+#define MAX_PAIRS (MAX_STORED / 2)
+#define LANES 8
+#define K 5
+#define MAX_K 64
+#define STACK_DEPTH 256
+#define FORMAT_VERSION 1
+
+static const char MAGIC[8] = {'F', 'S', 'K', 'N', 'N', 'I', 'D', 'X'};
+
+/* ------------------------------------------------------------------ */
+/* The file format (little-endian, every section 64-byte aligned).     */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+    char magic[8];
+    uint32_t version;
+    uint32_t header_size;
+    uint64_t n_points;
+    uint64_t n_slots; /* points plus the padding slots of partial blocks */
+    uint32_t n_groups;
+    uint32_t leaf_size;
+    uint64_t n_nodes;
+    uint64_t groups_off, nodes_off, blocks_off, ids_off, file_size;
+    uint8_t sha256[32]; /* of the uncompressed reference file */
+    uint64_t n_fraud;
+} file_header_t;
+
+typedef struct {
+    uint32_t key;      /* bit 0..2: dims 9..11; bit 3: dim 5 is -1; bit 4: dim 6 is -1 */
+    uint32_t n_points;
+    uint32_t n_stored; /* padded to even */
+    uint32_t n_pairs;
+    uint32_t root;     /* node index */
+    uint32_t n_nodes;
+    uint32_t n_blocks;
+    uint32_t reserved;
+    uint64_t block_off; /* bytes from the blocks section */
+    uint64_t slot_off;  /* first slot in the ids section */
+    uint8_t stored[MAX_STORED]; /* original dimension of each stored position, 255 = padding */
+    int16_t constant[DIMS];     /* values of the dimensions that are not stored */
+    uint8_t pad[128 - 48 - MAX_STORED - 2 * DIMS];
+} group_t;
+
+typedef struct {
+    int16_t lo[MAX_STORED];
+    int16_t hi[MAX_STORED];
+    int32_t left, right; /* children, or -1 for a leaf */
+    int32_t first_block; /* leaf: block index within its group */
+    int32_t count;       /* leaf: points */
+} node_t;
+
+_Static_assert(sizeof(group_t) == 128, "group_t is 128 bytes");
+_Static_assert(sizeof(node_t) == 64, "node_t is 64 bytes");
+_Static_assert(sizeof(file_header_t) <= 256, "header fits");
+
+#define HEADER_BYTES 4096
+#define ID_PADDING 0xFFFFFFFFu
+#define ID_FRAUD 0x80000000u
+#define ID_POS 0x7FFFFFFFu
+
+static double LUT[2 * SCALE + 1]; /* LUT[K + SCALE] == K / 10000.0, the double the JSON parser gives */
+
+static inline double ref_value(int k) { return LUT[k + SCALE]; }
+
+static uint64_t align64(uint64_t x) { return (x + 63u) & ~(uint64_t)63u; }
+
+/* ------------------------------------------------------------------ */
+/* Reference parser: a streaming reader of [{"vector":[...],"label":...}] */
+/* ------------------------------------------------------------------ */
+
+enum { PS_START = 0, PS_FIRST = 1, PS_NEXT = 2, PS_DONE = 3 };
+
+typedef struct {
+    const char *base;
+    long long base_offset;
+    char message[200];
+} perr_t;
+
+static int perr(perr_t *e, const char *at, const char *what) {
+    snprintf(e->message, sizeof e->message, "%s at byte %lld", what,
+             e->base_offset + (long long)(at - e->base));
+    return -1;
+}
+
+static const char *skip_ws(const char *p, const char *end) {
+    while (p < end && (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t')) p++;
+    return p;
+}
+
+/* A JSON number with at most 4 decimals, in [-1, 1], as an exact int * 10000. */
+static int parse_fixed4(const char **pp, const char *end, int32_t *out, perr_t *e) {
+    const char *p = *pp;
+    int neg = 0;
+    uint64_t mant = 0;
+    int digits = 0, frac = 0, exp10 = 0;
+    if (p < end && *p == '-') { neg = 1; p++; }
+    if (p >= end || *p < '0' || *p > '9') return perr(e, p, "expected a number");
+    while (p < end && *p >= '0' && *p <= '9') {
+        if (digits < 18) { mant = mant * 10 + (uint64_t)(*p - '0'); digits++; }
+        else if (*p != '0') return perr(e, p, "number has too many digits");
+        else exp10++;
+        p++;
+    }
+    if (p < end && *p == '.') {
+        p++;
+        if (p >= end || *p < '0' || *p > '9') return perr(e, p, "expected a digit after '.'");
+        while (p < end && *p >= '0' && *p <= '9') {
+            if (digits < 18) { mant = mant * 10 + (uint64_t)(*p - '0'); digits++; frac++; }
+            else if (*p != '0') return perr(e, p, "number has too many digits");
+            p++;
+        }
+    }
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        int eneg = 0, ev = 0;
+        p++;
+        if (p < end && (*p == '+' || *p == '-')) { eneg = (*p == '-'); p++; }
+        if (p >= end || *p < '0' || *p > '9') return perr(e, p, "bad exponent");
+        while (p < end && *p >= '0' && *p <= '9') { if (ev < 1000) ev = ev * 10 + (*p - '0'); p++; }
+        exp10 += eneg ? -ev : ev;
+    }
+    int shift = exp10 - frac + 4; /* value * 10^4 == mant * 10^shift */
+    if (mant == 0) shift = 0;
+    while (shift > 0) {
+        if (mant > (uint64_t)SCALE) break;
+        mant *= 10; shift--;
+    }
+    while (shift < 0) {
+        if (mant % 10) return perr(e, *pp, "value has more than 4 decimals");
+        mant /= 10; shift++;
+    }
+    if (shift > 0 || mant > (uint64_t)SCALE) return perr(e, *pp, "value outside [-1, 1]");
+    *out = neg ? -(int32_t)mant : (int32_t)mant;
+    *pp = p;
+    return 0;
+}
+
+/* One {"vector": [...], "label": "..."} object in [p, close]. */
+static int parse_record(const char *p, const char *close, int16_t *vec, uint8_t *label, perr_t *e) {
+    int have_vec = 0, have_label = 0;
+    p = skip_ws(p + 1, close);
+    for (;;) {
+        if (*p != '"') return perr(e, p, "expected a key");
+        const char *key = ++p;
+        while (p < close && *p != '"') p++;
+        size_t klen = (size_t)(p - key);
+        p = skip_ws(p + 1, close);
+        if (*p != ':') return perr(e, p, "expected ':'");
+        p = skip_ws(p + 1, close);
+        if (klen == 6 && memcmp(key, "vector", 6) == 0) {
+            if (*p != '[') return perr(e, p, "\"vector\" must be an array");
+            p = skip_ws(p + 1, close);
+            for (int d = 0; d < DIMS; d++) {
+                int32_t v;
+                if (parse_fixed4(&p, close, &v, e)) return -1;
+                vec[d] = (int16_t)v;
+                p = skip_ws(p, close);
+                if (d < DIMS - 1) {
+                    if (*p != ',') return perr(e, p, "\"vector\" must have 14 numbers");
+                    p = skip_ws(p + 1, close);
+                }
+            }
+            if (*p != ']') return perr(e, p, "\"vector\" must have 14 numbers");
+            p++;
+            have_vec = 1;
+        } else if (klen == 5 && memcmp(key, "label", 5) == 0) {
+            if (close - p >= 7 && memcmp(p, "\"fraud\"", 7) == 0) *label = 1;
+            else if (close - p >= 7 && memcmp(p, "\"legit\"", 7) == 0) *label = 0;
+            else return perr(e, p, "\"label\" must be \"fraud\" or \"legit\"");
+            p += 7;
+            have_label = 1;
+        } else {
+            return perr(e, key, "unknown key (expected \"vector\" and \"label\")");
+        }
+        p = skip_ws(p, close);
+        if (*p == ',') { p = skip_ws(p + 1, close); continue; }
+        if (p == close) break;
+        return perr(e, p, "expected ',' or '}'");
+    }
+    if (!have_vec || !have_label) return perr(e, close, "record needs both \"vector\" and \"label\"");
+    return 0;
+}
+
+PyDoc_STRVAR(parse_references_doc,
+"parse_references(chunk, state, final, offset) -> (consumed, state, vectors, labels)\n\n"
+"Parse the complete records at the start of chunk (bytes of the reference\n"
+"JSON array). Returns how many bytes were consumed, the new parser state, the\n"
+"records' vectors (int16 * 14 each, value * 10000) and labels (1 = fraud).");
+
+static PyObject *py_parse_references(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    int state, final;
+    long long offset;
+    if (!PyArg_ParseTuple(args, "y*ipL", &buf, &state, &final, &offset)) return NULL;
+    const char *start = buf.buf, *end = start + buf.len, *p = start, *consumed = start;
+    Py_ssize_t cap = buf.len / 40 + 1; /* a record is at least ~60 bytes */
+    int16_t *vecs = PyMem_Malloc((size_t)cap * DIMS * sizeof(int16_t));
+    uint8_t *labels = PyMem_Malloc((size_t)cap);
+    Py_ssize_t n = 0;
+    perr_t e = {start, offset, {0}};
+    int failed = 0;
+    if (!vecs || !labels) { PyBuffer_Release(&buf); PyMem_Free(vecs); PyMem_Free(labels); return PyErr_NoMemory(); }
+
+    Py_BEGIN_ALLOW_THREADS
+    for (;;) {
+        p = skip_ws(p, end);
+        if (p == end) break;
+        if (state == PS_START) {
+            if (*p != '[') { failed = perr(&e, p, "the reference file must be a JSON array"); break; }
+            p++; state = PS_FIRST; consumed = p; continue;
+        }
+        if (state == PS_DONE) { failed = perr(&e, p, "unexpected data after the closing ']'"); break; }
+        if (*p == ']') { p++; state = PS_DONE; consumed = p; continue; }
+        if (state == PS_NEXT) {
+            if (*p != ',') { failed = perr(&e, p, "expected ',' between records"); break; }
+            p = skip_ws(p + 1, end);
+            if (p == end) break;
+        }
+        if (*p != '{') { failed = perr(&e, p, "expected a record object"); break; }
+        const char *close = memchr(p, '}', (size_t)(end - p));
+        if (!close) break; /* incomplete: wait for more bytes */
+        if (n >= cap) { failed = perr(&e, p, "internal: record buffer full"); break; }
+        if (parse_record(p, close, vecs + n * DIMS, labels + n, &e)) { failed = -1; break; }
+        n++;
+        p = close + 1;
+        state = PS_NEXT;
+        consumed = p;
+    }
+    if (!failed && final) {
+        const char *rest = skip_ws(consumed, end);
+        if (rest != end) failed = perr(&e, rest, "truncated record at end of file");
+        else if (state != PS_DONE) failed = perr(&e, end, "missing closing ']'");
+    }
+    Py_END_ALLOW_THREADS
+
+    PyBuffer_Release(&buf);
+    if (failed) {
+        PyMem_Free(vecs); PyMem_Free(labels);
+        PyErr_SetString(PyExc_ValueError, e.message);
+        return NULL;
+    }
+    PyObject *r = Py_BuildValue("(nly#y#)", (Py_ssize_t)(consumed - start), (long)state,
+                                (const char *)vecs, n * DIMS * (Py_ssize_t)sizeof(int16_t),
+                                (const char *)labels, n);
+    PyMem_Free(vecs); PyMem_Free(labels);
+    return r;
+}
+
+/* ------------------------------------------------------------------ */
+/* Index builder                                                       */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+    const int16_t *vecs;
+    const uint8_t *labels;
+    int leaf_size;
+    /* growing outputs */
+    node_t *nodes; size_t n_nodes, cap_nodes;
+    int16_t *blocks; size_t n_block_vals, cap_block_vals;
+    uint32_t *ids; size_t n_slots, cap_slots;
+    /* the group being built */
+    const group_t *g;
+    uint32_t group_blocks;
+} builder_t;
+
+static int grow(void **p, size_t *cap, size_t need, size_t item) {
+    if (need <= *cap) return 0;
+    size_t c = *cap ? *cap : 1024;
+    while (c < need) c *= 2;
+    void *q = realloc(*p, c * item);
+    if (!q) return -1;
+    *p = q; *cap = c;
+    return 0;
+}
+
+static inline int16_t stored_value(const builder_t *b, uint32_t idx, int s) {
+    int d = b->g->stored[s];
+    return d == 255 ? 0 : b->vecs[(size_t)idx * DIMS + d];
+}
+
+/* Reorder idx[0..n) so that idx[m] holds the m-th smallest on stored position s. */
+static void select_nth(const builder_t *b, uint32_t *idx, size_t n, size_t m, int s) {
+    size_t lo = 0, hi = n; /* [lo, hi) still to partition */
+    while (hi - lo > 1) {
+        int16_t a = stored_value(b, idx[lo], s), c = stored_value(b, idx[hi - 1], s),
+                mid = stored_value(b, idx[lo + (hi - lo) / 2], s);
+        int16_t pivot = a < c ? (mid < a ? a : (mid > c ? c : mid)) : (mid < c ? c : (mid > a ? a : mid));
+        /* three-way partition: [lo, lt) < pivot, [lt, gt) == pivot, [gt, hi) > pivot */
+        size_t lt = lo, i = lo, gt = hi;
+        while (i < gt) {
+            int16_t v = stored_value(b, idx[i], s);
+            if (v < pivot) { uint32_t t = idx[lt]; idx[lt++] = idx[i]; idx[i++] = t; }
+            else if (v > pivot) { uint32_t t = idx[--gt]; idx[gt] = idx[i]; idx[i] = t; }
+            else i++;
+        }
+        if (m < lt) hi = lt;
+        else if (m >= gt) lo = gt;
+        else return;
+    }
+}
+
+static int build_node(builder_t *b, uint32_t *idx, size_t n, int32_t *out) {
+    const group_t *g = b->g;
+    if (grow((void **)&b->nodes, &b->cap_nodes, b->n_nodes + 1, sizeof(node_t))) return -1;
+    size_t id = b->n_nodes++;
+    node_t nd;
+    memset(&nd, 0, sizeof nd);
+    int ns = (int)g->n_stored;
+    for (int s = 0; s < ns; s++) { nd.lo[s] = INT16_MAX; nd.hi[s] = INT16_MIN; }
+    for (size_t i = 0; i < n; i++)
+        for (int s = 0; s < ns; s++) {
+            int16_t v = stored_value(b, idx[i], s);
+            if (v < nd.lo[s]) nd.lo[s] = v;
+            if (v > nd.hi[s]) nd.hi[s] = v;
+        }
+    int split = -1, spread = 0;
+    for (int s = 0; s < ns; s++)
+        if (nd.hi[s] - nd.lo[s] > spread) { spread = nd.hi[s] - nd.lo[s]; split = s; }
+    if (n <= (size_t)b->leaf_size || split < 0) {
+        /* a leaf: ceil(n / 8) blocks; padding slots repeat the last point and carry ID_PADDING */
+        size_t nb = (n + LANES - 1) / LANES, np = g->n_pairs;
+        if (grow((void **)&b->blocks, &b->cap_block_vals, b->n_block_vals + nb * np * 2 * LANES, sizeof(int16_t)) ||
+            grow((void **)&b->ids, &b->cap_slots, b->n_slots + nb * LANES, sizeof(uint32_t)))
+            return -1;
+        for (size_t blk = 0; blk < nb; blk++) {
+            int16_t *out_vals = b->blocks + b->n_block_vals + blk * np * 2 * LANES;
+            for (int j = 0; j < LANES; j++) {
+                size_t i = blk * LANES + (size_t)j;
+                uint32_t p = idx[i < n ? i : n - 1];
+                for (size_t s = 0; s < np * 2; s++)
+                    out_vals[(s / 2) * 2 * LANES + (size_t)j * 2 + (s & 1)] = stored_value(b, p, (int)s);
+                b->ids[b->n_slots + blk * LANES + (size_t)j] =
+                    i < n ? (p | (b->labels[p] ? ID_FRAUD : 0u)) : ID_PADDING;
+            }
+        }
+        b->n_block_vals += nb * np * 2 * LANES;
+        b->n_slots += nb * LANES;
+        nd.left = nd.right = -1;
+        nd.first_block = (int32_t)b->group_blocks;
+        nd.count = (int32_t)n;
+        b->group_blocks += (uint32_t)nb;
+        b->nodes[id] = nd;
+        *out = (int32_t)id;
+        return 0;
+    }
+    /* split at a multiple of 8 near the median, so leaves fill whole blocks */
+    size_t m = ((n + 15) / 16) * LANES;
+    if (m >= n) m = n / 2;
+    select_nth(b, idx, n, m, split);
+    int32_t l, r;
+    if (build_node(b, idx, m, &l) || build_node(b, idx + m, n - m, &r)) return -1;
+    nd.left = l; nd.right = r; nd.first_block = 0; nd.count = 0;
+    b->nodes[id] = nd;
+    *out = (int32_t)id;
+    return 0;
+}
+
+static uint32_t group_key(const int16_t *v) {
+    return (uint32_t)(v[9] == SCALE) | (uint32_t)(v[10] == SCALE) << 1 | (uint32_t)(v[11] == SCALE) << 2 |
+           (uint32_t)(v[5] == -SCALE) << 3 | (uint32_t)(v[6] == -SCALE) << 4;
+}
+
+PyDoc_STRVAR(build_index_doc,
+"build_index(vectors, labels, sha256, leaf_size=32) -> bytes\n\n"
+"Build the index file's bytes from int16 vectors (value * 10000, 14 per\n"
+"reference, in file order) and labels (one byte each, 1 = fraud).");
+
+static PyObject *py_build_index(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"vectors", "labels", "sha256", "leaf_size", NULL};
+    Py_buffer vb, lb, hb;
+    int leaf_size = 32;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*y*y*|i", kwlist, &vb, &lb, &hb, &leaf_size)) return NULL;
+    PyObject *result = NULL;
+    size_t n = (size_t)lb.len;
+    const int16_t *vecs = vb.buf;
+    const uint8_t *labels = lb.buf;
+    uint32_t *idx = NULL, counts[32] = {0};
+    group_t groups[32];
+    builder_t b;
+    memset(&b, 0, sizeof b);
+    memset(groups, 0, sizeof groups);
+    char msg[160] = {0};
+
+    if ((size_t)vb.len != n * DIMS * sizeof(int16_t)) { snprintf(msg, sizeof msg, "vectors and labels disagree on the number of references"); goto fail; }
+    if (hb.len != 32) { snprintf(msg, sizeof msg, "sha256 must be 32 bytes"); goto fail; }
+    if (n == 0 || n > ID_POS) { snprintf(msg, sizeof msg, "need between 1 and 2^31-1 references, got %zu", n); goto fail; }
+    if (leaf_size < LANES || leaf_size > 4096) { snprintf(msg, sizeof msg, "leaf_size must be in [8, 4096]"); goto fail; }
+    for (size_t i = 0; i < n; i++) {
+        const int16_t *v = vecs + i * DIMS;
+        for (int d = 9; d <= 11; d++)
+            if (v[d] != 0 && v[d] != SCALE) { snprintf(msg, sizeof msg, "reference %zu: dimension %d must be 0 or 1", i, d); goto fail; }
+        for (int d = 0; d < DIMS; d++)
+            if (v[d] < -SCALE || v[d] > SCALE) { snprintf(msg, sizeof msg, "reference %zu: dimension %d outside [-1, 1]", i, d); goto fail; }
+        counts[group_key(v)]++;
+    }
+
+    b.vecs = vecs; b.labels = labels; b.leaf_size = leaf_size;
+    idx = malloc(n * sizeof(uint32_t));
+    if (!idx) { PyErr_NoMemory(); goto done; }
+    uint32_t n_groups = 0;
+    uint64_t n_fraud = 0;
+    for (size_t i = 0; i < n; i++) n_fraud += labels[i] ? 1 : 0;
+
+    Py_BEGIN_ALLOW_THREADS
+    size_t start = 0;
+    for (uint32_t key = 0; key < 32; key++) {
+        if (!counts[key]) continue;
+        group_t *g = &groups[n_groups++];
+        g->key = key;
+        g->n_points = counts[key];
+        int ns = 0;
+        for (int d = 0; d < DIMS; d++) {
+            int constant = (d >= 9 && d <= 11) || (d == 5 && (key & 8)) || (d == 6 && (key & 16));
+            if (constant) g->constant[d] = (d == 5 || d == 6) ? -SCALE : ((key >> (d - 9)) & 1 ? SCALE : 0);
+            else g->stored[ns++] = (uint8_t)d;
+        }
+        if (ns & 1) g->stored[ns++] = 255;
+        for (int s = ns; s < MAX_STORED; s++) g->stored[s] = 255;
+        g->n_stored = (uint32_t)ns;
+        g->n_pairs = (uint32_t)ns / 2;
+        g->block_off = (uint64_t)b.n_block_vals * sizeof(int16_t);
+        g->slot_off = b.n_slots;
+        /* members in file order */
+        size_t m = 0;
+        for (size_t i = 0; i < n; i++)
+            if (group_key(vecs + i * DIMS) == key) idx[start + m++] = (uint32_t)i;
+        b.g = g;
+        b.group_blocks = 0;
+        size_t first_node = b.n_nodes;
+        int32_t root;
+        if (build_node(&b, idx + start, m, &root)) { n_groups = 0; break; }
+        g->root = (uint32_t)root;
+        g->n_nodes = (uint32_t)(b.n_nodes - first_node);
+        g->n_blocks = b.group_blocks;
+        start += m;
+    }
+    Py_END_ALLOW_THREADS
+    if (!n_groups) { PyErr_NoMemory(); goto done; }
+
+    file_header_t h;
+    memset(&h, 0, sizeof h);
+    memcpy(h.magic, MAGIC, 8);
+    h.version = FORMAT_VERSION;
+    h.header_size = HEADER_BYTES;
+    h.n_points = n;
+    h.n_slots = b.n_slots;
+    h.n_groups = n_groups;
+    h.leaf_size = (uint32_t)leaf_size;
+    h.n_nodes = b.n_nodes;
+    h.n_fraud = n_fraud;
+    memcpy(h.sha256, hb.buf, 32);
+    h.groups_off = HEADER_BYTES;
+    h.nodes_off = align64(h.groups_off + n_groups * sizeof(group_t));
+    h.blocks_off = align64(h.nodes_off + b.n_nodes * sizeof(node_t));
+    h.ids_off = align64(h.blocks_off + b.n_block_vals * sizeof(int16_t));
+    h.file_size = align64(h.ids_off + b.n_slots * sizeof(uint32_t));
+    result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)h.file_size);
+    if (!result) goto done;
+    char *out = PyBytes_AS_STRING(result);
+    memset(out, 0, h.file_size);
+    memcpy(out, &h, sizeof h);
+    memcpy(out + h.groups_off, groups, n_groups * sizeof(group_t));
+    memcpy(out + h.nodes_off, b.nodes, b.n_nodes * sizeof(node_t));
+    memcpy(out + h.blocks_off, b.blocks, b.n_block_vals * sizeof(int16_t));
+    memcpy(out + h.ids_off, b.ids, b.n_slots * sizeof(uint32_t));
+    goto done;
+fail:
+    PyErr_SetString(PyExc_ValueError, msg);
+done:
+    free(idx); free(b.nodes); free(b.blocks); free(b.ids);
+    PyBuffer_Release(&vb); PyBuffer_Release(&lb); PyBuffer_Release(&hb);
+    return result;
+}
+
+/* ------------------------------------------------------------------ */
+/* Search                                                              */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+    double d;
+    uint32_t id;
+} cand_t;
+
+typedef struct {
+    double q[DIMS];      /* the query, as given */
+    int32_t qi[DIMS];    /* round(q * 10000) */
+    double err;          /* E = ||q * 10000 - qi||, bound (1) */
+    int k;
+    int n;
+    cand_t best[MAX_K];
+    int64_t limit;       /* integer distances above this cannot enter the answer */
+    uint64_t exact_evals, blocks_scanned, nodes_visited;
+} query_t;
+
+/* One group, with what the search derives from it once at construction. */
+typedef struct {
+    const group_t *g;
+    const node_t *nodes; /* the global node array */
+    const int16_t *blocks;
+    const uint32_t *ids;
+    int8_t where[DIMS];  /* stored position of each dimension, or -1 */
+} gview_t;
+
+typedef struct query_kernel {
+    const char *name;
+    void (*scan_leaf)(const gview_t *, const node_t *, query_t *, int64_t offset, const void *qpairs);
+    int64_t (*node_bound)(const node_t *, const void *qbox, int n_stored);
+    void (*prepare)(const gview_t *, const query_t *, void *qpairs, void *qbox);
+} kernel_t;
+
+static inline int cand_less(double d, uint32_t id, const cand_t *c) {
+    return d < c->d || (d == c->d && (id & ID_POS) < (c->id & ID_POS));
+}
+
+static void update_limit(query_t *qs) {
+    if (qs->n < qs->k) { qs->limit = INT64_MAX; return; }
+    /* sqrt(I) <= sqrt(1e8 * d_k) + E, with a relative margin for the rounding of these few operations */
+    double r = sqrt(qs->best[qs->k - 1].d * 1e8) * (1.0 + 1e-9) + qs->err + 1e-6;
+    double lim = r * r;
+    qs->limit = lim >= 9.0e18 ? INT64_MAX : (int64_t)lim;
+}
+
+static void offer(query_t *qs, double d, uint32_t id) {
+    int k = qs->k, n = qs->n;
+    if (n == k && !cand_less(d, id, &qs->best[k - 1])) return;
+    int i = n < k ? n : k - 1;
+    while (i > 0 && cand_less(d, id, &qs->best[i - 1])) { qs->best[i] = qs->best[i - 1]; i--; }
+    qs->best[i].d = d; qs->best[i].id = id;
+    if (n < k) qs->n++;
+    update_limit(qs);
+}
+
+/* The brute force's distance: dimensions in order, doubles, no fused multiply-add (-ffp-contract=off). */
+static double exact_distance(const gview_t *v, const query_t *qs, const int16_t *block, int slot) {
+    double s = 0.0;
+    for (int d = 0; d < DIMS; d++) {
+        int w = v->where[d];
+        int kv = w < 0 ? v->g->constant[d] : block[(w / 2) * 2 * LANES + slot * 2 + (w & 1)];
+        double diff = qs->q[d] - ref_value(kv);
+        s += diff * diff;
+    }
+    return s;
+}
+
+static int64_t group_offset(const gview_t *v, const query_t *qs) {
+    int64_t off = 0;
+    for (int d = 0; d < DIMS; d++)
+        if (v->where[d] < 0) {
+            int64_t t = (int64_t)qs->qi[d] - v->g->constant[d];
+            off += t * t;
+        }
+    return off;
+}
+
+/* -------- scalar kernel (any CPU) -------- */
+
+typedef struct { int32_t q[MAX_STORED]; } scalar_q_t;
+
+static void scalar_prepare(const gview_t *v, const query_t *qs, void *qpairs, void *qbox) {
+    scalar_q_t *sq = qpairs;
+    for (int s = 0; s < MAX_STORED; s++) {
+        int d = v->g->stored[s];
+        sq->q[s] = d == 255 ? 0 : qs->qi[d];
+    }
+    (void)qbox; /* the scalar bound reads the same array */
+}
+
+static int64_t scalar_node_bound(const node_t *nd, const void *qbox, int n_stored) {
+    const scalar_q_t *sq = qbox;
+    int64_t s = 0;
+    for (int i = 0; i < n_stored; i++) {
+        int32_t q = sq->q[i], t = 0;
+        if (q < nd->lo[i]) t = nd->lo[i] - q;
+        else if (q > nd->hi[i]) t = q - nd->hi[i];
+        s += (int64_t)t * t;
+    }
+    return s;
+}
+
+static void scalar_scan_leaf(const gview_t *v, const node_t *nd, query_t *qs, int64_t offset, const void *qpairs) {
+    const scalar_q_t *sq = qpairs;
+    int np = (int)v->g->n_pairs;
+    size_t block_vals = (size_t)np * 2 * LANES;
+    for (int32_t b = 0; b < (nd->count + LANES - 1) / LANES; b++) {
+        int32_t blk = nd->first_block + b;
+        const int16_t *block = v->blocks + (size_t)blk * block_vals;
+        const uint32_t *ids = v->ids + (size_t)blk * LANES;
+        qs->blocks_scanned++;
+        for (int j = 0; j < LANES; j++) {
+            if (ids[j] == ID_PADDING) continue;
+            int64_t s = offset;
+            for (int p = 0; p < np; p++) {
+                int32_t a = sq->q[2 * p] - block[p * 2 * LANES + j * 2];
+                int32_t c = sq->q[2 * p + 1] - block[p * 2 * LANES + j * 2 + 1];
+                s += (int64_t)a * a + (int64_t)c * c;
+            }
+            if (s <= qs->limit) { qs->exact_evals++; offer(qs, exact_distance(v, qs, block, j), ids[j]); }
+        }
+    }
+}
+
+static const kernel_t SCALAR_KERNEL = {"scalar", scalar_scan_leaf, scalar_node_bound, scalar_prepare};
+
+/* -------- AVX2 kernel -------- */
+#ifdef HAVE_X86
+typedef struct { __m256i pair[MAX_PAIRS]; __m256i box; __m256i mask; } avx2_q_t;
+
+__attribute__((target("avx2")))
+static void avx2_prepare(const gview_t *v, const query_t *qs, void *qpairs, void *qbox) {
+    avx2_q_t *aq = qpairs;
+    int16_t q[16] = {0}, m[16] = {0};
+    for (int s = 0; s < MAX_STORED; s++) {
+        int d = v->g->stored[s];
+        q[s] = d == 255 ? 0 : (int16_t)qs->qi[d];
+        m[s] = -1;
+    }
+    for (int p = 0; p < MAX_PAIRS; p++) {
+        uint32_t two = (uint16_t)q[2 * p] | (uint32_t)(uint16_t)q[2 * p + 1] << 16;
+        aq->pair[p] = _mm256_set1_epi32((int)two);
+    }
+    aq->box = _mm256_loadu_si256((const __m256i *)q);
+    aq->mask = _mm256_loadu_si256((const __m256i *)m);
+    (void)qbox;
+}
+
+__attribute__((target("avx2")))
+static int64_t avx2_node_bound(const node_t *nd, const void *qbox, int n_stored) {
+    const avx2_q_t *aq = qbox;
+    (void)n_stored;
+    __m256i lo = _mm256_loadu_si256((const __m256i *)nd->lo);
+    __m256i hi = _mm256_loadu_si256((const __m256i *)nd->hi);
+    /* values are in [-10000, 10000], so these differences fit int16 */
+    __m256i below = _mm256_sub_epi16(lo, aq->box), above = _mm256_sub_epi16(aq->box, hi);
+    __m256i t = _mm256_max_epi16(_mm256_max_epi16(below, above), _mm256_setzero_si256());
+    t = _mm256_and_si256(t, aq->mask);
+    __m256i sq = _mm256_madd_epi16(t, t); /* 8 x int32, each <= 2 * 20000^2 */
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sq), _mm256_extracti128_si256(sq, 1));
+    /* four partial sums, each <= 4 * 8e8: widen before the last adds */
+    __m256i w = _mm256_cvtepu32_epi64(s);
+    __m128i h = _mm_add_epi64(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    return _mm_cvtsi128_si64(h) + _mm_extract_epi64(h, 1);
+}
+
+__attribute__((target("avx2")))
+static void avx2_scan_leaf(const gview_t *v, const node_t *nd, query_t *qs, int64_t offset, const void *qpairs) {
+    const avx2_q_t *aq = qpairs;
+    int np = (int)v->g->n_pairs;
+    size_t block_vals = (size_t)np * 2 * LANES;
+    int32_t nb = (nd->count + LANES - 1) / LANES;
+    for (int32_t b = 0; b < nb; b++) {
+        int64_t room = qs->limit - offset;
+        if (room < 0) return;
+        int32_t lim32 = room > INT32_MAX ? INT32_MAX : (int32_t)room;
+        int32_t blk = nd->first_block + b;
+        const int16_t *block = v->blocks + (size_t)blk * block_vals;
+        __m256i acc = _mm256_setzero_si256();
+        for (int p = 0; p < np; p++) {
+            __m256i d = _mm256_sub_epi16(aq->pair[p], _mm256_loadu_si256((const __m256i *)(block + p * 2 * LANES)));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(d, d));
+        }
+        qs->blocks_scanned++;
+        unsigned reject = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(acc, _mm256_set1_epi32(lim32))));
+        int valid = nd->count - b * LANES;
+        unsigned pass = ~reject & (valid >= LANES ? 0xFFu : ((1u << valid) - 1u));
+        if (!pass) continue;
+        int32_t dist[LANES];
+        _mm256_storeu_si256((__m256i *)dist, acc);
+        const uint32_t *ids = v->ids + (size_t)blk * LANES;
+        while (pass) {
+            int j = __builtin_ctz(pass);
+            pass &= pass - 1;
+            if (dist[j] + offset > qs->limit) continue; /* the limit tightened within this block */
+            qs->exact_evals++;
+            offer(qs, exact_distance(v, qs, block, j), ids[j]);
+        }
+    }
+}
+
+static const kernel_t AVX2_KERNEL = {"avx2", avx2_scan_leaf, avx2_node_bound, avx2_prepare};
+#endif
+
+/* ------------------------------------------------------------------ */
+/* The Index type                                                      */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    const char *base;
+    const file_header_t *h;
+    const node_t *nodes;
+    gview_t groups[32];
+    const kernel_t *kernel;
+} IndexObject;
+
+static int index_check_and_map(IndexObject *self, char *msg, size_t msglen) {
+    const char *base = self->base;
+    size_t len = (size_t)self->view.len;
+    if (len < HEADER_BYTES || memcmp(base, MAGIC, 8) != 0) { snprintf(msg, msglen, "not a fraudscore index (bad magic)"); return -1; }
+    const file_header_t *h = (const file_header_t *)base;
+    if (h->version != FORMAT_VERSION) { snprintf(msg, msglen, "index format version %u, expected %u: rebuild the index", h->version, FORMAT_VERSION); return -1; }
+    if (h->file_size != len) { snprintf(msg, msglen, "index file is %zu bytes, its header says %llu: truncated or corrupt", len, (unsigned long long)h->file_size); return -1; }
+    if (h->n_groups == 0 || h->n_groups > 32 || h->groups_off + h->n_groups * sizeof(group_t) > len ||
+        h->nodes_off + h->n_nodes * sizeof(node_t) > len || h->ids_off + h->n_slots * sizeof(uint32_t) > len ||
+        h->blocks_off > h->ids_off || (h->blocks_off | h->nodes_off | h->ids_off) % 64) {
+        snprintf(msg, msglen, "index sections out of bounds: corrupt file"); return -1;
+    }
+    self->h = h;
+    self->nodes = (const node_t *)(base + h->nodes_off);
+    const group_t *gs = (const group_t *)(base + h->groups_off);
+    for (uint32_t i = 0; i < h->n_groups; i++) {
+        const group_t *g = &gs[i];
+        gview_t *v = &self->groups[i];
+        if (g->n_pairs * 2 != g->n_stored || g->n_pairs > MAX_PAIRS || g->n_pairs == 0 ||
+            (uint64_t)g->root >= h->n_nodes || g->slot_off + (uint64_t)g->n_blocks * LANES > h->n_slots ||
+            h->blocks_off + g->block_off + (uint64_t)g->n_blocks * g->n_pairs * 2 * LANES * sizeof(int16_t) > h->ids_off) {
+            snprintf(msg, msglen, "group %u out of bounds: corrupt file", i); return -1;
+        }
+        v->g = g;
+        v->nodes = self->nodes;
+        v->blocks = (const int16_t *)(base + h->blocks_off + g->block_off);
+        v->ids = (const uint32_t *)(base + h->ids_off) + g->slot_off;
+        for (int d = 0; d < DIMS; d++) v->where[d] = -1;
+        for (int s = 0; s < MAX_STORED; s++)
+            if (g->stored[s] != 255) {
+                if (g->stored[s] >= DIMS) { snprintf(msg, msglen, "group %u: bad dimension: corrupt file", i); return -1; }
+                v->where[g->stored[s]] = (int8_t)s;
+            }
+    }
+    return 0;
+}
+
+static int Index_init(IndexObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"buffer", "kernel", NULL};
+    PyObject *obj;
+    const char *want = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|z", kwlist, &obj, &want)) return -1;
+    if (self->base) { PyErr_SetString(PyExc_RuntimeError, "Index is already initialised"); return -1; }
+    if (PyObject_GetBuffer(obj, &self->view, PyBUF_SIMPLE) < 0) return -1;
+    self->base = self->view.buf;
+    char msg[200];
+    if (index_check_and_map(self, msg, sizeof msg)) {
+        PyBuffer_Release(&self->view); self->base = NULL;
+        PyErr_SetString(PyExc_ValueError, msg);
+        return -1;
+    }
+    /* the kernel is chosen once, here */
+    self->kernel = &SCALAR_KERNEL;
+#ifdef HAVE_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) self->kernel = &AVX2_KERNEL;
+#endif
+    if (want) {
+        if (strcmp(want, "scalar") == 0) self->kernel = &SCALAR_KERNEL;
+#ifdef HAVE_X86
+        else if (strcmp(want, "avx2") == 0 && __builtin_cpu_supports("avx2")) self->kernel = &AVX2_KERNEL;
+#endif
+        else if (strcmp(want, self->kernel->name) != 0) {
+            PyBuffer_Release(&self->view); self->base = NULL;
+            PyErr_Format(PyExc_ValueError, "kernel '%s' is not available on this CPU", want);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void Index_dealloc(IndexObject *self) {
+    if (self->base) PyBuffer_Release(&self->view);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int ready(IndexObject *self) {
+    if (!self->base) { PyErr_SetString(PyExc_RuntimeError, "Index is not initialised"); return 0; }
+    return 1;
+}
+
+static int read_query(PyObject *obj, double *q) {
+    PyObject *seq = PySequence_Fast(obj, "the query must be a sequence of 14 numbers");
+    if (!seq) return -1;
+    if (PySequence_Fast_GET_SIZE(seq) != DIMS) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "the query must have 14 numbers, got %zd", PySequence_Fast_GET_SIZE(obj));
+        return -1;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (int d = 0; d < DIMS; d++) {
+        q[d] = PyFloat_AsDouble(items[d]);
+        if (q[d] == -1.0 && PyErr_Occurred()) { Py_DECREF(seq); return -1; }
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+static int validate_query(const double *q, char *msg, size_t len) {
+    for (int d = 0; d < DIMS; d++)
+        if (!(q[d] >= -1.0 && q[d] <= 1.0)) { snprintf(msg, len, "query dimension %d is %g, outside [-1, 1]", d, q[d]); return -1; }
+    return 0;
+}
+
+static void query_init(query_t *qs, const double *q, int k) {
+    double e2 = 0.0;
+    for (int d = 0; d < DIMS; d++) {
+        qs->q[d] = q[d];
+        double s = q[d] * SCALE;
+        qs->qi[d] = (int32_t)lrint(s);
+        double e = fabs(s - qs->qi[d]) + 1e-9; /* + the rounding of q * 10000 itself */
+        e2 += e * e;
+    }
+    qs->err = sqrt(e2) * (1.0 + 1e-12);
+    qs->k = k;
+    qs->n = 0;
+    qs->limit = INT64_MAX;
+    qs->exact_evals = qs->blocks_scanned = qs->nodes_visited = 0;
+}
+
+typedef struct { int64_t offset; int group; } gorder_t;
+
+static void search(const IndexObject *self, query_t *qs) {
+    const kernel_t *kern = self->kernel;
+    int ng = (int)self->h->n_groups;
+    gorder_t order[32];
+    for (int i = 0; i < ng; i++) { order[i].offset = group_offset(&self->groups[i], qs); order[i].group = i; }
+    for (int i = 1; i < ng; i++) { /* nearest group first */
+        gorder_t t = order[i]; int j = i;
+        while (j > 0 && order[j - 1].offset > t.offset) { order[j] = order[j - 1]; j--; }
+        order[j] = t;
+    }
+    /* the query as the kernel wants it, rebuilt for each group's stored dimensions */
+    union {
+        scalar_q_t scalar;
+#ifdef HAVE_X86
+        avx2_q_t avx2;
+#endif
+    } qp __attribute__((aligned(32)));
+    for (int gi = 0; gi < ng; gi++) {
+        int64_t offset = order[gi].offset;
+        if (offset > qs->limit) break; /* sorted: no later group can do better */
+        const gview_t *v = &self->groups[order[gi].group];
+        void *qbox = &qp;
+        kern->prepare(v, qs, &qp, qbox);
+        int ns = (int)v->g->n_stored;
+        struct { int32_t node; int64_t bound; } stack[STACK_DEPTH];
+        int top = 0;
+        stack[top].node = (int32_t)v->g->root;
+        stack[top].bound = kern->node_bound(&v->nodes[v->g->root], qbox, ns);
+        top++;
+        while (top > 0) {
+            top--;
+            if (offset + stack[top].bound > qs->limit) continue;
+            const node_t *nd = &v->nodes[stack[top].node];
+            qs->nodes_visited++;
+            if (nd->left < 0) { kern->scan_leaf(v, nd, qs, offset, &qp); continue; }
+            int64_t bl = kern->node_bound(&v->nodes[nd->left], qbox, ns);
+            int64_t br = kern->node_bound(&v->nodes[nd->right], qbox, ns);
+            int32_t near = nd->left, far = nd->right;
+            if (br < bl) { int64_t t = bl; bl = br; br = t; near = nd->right; far = nd->left; }
+            if (top + 2 > STACK_DEPTH) { PyErr_SetString(PyExc_RuntimeError, "tree too deep"); return; }
+            if (offset + br <= qs->limit) { stack[top].node = far; stack[top].bound = br; top++; }
+            if (offset + bl <= qs->limit) { stack[top].node = near; stack[top].bound = bl; top++; }
+        }
+    }
+}
+
+static PyObject *neighbours_list(const query_t *qs) {
+    PyObject *out = PyList_New(qs->n);
+    if (!out) return NULL;
+    for (int i = 0; i < qs->n; i++) {
+        PyObject *t = Py_BuildValue("(kdO)", (unsigned long)(qs->best[i].id & ID_POS), qs->best[i].d,
+                                    (qs->best[i].id & ID_FRAUD) ? Py_True : Py_False);
+        if (!t) { Py_DECREF(out); return NULL; }
+        PyList_SET_ITEM(out, i, t);
+    }
+    return out;
+}
+
+static int prepare_query(IndexObject *self, PyObject *obj, query_t *qs, int k) {
+    double q[DIMS];
+    char msg[120];
+    if (!ready(self) || read_query(obj, q)) return -1;
+    if (validate_query(q, msg, sizeof msg)) { PyErr_SetString(PyExc_ValueError, msg); return -1; }
+    query_init(qs, q, k);
+    return 0;
+}
+
+static PyObject *Index_fraud_count(IndexObject *self, PyObject *obj) {
+    query_t qs;
+    if (prepare_query(self, obj, &qs, K)) return NULL;
+    search(self, &qs);
+    if (PyErr_Occurred()) return NULL;
+    long frauds = 0;
+    for (int i = 0; i < qs.n; i++) frauds += (qs.best[i].id & ID_FRAUD) ? 1 : 0;
+    return PyLong_FromLong(frauds);
+}
+
+static PyObject *Index_knn(IndexObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"query", "k", NULL};
+    PyObject *obj;
+    int k = K;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|i", kwlist, &obj, &k)) return NULL;
+    if (k < 1 || k > MAX_K) { PyErr_Format(PyExc_ValueError, "k must be in [1, %d]", MAX_K); return NULL; }
+    query_t qs;
+    if (prepare_query(self, obj, &qs, k)) return NULL;
+    search(self, &qs);
+    if (PyErr_Occurred()) return NULL;
+    return neighbours_list(&qs);
+}
+
+static PyObject *Index_search_stats(IndexObject *self, PyObject *obj) {
+    query_t qs;
+    if (prepare_query(self, obj, &qs, K)) return NULL;
+    search(self, &qs);
+    if (PyErr_Occurred()) return NULL;
+    return Py_BuildValue("{s:K,s:K,s:K}", "nodes", (unsigned long long)qs.nodes_visited,
+                         "blocks", (unsigned long long)qs.blocks_scanned, "exact", (unsigned long long)qs.exact_evals);
+}
+
+static PyObject *Index_brute_force(IndexObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"query", "k", NULL};
+    PyObject *obj;
+    int k = K;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|i", kwlist, &obj, &k)) return NULL;
+    if (k < 1 || k > MAX_K) { PyErr_Format(PyExc_ValueError, "k must be in [1, %d]", MAX_K); return NULL; }
+    query_t qs;
+    if (prepare_query(self, obj, &qs, k)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (uint32_t gi = 0; gi < self->h->n_groups; gi++) {
+        const gview_t *v = &self->groups[gi];
+        size_t block_vals = (size_t)v->g->n_pairs * 2 * LANES;
+        for (uint32_t b = 0; b < v->g->n_blocks; b++)
+            for (int j = 0; j < LANES; j++) {
+                uint32_t id = v->ids[(size_t)b * LANES + j];
+                if (id != ID_PADDING) offer(&qs, exact_distance(v, &qs, v->blocks + b * block_vals, j), id);
+            }
+    }
+    Py_END_ALLOW_THREADS
+    return neighbours_list(&qs);
+}
+
+PyDoc_STRVAR(fraud_counts_doc,
+"fraud_counts(queries) -> bytes\n\n"
+"For a buffer of n * 14 doubles, the number of frauds among each query's 5\n"
+"nearest neighbours, one byte per query. Runs without the GIL.");
+
+static PyObject *Index_fraud_counts(IndexObject *self, PyObject *obj) {
+    if (!ready(self)) return NULL;
+    Py_buffer qb;
+    if (PyObject_GetBuffer(obj, &qb, PyBUF_SIMPLE) < 0) return NULL;
+    if (qb.len % (DIMS * sizeof(double))) {
+        PyBuffer_Release(&qb);
+        PyErr_SetString(PyExc_ValueError, "queries must be a buffer of n * 14 doubles");
+        return NULL;
+    }
+    Py_ssize_t n = qb.len / (Py_ssize_t)(DIMS * sizeof(double));
+    const double *qv = qb.buf;
+    char msg[120];
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (validate_query(qv + i * DIMS, msg, sizeof msg)) {
+            PyBuffer_Release(&qb);
+            PyErr_Format(PyExc_ValueError, "query %zd: %s", i, msg);
+            return NULL;
+        }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+    if (!out) { PyBuffer_Release(&qb); return NULL; }
+    char *counts = PyBytes_AS_STRING(out);
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        query_t qs;
+        query_init(&qs, qv + i * DIMS, K);
+        search(self, &qs);
+        int frauds = 0;
+        for (int j = 0; j < qs.n; j++) frauds += (qs.best[j].id & ID_FRAUD) ? 1 : 0;
+        counts[i] = (char)frauds;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&qb);
+    return out;
+}
+
+PyDoc_STRVAR(warm_doc, "warm() -> int\n\nTouch every page of the index so the first queries do not fault; returns a checksum.");
+
+static PyObject *Index_warm(IndexObject *self, PyObject *unused) {
+    if (!ready(self)) return NULL;
+    unsigned long sum = 0;
+    Py_BEGIN_ALLOW_THREADS
+    const volatile unsigned char *p = (const unsigned char *)self->base;
+    for (Py_ssize_t i = 0; i < self->view.len; i += 4096) sum += p[i];
+    Py_END_ALLOW_THREADS
+    return PyLong_FromUnsignedLong(sum);
+}
+
+static PyObject *Index_get_n_points(IndexObject *self, void *c) { return ready(self) ? PyLong_FromUnsignedLongLong(self->h->n_points) : NULL; }
+static PyObject *Index_get_n_fraud(IndexObject *self, void *c) { return ready(self) ? PyLong_FromUnsignedLongLong(self->h->n_fraud) : NULL; }
+static PyObject *Index_get_n_groups(IndexObject *self, void *c) { return ready(self) ? PyLong_FromUnsignedLong(self->h->n_groups) : NULL; }
+static PyObject *Index_get_n_nodes(IndexObject *self, void *c) { return ready(self) ? PyLong_FromUnsignedLongLong(self->h->n_nodes) : NULL; }
+static PyObject *Index_get_leaf_size(IndexObject *self, void *c) { return ready(self) ? PyLong_FromUnsignedLong(self->h->leaf_size) : NULL; }
+static PyObject *Index_get_kernel(IndexObject *self, void *c) { return ready(self) ? PyUnicode_FromString(self->kernel->name) : NULL; }
+static PyObject *Index_get_sha256(IndexObject *self, void *c) {
+    if (!ready(self)) return NULL;
+    char hex[65];
+    for (int i = 0; i < 32; i++) snprintf(hex + 2 * i, 3, "%02x", self->h->sha256[i]);
+    return PyUnicode_FromString(hex);
+}
+
+static PyGetSetDef Index_getset[] = {
+    {"n_points", (getter)Index_get_n_points, NULL, "number of references", NULL},
+    {"n_fraud", (getter)Index_get_n_fraud, NULL, "number of references labelled fraud", NULL},
+    {"n_groups", (getter)Index_get_n_groups, NULL, "partitions on the binary and sentinel dimensions", NULL},
+    {"n_nodes", (getter)Index_get_n_nodes, NULL, "KD-tree nodes over all groups", NULL},
+    {"leaf_size", (getter)Index_get_leaf_size, NULL, "maximum points per leaf", NULL},
+    {"kernel", (getter)Index_get_kernel, NULL, "the leaf kernel chosen at construction", NULL},
+    {"sha256", (getter)Index_get_sha256, NULL, "SHA-256 of the uncompressed reference file", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef Index_methods[] = {
+    {"fraud_count", (PyCFunction)Index_fraud_count, METH_O, "fraud_count(query) -> int: frauds among the 5 nearest"},
+    {"knn", (PyCFunction)(void (*)(void))Index_knn, METH_VARARGS | METH_KEYWORDS,
+     "knn(query, k=5) -> [(position, distance, is_fraud)] * k, nearest first, ties to the lower position"},
+    {"search_stats", (PyCFunction)Index_search_stats, METH_O, "search_stats(query) -> dict of work done by one search"},
+    {"brute_force", (PyCFunction)(void (*)(void))Index_brute_force, METH_VARARGS | METH_KEYWORDS,
+     "brute_force(query, k=5) -> like knn, by scanning every reference (the test oracle)"},
+    {"fraud_counts", (PyCFunction)Index_fraud_counts, METH_O, fraud_counts_doc},
+    {"warm", (PyCFunction)Index_warm, METH_NOARGS, warm_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject IndexType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "fraudscore.index._knn.Index",
+    .tp_basicsize = sizeof(IndexObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Index(buffer, kernel=None): exact 5-NN search over an index file's bytes (kept referenced).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Index_init,
+    .tp_dealloc = (destructor)Index_dealloc,
+    .tp_methods = Index_methods,
+    .tp_getset = Index_getset,
+};
+
+static PyMethodDef module_methods[] = {
+    {"parse_references", py_parse_references, METH_VARARGS, parse_references_doc},
+    {"build_index", (PyCFunction)(void (*)(void))py_build_index, METH_VARARGS | METH_KEYWORDS, build_index_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef knn_module = {
+    PyModuleDef_HEAD_INIT, "_knn", "Exact k-nearest-neighbour core of fraudscore.", -1, module_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__knn(void) {
+    for (int k = -SCALE; k <= SCALE; k++) LUT[k + SCALE] = (double)k / (double)SCALE;
+    if (PyType_Ready(&IndexType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&knn_module);
+    if (!m) return NULL;
+    Py_INCREF(&IndexType);
+    if (PyModule_AddObject(m, "Index", (PyObject *)&IndexType) < 0) { Py_DECREF(&IndexType); Py_DECREF(m); return NULL; }
+    PyModule_AddIntConstant(m, "DIMS", DIMS);
+    PyModule_AddIntConstant(m, "K", K);
+    PyModule_AddIntConstant(m, "SCALE", SCALE);
+    return m;
+}

@@ -1,0 +1,111 @@
+"""A memory-mapped index file and its exact 5-nearest-neighbour search.
+
+The search itself is native (``_knn``): see the comment at the top of ``_knn.c`` for why it
+is exact.  This module owns the file: it maps it read-only, so several processes share one
+copy in the page cache, and it turns native errors into ``IndexFormatError``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from array import array
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+from fraudscore.errors import IndexFormatError
+from fraudscore.index import _knn
+
+K = _knn.K
+DIMS = _knn.DIMS
+
+
+class Neighbour(NamedTuple):
+    """One reference among a query's nearest: its position in the reference file, distance, label."""
+
+    position: int
+    distance: float
+    is_fraud: bool
+
+
+class Index:
+    """An index file, mapped.  ``fraud_count(vector)`` is the hot path.
+
+    ``kernel`` forces the leaf kernel ("avx2" or "scalar"); by default the best the CPU runs.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, kernel: str | None = None) -> None:
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise IndexFormatError(f"cannot map index {self.path}: {exc}") from exc
+        try:
+            self._core = _knn.Index(self._map, kernel)
+        except ValueError as exc:
+            self._map.close()
+            raise IndexFormatError(f"{self.path}: {exc}") from exc
+
+    @property
+    def n_points(self) -> int:
+        return self._core.n_points
+
+    @property
+    def n_fraud(self) -> int:
+        return self._core.n_fraud
+
+    @property
+    def kernel(self) -> str:
+        return self._core.kernel
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the uncompressed reference file the index was built from."""
+        return self._core.sha256
+
+    @property
+    def file_bytes(self) -> int:
+        return len(self._map)
+
+    def fraud_count(self, vector: Sequence[float]) -> int:
+        """How many of the 5 nearest references are frauds."""
+        return self._core.fraud_count(vector)
+
+    def knn(self, vector: Sequence[float], k: int = K) -> list[Neighbour]:
+        """The k nearest references, nearest first (ties: lower position first)."""
+        return [Neighbour(*n) for n in self._core.knn(vector, k)]
+
+    def brute_force(self, vector: Sequence[float], k: int = K) -> list[Neighbour]:
+        """The k nearest by scanning every reference: slow, and the oracle the tests trust."""
+        return [Neighbour(*n) for n in self._core.brute_force(vector, k)]
+
+    def fraud_counts(self, vectors: Iterable[Sequence[float]]) -> list[int]:
+        """``fraud_count`` of many vectors in one native call, without the GIL."""
+        flat = array("d")
+        for vector in vectors:
+            if len(vector) != DIMS:
+                raise ValueError(f"each query must have {DIMS} numbers, got {len(vector)}")
+            flat.extend(vector)
+        return list(self._core.fraud_counts(flat))
+
+    def search_stats(self, vector: Sequence[float]) -> dict[str, int]:
+        """Nodes visited, blocks scanned and exact distances computed by one search."""
+        return self._core.search_stats(vector)
+
+    def warm(self, queries: Iterable[Sequence[float]] = ()) -> None:
+        """Fault every page in, then run ``queries`` so the first real request is not the slow one."""
+        self._core.warm()
+        for vector in queries:
+            self._core.fraud_count(vector)
+
+    def close(self) -> None:
+        del self._core
+        self._map.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
