@@ -21,9 +21,12 @@
  * Layout.  Dimensions 9, 10, 11 (0/1) and the -1 sentinels of 5 and 6 split
  * the references into groups; inside a group those dimensions are constant
  * and contribute one exact offset, so only the other (at most 11) are stored.
- * Each group is a KD-tree with a tight bounding box per node; leaves hold
- * blocks of 8 points stored as pairs of dimensions, [pair][point][2] int16,
- * so one _mm256_madd_epi16 yields d_a^2 + d_b^2 for 8 points at once.
+ * Each group is a wide KD-tree: an internal node is a run of up to 2^levels
+ * child entries, each with the tight bounding box of its points, so a
+ * descent costs a few cache misses rather than one per binary level (the
+ * search is bound by memory latency, not arithmetic).  Leaves hold blocks
+ * of 8 points stored as pairs of dimensions, [pair][point][2] int16, so one
+ * _mm256_madd_epi16 yields d_a^2 + d_b^2 for 8 points at once.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -44,8 +47,9 @@
 #define LANES 8
 #define K 5
 #define MAX_K 64
-#define STACK_DEPTH 256
-#define FORMAT_VERSION 1
+#define STACK_DEPTH 1024
+#define FORMAT_VERSION 2
+#define MAX_FANOUT_LEVELS 5
 
 static const char MAGIC[8] = {'F', 'S', 'K', 'N', 'N', 'I', 'D', 'X'};
 
@@ -61,8 +65,8 @@ typedef struct {
     uint64_t n_slots; /* points plus the padding slots of partial blocks */
     uint32_t n_groups;
     uint32_t leaf_size;
-    uint64_t n_nodes;
-    uint64_t groups_off, nodes_off, blocks_off, ids_off, file_size;
+    uint64_t n_entries;
+    uint64_t groups_off, entries_off, blocks_off, ids_off, file_size;
     uint8_t sha256[32]; /* of the uncompressed reference file */
     uint64_t n_fraud;
 } file_header_t;
@@ -72,8 +76,8 @@ typedef struct {
     uint32_t n_points;
     uint32_t n_stored; /* padded to even */
     uint32_t n_pairs;
-    uint32_t root;     /* node index */
-    uint32_t n_nodes;
+    uint32_t root;     /* entry index */
+    uint32_t n_entries;
     uint32_t n_blocks;
     uint32_t reserved;
     uint64_t block_off; /* bytes from the blocks section */
@@ -83,16 +87,20 @@ typedef struct {
     uint8_t pad[128 - 48 - MAX_STORED - 2 * DIMS];
 } group_t;
 
+/* A tree entry: the bounding box of a subtree, and where the subtree is.
+ * count > 0: a leaf of count points from block `link` (within its group);
+ * count < 0: -count child entries from entry `link`. */
 typedef struct {
     int16_t lo[MAX_STORED];
     int16_t hi[MAX_STORED];
-    int32_t left, right; /* children, or -1 for a leaf */
-    int32_t first_block; /* leaf: block index within its group */
-    int32_t count;       /* leaf: points */
-} node_t;
+    int32_t link;
+    int32_t count;
+    int32_t reserved[2];
+} entry_t;
 
 _Static_assert(sizeof(group_t) == 128, "group_t is 128 bytes");
-_Static_assert(sizeof(node_t) == 64, "node_t is 64 bytes");
+_Static_assert(sizeof(entry_t) == 64, "entry_t is 64 bytes");
+#define MAX_FANOUT (1 << MAX_FANOUT_LEVELS)
 _Static_assert(sizeof(file_header_t) <= 256, "header fits");
 
 #define HEADER_BYTES 4096
@@ -295,8 +303,9 @@ typedef struct {
     const int16_t *vecs;
     const uint8_t *labels;
     int leaf_size;
+    int levels; /* binary splits folded into one node: fan-out up to 2^levels */
     /* growing outputs */
-    node_t *nodes; size_t n_nodes, cap_nodes;
+    entry_t *entries; size_t n_entries, cap_entries;
     int16_t *blocks; size_t n_block_vals, cap_block_vals;
     uint32_t *ids; size_t n_slots, cap_slots;
     /* the group being built */
@@ -340,59 +349,89 @@ static void select_nth(const builder_t *b, uint32_t *idx, size_t n, size_t m, in
     }
 }
 
-static int build_node(builder_t *b, uint32_t *idx, size_t n, int32_t *out) {
-    const group_t *g = b->g;
-    if (grow((void **)&b->nodes, &b->cap_nodes, b->n_nodes + 1, sizeof(node_t))) return -1;
-    size_t id = b->n_nodes++;
-    node_t nd;
-    memset(&nd, 0, sizeof nd);
-    int ns = (int)g->n_stored;
-    for (int s = 0; s < ns; s++) { nd.lo[s] = INT16_MAX; nd.hi[s] = INT16_MIN; }
+static void bounding_box(const builder_t *b, const uint32_t *idx, size_t n, entry_t *e) {
+    int ns = (int)b->g->n_stored;
+    for (int s = 0; s < ns; s++) { e->lo[s] = INT16_MAX; e->hi[s] = INT16_MIN; }
     for (size_t i = 0; i < n; i++)
         for (int s = 0; s < ns; s++) {
             int16_t v = stored_value(b, idx[i], s);
-            if (v < nd.lo[s]) nd.lo[s] = v;
-            if (v > nd.hi[s]) nd.hi[s] = v;
+            if (v < e->lo[s]) e->lo[s] = v;
+            if (v > e->hi[s]) e->hi[s] = v;
         }
+}
+
+static int widest(const builder_t *b, const entry_t *e) {
     int split = -1, spread = 0;
-    for (int s = 0; s < ns; s++)
-        if (nd.hi[s] - nd.lo[s] > spread) { spread = nd.hi[s] - nd.lo[s]; split = s; }
-    if (n <= (size_t)b->leaf_size || split < 0) {
-        /* a leaf: ceil(n / 8) blocks; padding slots repeat the last point and carry ID_PADDING */
-        size_t nb = (n + LANES - 1) / LANES, np = g->n_pairs;
-        if (grow((void **)&b->blocks, &b->cap_block_vals, b->n_block_vals + nb * np * 2 * LANES, sizeof(int16_t)) ||
-            grow((void **)&b->ids, &b->cap_slots, b->n_slots + nb * LANES, sizeof(uint32_t)))
-            return -1;
-        for (size_t blk = 0; blk < nb; blk++) {
-            int16_t *out_vals = b->blocks + b->n_block_vals + blk * np * 2 * LANES;
-            for (int j = 0; j < LANES; j++) {
-                size_t i = blk * LANES + (size_t)j;
-                uint32_t p = idx[i < n ? i : n - 1];
-                for (size_t s = 0; s < np * 2; s++)
-                    out_vals[(s / 2) * 2 * LANES + (size_t)j * 2 + (s & 1)] = stored_value(b, p, (int)s);
-                b->ids[b->n_slots + blk * LANES + (size_t)j] =
-                    i < n ? (p | (b->labels[p] ? ID_FRAUD : 0u)) : ID_PADDING;
-            }
+    for (int s = 0; s < (int)b->g->n_stored; s++)
+        if (e->hi[s] - e->lo[s] > spread) { spread = e->hi[s] - e->lo[s]; split = s; }
+    return split;
+}
+
+/* A leaf: ceil(n / 8) blocks; padding slots repeat the last point and carry ID_PADDING. */
+static int emit_leaf(builder_t *b, const uint32_t *idx, size_t n, entry_t *e) {
+    size_t nb = (n + LANES - 1) / LANES, np = b->g->n_pairs;
+    if (grow((void **)&b->blocks, &b->cap_block_vals, b->n_block_vals + nb * np * 2 * LANES, sizeof(int16_t)) ||
+        grow((void **)&b->ids, &b->cap_slots, b->n_slots + nb * LANES, sizeof(uint32_t)))
+        return -1;
+    for (size_t blk = 0; blk < nb; blk++) {
+        int16_t *out_vals = b->blocks + b->n_block_vals + blk * np * 2 * LANES;
+        for (int j = 0; j < LANES; j++) {
+            size_t i = blk * LANES + (size_t)j;
+            uint32_t p = idx[i < n ? i : n - 1];
+            for (size_t s = 0; s < np * 2; s++)
+                out_vals[(s / 2) * 2 * LANES + (size_t)j * 2 + (s & 1)] = stored_value(b, p, (int)s);
+            b->ids[b->n_slots + blk * LANES + (size_t)j] = i < n ? (p | (b->labels[p] ? ID_FRAUD : 0u)) : ID_PADDING;
         }
-        b->n_block_vals += nb * np * 2 * LANES;
-        b->n_slots += nb * LANES;
-        nd.left = nd.right = -1;
-        nd.first_block = (int32_t)b->group_blocks;
-        nd.count = (int32_t)n;
-        b->group_blocks += (uint32_t)nb;
-        b->nodes[id] = nd;
-        *out = (int32_t)id;
+    }
+    b->n_block_vals += nb * np * 2 * LANES;
+    b->n_slots += nb * LANES;
+    e->link = (int32_t)b->group_blocks;
+    e->count = (int32_t)n;
+    b->group_blocks += (uint32_t)nb;
+    return 0;
+}
+
+/* Fill entry `at` with the subtree of idx[0..n): a leaf, or up to 2^levels children made by
+ * that many rounds of median splits on the widest dimension, stored side by side. */
+static int build_entry(builder_t *b, uint32_t *idx, size_t n, size_t at) {
+    entry_t e;
+    memset(&e, 0, sizeof e);
+    bounding_box(b, idx, n, &e);
+    if (n <= (size_t)b->leaf_size || widest(b, &e) < 0) {
+        if (emit_leaf(b, idx, n, &e)) return -1;
+        b->entries[at] = e;
         return 0;
     }
-    /* split at a multiple of 8 near the median, so leaves fill whole blocks */
-    size_t m = ((n + 15) / 16) * LANES;
-    if (m >= n) m = n / 2;
-    select_nth(b, idx, n, m, split);
-    int32_t l, r;
-    if (build_node(b, idx, m, &l) || build_node(b, idx + m, n - m, &r)) return -1;
-    nd.left = l; nd.right = r; nd.first_block = 0; nd.count = 0;
-    b->nodes[id] = nd;
-    *out = (int32_t)id;
+    size_t start[MAX_FANOUT + 1], parts = 1;
+    start[0] = 0; start[1] = n;
+    for (int level = 0; level < b->levels; level++) {
+        size_t next[MAX_FANOUT + 1], np = 0;
+        next[0] = 0;
+        for (size_t i = 0; i < parts; i++) {
+            size_t a = start[i], len = start[i + 1] - a;
+            entry_t box;
+            int split = -1;
+            if (len > (size_t)b->leaf_size) { bounding_box(b, idx + a, len, &box); split = widest(b, &box); }
+            if (split >= 0) {
+                /* split at a multiple of 8 near the median, so leaves fill whole blocks */
+                size_t m = ((len + 15) / 16) * LANES;
+                if (m >= len) m = len / 2;
+                select_nth(b, idx + a, len, m, split);
+                next[++np] = a + m;
+            }
+            next[++np] = a + len;
+        }
+        memcpy(start, next, (np + 1) * sizeof(size_t));
+        parts = np;
+    }
+    if (grow((void **)&b->entries, &b->cap_entries, b->n_entries + parts, sizeof(entry_t))) return -1;
+    size_t first = b->n_entries;
+    b->n_entries += parts;
+    for (size_t i = 0; i < parts; i++)
+        if (build_entry(b, idx + start[i], start[i + 1] - start[i], first + i)) return -1;
+    e.link = (int32_t)first;
+    e.count = -(int32_t)parts;
+    b->entries[at] = e;
     return 0;
 }
 
@@ -402,15 +441,15 @@ static uint32_t group_key(const int16_t *v) {
 }
 
 PyDoc_STRVAR(build_index_doc,
-"build_index(vectors, labels, sha256, leaf_size=32) -> bytes\n\n"
+"build_index(vectors, labels, sha256, leaf_size=64, fanout_levels=3) -> bytes\n\n"
 "Build the index file's bytes from int16 vectors (value * 10000, 14 per\n"
 "reference, in file order) and labels (one byte each, 1 = fraud).");
 
 static PyObject *py_build_index(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"vectors", "labels", "sha256", "leaf_size", NULL};
+    static char *kwlist[] = {"vectors", "labels", "sha256", "leaf_size", "fanout_levels", NULL};
     Py_buffer vb, lb, hb;
-    int leaf_size = 32;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*y*y*|i", kwlist, &vb, &lb, &hb, &leaf_size)) return NULL;
+    int leaf_size = 64, levels = 3;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*y*y*|ii", kwlist, &vb, &lb, &hb, &leaf_size, &levels)) return NULL;
     PyObject *result = NULL;
     size_t n = (size_t)lb.len;
     const int16_t *vecs = vb.buf;
@@ -426,6 +465,7 @@ static PyObject *py_build_index(PyObject *self, PyObject *args, PyObject *kw) {
     if (hb.len != 32) { snprintf(msg, sizeof msg, "sha256 must be 32 bytes"); goto fail; }
     if (n == 0 || n > ID_POS) { snprintf(msg, sizeof msg, "need between 1 and 2^31-1 references, got %zu", n); goto fail; }
     if (leaf_size < LANES || leaf_size > 4096) { snprintf(msg, sizeof msg, "leaf_size must be in [8, 4096]"); goto fail; }
+    if (levels < 1 || levels > MAX_FANOUT_LEVELS) { snprintf(msg, sizeof msg, "fanout_levels must be in [1, %d]", MAX_FANOUT_LEVELS); goto fail; }
     for (size_t i = 0; i < n; i++) {
         const int16_t *v = vecs + i * DIMS;
         for (int d = 9; d <= 11; d++)
@@ -435,7 +475,7 @@ static PyObject *py_build_index(PyObject *self, PyObject *args, PyObject *kw) {
         counts[group_key(v)]++;
     }
 
-    b.vecs = vecs; b.labels = labels; b.leaf_size = leaf_size;
+    b.vecs = vecs; b.labels = labels; b.leaf_size = leaf_size; b.levels = levels;
     idx = malloc(n * sizeof(uint32_t));
     if (!idx) { PyErr_NoMemory(); goto done; }
     uint32_t n_groups = 0;
@@ -467,11 +507,11 @@ static PyObject *py_build_index(PyObject *self, PyObject *args, PyObject *kw) {
             if (group_key(vecs + i * DIMS) == key) idx[start + m++] = (uint32_t)i;
         b.g = g;
         b.group_blocks = 0;
-        size_t first_node = b.n_nodes;
-        int32_t root;
-        if (build_node(&b, idx + start, m, &root)) { n_groups = 0; break; }
+        size_t root = b.n_entries;
+        if (grow((void **)&b.entries, &b.cap_entries, root + 1, sizeof(entry_t)) ||
+            (b.n_entries++, build_entry(&b, idx + start, m, root))) { n_groups = 0; break; }
         g->root = (uint32_t)root;
-        g->n_nodes = (uint32_t)(b.n_nodes - first_node);
+        g->n_entries = (uint32_t)(b.n_entries - root);
         g->n_blocks = b.group_blocks;
         start += m;
     }
@@ -487,12 +527,12 @@ static PyObject *py_build_index(PyObject *self, PyObject *args, PyObject *kw) {
     h.n_slots = b.n_slots;
     h.n_groups = n_groups;
     h.leaf_size = (uint32_t)leaf_size;
-    h.n_nodes = b.n_nodes;
+    h.n_entries = b.n_entries;
     h.n_fraud = n_fraud;
     memcpy(h.sha256, hb.buf, 32);
     h.groups_off = HEADER_BYTES;
-    h.nodes_off = align64(h.groups_off + n_groups * sizeof(group_t));
-    h.blocks_off = align64(h.nodes_off + b.n_nodes * sizeof(node_t));
+    h.entries_off = align64(h.groups_off + n_groups * sizeof(group_t));
+    h.blocks_off = align64(h.entries_off + b.n_entries * sizeof(entry_t));
     h.ids_off = align64(h.blocks_off + b.n_block_vals * sizeof(int16_t));
     h.file_size = align64(h.ids_off + b.n_slots * sizeof(uint32_t));
     result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)h.file_size);
@@ -501,14 +541,14 @@ static PyObject *py_build_index(PyObject *self, PyObject *args, PyObject *kw) {
     memset(out, 0, h.file_size);
     memcpy(out, &h, sizeof h);
     memcpy(out + h.groups_off, groups, n_groups * sizeof(group_t));
-    memcpy(out + h.nodes_off, b.nodes, b.n_nodes * sizeof(node_t));
+    memcpy(out + h.entries_off, b.entries, b.n_entries * sizeof(entry_t));
     memcpy(out + h.blocks_off, b.blocks, b.n_block_vals * sizeof(int16_t));
     memcpy(out + h.ids_off, b.ids, b.n_slots * sizeof(uint32_t));
     goto done;
 fail:
     PyErr_SetString(PyExc_ValueError, msg);
 done:
-    free(idx); free(b.nodes); free(b.blocks); free(b.ids);
+    free(idx); free(b.entries); free(b.blocks); free(b.ids);
     PyBuffer_Release(&vb); PyBuffer_Release(&lb); PyBuffer_Release(&hb);
     return result;
 }
@@ -536,7 +576,7 @@ typedef struct {
 /* One group, with what the search derives from it once at construction. */
 typedef struct {
     const group_t *g;
-    const node_t *nodes; /* the global node array */
+    const entry_t *entries; /* the global entry array */
     const int16_t *blocks;
     const uint32_t *ids;
     int8_t where[DIMS];  /* stored position of each dimension, or -1 */
@@ -544,8 +584,8 @@ typedef struct {
 
 typedef struct query_kernel {
     const char *name;
-    void (*scan_leaf)(const gview_t *, const node_t *, query_t *, int64_t offset, const void *qpairs);
-    int64_t (*node_bound)(const node_t *, const void *qbox, int n_stored);
+    void (*scan_leaf)(const gview_t *, const entry_t *, query_t *, int64_t offset, const void *qpairs);
+    int64_t (*node_bound)(const entry_t *, const void *qbox, int n_stored);
     void (*prepare)(const gview_t *, const query_t *, void *qpairs, void *qbox);
 } kernel_t;
 
@@ -606,7 +646,7 @@ static void scalar_prepare(const gview_t *v, const query_t *qs, void *qpairs, vo
     (void)qbox; /* the scalar bound reads the same array */
 }
 
-static int64_t scalar_node_bound(const node_t *nd, const void *qbox, int n_stored) {
+static int64_t scalar_node_bound(const entry_t *nd, const void *qbox, int n_stored) {
     const scalar_q_t *sq = qbox;
     int64_t s = 0;
     for (int i = 0; i < n_stored; i++) {
@@ -618,12 +658,12 @@ static int64_t scalar_node_bound(const node_t *nd, const void *qbox, int n_store
     return s;
 }
 
-static void scalar_scan_leaf(const gview_t *v, const node_t *nd, query_t *qs, int64_t offset, const void *qpairs) {
+static void scalar_scan_leaf(const gview_t *v, const entry_t *nd, query_t *qs, int64_t offset, const void *qpairs) {
     const scalar_q_t *sq = qpairs;
     int np = (int)v->g->n_pairs;
     size_t block_vals = (size_t)np * 2 * LANES;
     for (int32_t b = 0; b < (nd->count + LANES - 1) / LANES; b++) {
-        int32_t blk = nd->first_block + b;
+        int32_t blk = nd->link + b;
         const int16_t *block = v->blocks + (size_t)blk * block_vals;
         const uint32_t *ids = v->ids + (size_t)blk * LANES;
         qs->blocks_scanned++;
@@ -665,7 +705,7 @@ static void avx2_prepare(const gview_t *v, const query_t *qs, void *qpairs, void
 }
 
 __attribute__((target("avx2")))
-static int64_t avx2_node_bound(const node_t *nd, const void *qbox, int n_stored) {
+static int64_t avx2_node_bound(const entry_t *nd, const void *qbox, int n_stored) {
     const avx2_q_t *aq = qbox;
     (void)n_stored;
     __m256i lo = _mm256_loadu_si256((const __m256i *)nd->lo);
@@ -683,7 +723,7 @@ static int64_t avx2_node_bound(const node_t *nd, const void *qbox, int n_stored)
 }
 
 __attribute__((target("avx2")))
-static void avx2_scan_leaf(const gview_t *v, const node_t *nd, query_t *qs, int64_t offset, const void *qpairs) {
+static void avx2_scan_leaf(const gview_t *v, const entry_t *nd, query_t *qs, int64_t offset, const void *qpairs) {
     const avx2_q_t *aq = qpairs;
     int np = (int)v->g->n_pairs;
     size_t block_vals = (size_t)np * 2 * LANES;
@@ -692,7 +732,7 @@ static void avx2_scan_leaf(const gview_t *v, const node_t *nd, query_t *qs, int6
         int64_t room = qs->limit - offset;
         if (room < 0) return;
         int32_t lim32 = room > INT32_MAX ? INT32_MAX : (int32_t)room;
-        int32_t blk = nd->first_block + b;
+        int32_t blk = nd->link + b;
         const int16_t *block = v->blocks + (size_t)blk * block_vals;
         __m256i acc = _mm256_setzero_si256();
         for (int p = 0; p < np; p++) {
@@ -729,7 +769,7 @@ typedef struct {
     Py_buffer view;
     const char *base;
     const file_header_t *h;
-    const node_t *nodes;
+    const entry_t *entries;
     gview_t groups[32];
     const kernel_t *kernel;
 } IndexObject;
@@ -742,23 +782,23 @@ static int index_check_and_map(IndexObject *self, char *msg, size_t msglen) {
     if (h->version != FORMAT_VERSION) { snprintf(msg, msglen, "index format version %u, expected %u: rebuild the index", h->version, FORMAT_VERSION); return -1; }
     if (h->file_size != len) { snprintf(msg, msglen, "index file is %zu bytes, its header says %llu: truncated or corrupt", len, (unsigned long long)h->file_size); return -1; }
     if (h->n_groups == 0 || h->n_groups > 32 || h->groups_off + h->n_groups * sizeof(group_t) > len ||
-        h->nodes_off + h->n_nodes * sizeof(node_t) > len || h->ids_off + h->n_slots * sizeof(uint32_t) > len ||
-        h->blocks_off > h->ids_off || (h->blocks_off | h->nodes_off | h->ids_off) % 64) {
+        h->entries_off + h->n_entries * sizeof(entry_t) > len || h->ids_off + h->n_slots * sizeof(uint32_t) > len ||
+        h->blocks_off > h->ids_off || (h->blocks_off | h->entries_off | h->ids_off) % 64) {
         snprintf(msg, msglen, "index sections out of bounds: corrupt file"); return -1;
     }
     self->h = h;
-    self->nodes = (const node_t *)(base + h->nodes_off);
+    self->entries = (const entry_t *)(base + h->entries_off);
     const group_t *gs = (const group_t *)(base + h->groups_off);
     for (uint32_t i = 0; i < h->n_groups; i++) {
         const group_t *g = &gs[i];
         gview_t *v = &self->groups[i];
         if (g->n_pairs * 2 != g->n_stored || g->n_pairs > MAX_PAIRS || g->n_pairs == 0 ||
-            (uint64_t)g->root >= h->n_nodes || g->slot_off + (uint64_t)g->n_blocks * LANES > h->n_slots ||
+            (uint64_t)g->root + g->n_entries > h->n_entries || g->slot_off + (uint64_t)g->n_blocks * LANES > h->n_slots ||
             h->blocks_off + g->block_off + (uint64_t)g->n_blocks * g->n_pairs * 2 * LANES * sizeof(int16_t) > h->ids_off) {
             snprintf(msg, msglen, "group %u out of bounds: corrupt file", i); return -1;
         }
         v->g = g;
-        v->nodes = self->nodes;
+        v->entries = self->entries;
         v->blocks = (const int16_t *)(base + h->blocks_off + g->block_off);
         v->ids = (const uint32_t *)(base + h->ids_off) + g->slot_off;
         for (int d = 0; d < DIMS; d++) v->where[d] = -1;
@@ -854,6 +894,16 @@ static void query_init(query_t *qs, const double *q, int k) {
     qs->exact_evals = qs->blocks_scanned = qs->nodes_visited = 0;
 }
 
+/* Twice the distance from the query to a box's centre, squared: orders children whose bounds tie. */
+static int64_t centre_distance(const entry_t *e, const int32_t *q, int n_stored) {
+    int64_t s = 0;
+    for (int i = 0; i < n_stored; i++) {
+        int64_t t = 2 * (int64_t)q[i] - e->lo[i] - e->hi[i];
+        s += t * t;
+    }
+    return s;
+}
+
 typedef struct { int64_t offset; int group; } gorder_t;
 
 static void search(const IndexObject *self, query_t *qs) {
@@ -880,24 +930,40 @@ static void search(const IndexObject *self, query_t *qs) {
         void *qbox = &qp;
         kern->prepare(v, qs, &qp, qbox);
         int ns = (int)v->g->n_stored;
-        struct { int32_t node; int64_t bound; } stack[STACK_DEPTH];
+        const entry_t *entries = v->entries;
+        int32_t qstored[MAX_STORED];
+        for (int i = 0; i < MAX_STORED; i++) qstored[i] = v->g->stored[i] == 255 ? 0 : qs->qi[v->g->stored[i]];
+        struct { int32_t entry; int64_t bound; } stack[STACK_DEPTH];
         int top = 0;
-        stack[top].node = (int32_t)v->g->root;
-        stack[top].bound = kern->node_bound(&v->nodes[v->g->root], qbox, ns);
+        stack[top].entry = (int32_t)v->g->root;
+        stack[top].bound = kern->node_bound(&entries[v->g->root], qbox, ns);
         top++;
         while (top > 0) {
             top--;
             if (offset + stack[top].bound > qs->limit) continue;
-            const node_t *nd = &v->nodes[stack[top].node];
+            const entry_t *e = &entries[stack[top].entry];
             qs->nodes_visited++;
-            if (nd->left < 0) { kern->scan_leaf(v, nd, qs, offset, &qp); continue; }
-            int64_t bl = kern->node_bound(&v->nodes[nd->left], qbox, ns);
-            int64_t br = kern->node_bound(&v->nodes[nd->right], qbox, ns);
-            int32_t near = nd->left, far = nd->right;
-            if (br < bl) { int64_t t = bl; bl = br; br = t; near = nd->right; far = nd->left; }
-            if (top + 2 > STACK_DEPTH) { PyErr_SetString(PyExc_RuntimeError, "tree too deep"); return; }
-            if (offset + br <= qs->limit) { stack[top].node = far; stack[top].bound = br; top++; }
-            if (offset + bl <= qs->limit) { stack[top].node = near; stack[top].bound = bl; top++; }
+            if (e->count > 0) { kern->scan_leaf(v, e, qs, offset, &qp); continue; }
+            /* children nearest first: push them farthest first */
+            int nc = -e->count;
+            int32_t order_e[MAX_FANOUT];
+            int64_t order_b[MAX_FANOUT];
+            int64_t order_c[MAX_FANOUT];
+            int kept = 0;
+            for (int c = 0; c < nc; c++) {
+                const entry_t *child = &entries[e->link + c];
+                int64_t bound = kern->node_bound(child, qbox, ns);
+                if (offset + bound > qs->limit) continue;
+                /* equal bounds are common (the query inside overlapping boxes): then the nearer centre first */
+                int64_t centre = centre_distance(child, qstored, ns);
+                int j = kept++;
+                while (j > 0 && (order_b[j - 1] < bound || (order_b[j - 1] == bound && order_c[j - 1] < centre))) {
+                    order_b[j] = order_b[j - 1]; order_c[j] = order_c[j - 1]; order_e[j] = order_e[j - 1]; j--;
+                }
+                order_b[j] = bound; order_c[j] = centre; order_e[j] = e->link + c;
+            }
+            if (top + kept > STACK_DEPTH) { PyErr_SetString(PyExc_RuntimeError, "tree too deep"); return; }
+            for (int j = 0; j < kept; j++) { stack[top].entry = order_e[j]; stack[top].bound = order_b[j]; top++; }
         }
     }
 }
@@ -1032,7 +1098,7 @@ static PyObject *Index_warm(IndexObject *self, PyObject *unused) {
 static PyObject *Index_get_n_points(IndexObject *self, void *c) { return ready(self) ? PyLong_FromUnsignedLongLong(self->h->n_points) : NULL; }
 static PyObject *Index_get_n_fraud(IndexObject *self, void *c) { return ready(self) ? PyLong_FromUnsignedLongLong(self->h->n_fraud) : NULL; }
 static PyObject *Index_get_n_groups(IndexObject *self, void *c) { return ready(self) ? PyLong_FromUnsignedLong(self->h->n_groups) : NULL; }
-static PyObject *Index_get_n_nodes(IndexObject *self, void *c) { return ready(self) ? PyLong_FromUnsignedLongLong(self->h->n_nodes) : NULL; }
+static PyObject *Index_get_n_entries(IndexObject *self, void *c) { return ready(self) ? PyLong_FromUnsignedLongLong(self->h->n_entries) : NULL; }
 static PyObject *Index_get_leaf_size(IndexObject *self, void *c) { return ready(self) ? PyLong_FromUnsignedLong(self->h->leaf_size) : NULL; }
 static PyObject *Index_get_kernel(IndexObject *self, void *c) { return ready(self) ? PyUnicode_FromString(self->kernel->name) : NULL; }
 static PyObject *Index_get_sha256(IndexObject *self, void *c) {
@@ -1046,7 +1112,7 @@ static PyGetSetDef Index_getset[] = {
     {"n_points", (getter)Index_get_n_points, NULL, "number of references", NULL},
     {"n_fraud", (getter)Index_get_n_fraud, NULL, "number of references labelled fraud", NULL},
     {"n_groups", (getter)Index_get_n_groups, NULL, "partitions on the binary and sentinel dimensions", NULL},
-    {"n_nodes", (getter)Index_get_n_nodes, NULL, "KD-tree nodes over all groups", NULL},
+    {"n_entries", (getter)Index_get_n_entries, NULL, "tree entries (subtree bounding boxes) over all groups", NULL},
     {"leaf_size", (getter)Index_get_leaf_size, NULL, "maximum points per leaf", NULL},
     {"kernel", (getter)Index_get_kernel, NULL, "the leaf kernel chosen at construction", NULL},
     {"sha256", (getter)Index_get_sha256, NULL, "SHA-256 of the uncompressed reference file", NULL},

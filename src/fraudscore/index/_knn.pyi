@@ -9,13 +9,15 @@ SCALE: int
 def parse_references(
     chunk: Buffer, state: int, final: bool, offset: int, /
 ) -> tuple[int, int, bytes, bytes]: ...
-def build_index(vectors: Buffer, labels: Buffer, sha256: Buffer, leaf_size: int = 32) -> bytes: ...
+def build_index(
+    vectors: Buffer, labels: Buffer, sha256: Buffer, leaf_size: int = 64, fanout_levels: int = 3
+) -> bytes: ...
 
 class Index:
     n_points: int
     n_fraud: int
     n_groups: int
-    n_nodes: int
+    n_entries: int
     leaf_size: int
     kernel: str
     sha256: str

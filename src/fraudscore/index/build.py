@@ -22,7 +22,8 @@ from fraudscore.index import _knn
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 8 << 20
-DEFAULT_LEAF_SIZE = 32
+DEFAULT_LEAF_SIZE = 64
+DEFAULT_FANOUT_LEVELS = 3  # 8 children per node: measured equal to 16 and better than 2
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,12 @@ def read_references(path: Path, *, progress: bool = True) -> tuple[bytearray, by
 
 
 def build_index(
-    references: Path, out: Path, *, leaf_size: int = DEFAULT_LEAF_SIZE, progress: bool = True
+    references: Path,
+    out: Path,
+    *,
+    leaf_size: int = DEFAULT_LEAF_SIZE,
+    fanout_levels: int = DEFAULT_FANOUT_LEVELS,
+    progress: bool = True,
 ) -> BuildReport:
     """Build the index file for ``references`` at ``out`` (written whole, then renamed into place)."""
     started = time.perf_counter()
@@ -99,7 +105,7 @@ def build_index(
     parsed = time.perf_counter()
     log.info("parsed %d references in %.1f s", len(labels), parsed - started)
     try:
-        blob = _knn.build_index(vectors, labels, sha, leaf_size=leaf_size)
+        blob = _knn.build_index(vectors, labels, sha, leaf_size=leaf_size, fanout_levels=fanout_levels)
     except ValueError as exc:
         raise ReferenceDataError(f"{references}: {exc}") from exc
     out = Path(out)
