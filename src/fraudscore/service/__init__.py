@@ -1,0 +1,1 @@
+"""The HTTP service: the contract's endpoints over uvloop and httptools."""

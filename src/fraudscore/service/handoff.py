@@ -1,0 +1,99 @@
+"""Connections handed over by the balancer: accepted sockets arrive as file descriptors.
+
+The balancer accepts on the public port and passes each accepted socket to an instance over a
+unix socket (``SCM_RIGHTS``); the instance then serves that connection itself.  The balancer
+never reads a byte of a request.  Each handover is one message of one byte carrying one or
+more descriptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MAX_FDS_PER_MESSAGE = 64
+
+
+class HandoffListener:
+    """Listens on ``path``; every descriptor received becomes a served connection."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        path: Path,
+        protocol_factory: Callable[[], asyncio.Protocol],
+    ) -> None:
+        self._loop = loop
+        self._path = Path(path)
+        self._factory = protocol_factory
+        self._channels: set[socket.socket] = set()
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(self._path))
+        self._listener.listen(16)
+        self._listener.setblocking(False)
+        loop.add_reader(self._listener.fileno(), self._accept_channel)
+
+    def _accept_channel(self) -> None:
+        try:
+            channel, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        channel.setblocking(False)
+        self._channels.add(channel)
+        self._loop.add_reader(channel.fileno(), self._receive, channel)
+        log.info("balancer connected on %s", self._path)
+
+    def _receive(self, channel: socket.socket) -> None:
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(channel, 16, MAX_FDS_PER_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.warning("handoff channel failed: %s", exc)
+                self._drop(channel)
+                return
+            if not data and not fds:
+                self._drop(channel)  # the balancer went away
+                return
+            for fd in fds:
+                self._serve(fd)
+
+    def _serve(self, fd: int) -> None:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            return
+        sock.setblocking(False)
+        self._loop.create_task(self._connect(sock))
+
+    async def _connect(self, sock: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, sock)
+        except OSError as exc:  # the client left before we took it
+            log.debug("handed-over connection lost: %s", exc)
+            sock.close()
+
+    def _drop(self, channel: socket.socket) -> None:
+        self._loop.remove_reader(channel.fileno())
+        self._channels.discard(channel)
+        channel.close()
+
+    def close(self) -> None:
+        """Stop taking connections: close the listener and every channel, remove the socket file."""
+        self._loop.remove_reader(self._listener.fileno())
+        self._listener.close()
+        for channel in list(self._channels):
+            self._drop(channel)
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()

@@ -1,0 +1,189 @@
+"""One HTTP/1.1 connection: httptools parses, the request is answered as soon as it is whole.
+
+State is grouped by lifetime, as in uvicorn: the connection's (transport, parser, timer) lives
+in ``HttpConnection``; a request's (url, body) is reset by ``on_message_begin``.  Scoring is
+synchronous and takes microseconds, so there are no tasks: a request is answered inside
+``on_message_complete`` and pipelined requests are answered in order by construction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, cast
+
+import httptools
+import orjson
+
+from fraudscore.contract.vectorize import vectorize
+from fraudscore.errors import PayloadError
+from fraudscore.service import responses
+
+if TYPE_CHECKING:
+    from fraudscore.service.server import ServiceState
+
+log = logging.getLogger(__name__)
+
+
+class HttpConnection(asyncio.Protocol):
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_closing",
+        "_deadline",
+        "_in_request",
+        "_method",
+        "_parser",
+        "_state",
+        "_transport",
+        "_url",
+    )
+
+    def __init__(self, state: ServiceState) -> None:
+        self._state = state
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._closing = False
+        # per request
+        self._in_request = False
+        self._url = b""
+        self._method = b""
+        self._body: list[bytes] = []
+        self._body_size = 0
+
+    # -- connection lifetime --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self._transport = cast(asyncio.Transport, transport)
+        self._state.connections.add(self)
+        self._arm_timer(self._state.config.idle_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._state.connections.discard(self)
+        self._cancel_timer()
+        self._transport = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(responses.error(400, "protocol upgrades are not supported", close=True))
+        except httptools.HttpParserError as exc:
+            self._fail(responses.error(400, f"malformed HTTP request: {exc}", close=True))
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    # -- httptools callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_request = True
+        self._url = b""
+        self._body = []
+        self._body_size = 0
+        # a request, once begun, must finish in time: a client that stalls its body is cut off
+        self._arm_timer(self._state.config.request_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_headers_complete(self) -> None:
+        self._method = self._parser.get_method()
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self._state.config.max_body_bytes:
+            self._fail(responses.TOO_LARGE)
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._closing:
+            return
+        self._in_request = False
+        if self._transport is None:
+            return
+        self._transport.write(self._respond())
+        if self._state.draining or not self._parser.should_keep_alive():
+            self._close()
+        else:
+            self._arm_timer(self._state.config.idle_timeout)
+
+    # -- answering ----------------------------------------------------------------------------
+
+    def _respond(self) -> bytes:
+        path = self._url.split(b"?", 1)[0]
+        if path == b"/fraud-score":
+            if self._method != b"POST":
+                return responses.FRAUD_SCORE_METHOD
+            return self._score()
+        if path == b"/ready":
+            if self._method not in (b"GET", b"HEAD"):
+                return responses.READY_METHOD
+            return responses.READY if self._state.ready else responses.WARMING
+        return responses.NOT_FOUND
+
+    def _score(self) -> bytes:
+        state = self._state
+        if not state.ready:
+            return responses.WARMING
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return responses.error(400, f"malformed JSON: {exc}")
+        try:
+            return responses.SCORES[state.index.fraud_count(vectorize(payload, state.constants))]
+        except PayloadError as exc:
+            return responses.error(400, str(exc))
+        except ValueError as exc:  # a vector the index refuses (out of range): still the client's input
+            return responses.error(400, f"cannot score this transaction: {exc}")
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def _fail(self, response: bytes) -> None:
+        if self._transport is not None and not self._closing:
+            self._transport.write(response)
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _arm_timer(self, seconds: float) -> None:
+        self._cancel_timer()
+        self._deadline = asyncio.get_running_loop().call_later(seconds, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if self._in_request:
+            self._fail(responses.TIMEOUT)
+        else:
+            self._close()  # idle keep-alive connection
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        return not self._in_request
+
+    def shutdown(self) -> None:
+        """Close now if idle; otherwise the response in progress closes it (draining)."""
+        if not self._in_request:
+            self._close()
+
+    def abort(self) -> None:
+        if self._transport is not None and not self._closing:
+            self._transport.write(responses.SHUTTING_DOWN)
+        self._close()

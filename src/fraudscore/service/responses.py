@@ -1,0 +1,56 @@
+"""Every response the service sends, as bytes built once at import.
+
+The scoring answer has only six possible bodies (0 to 5 frauds among the neighbours), so the
+hot path writes a prebuilt buffer and formats nothing.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from fraudscore.index.search import K
+from fraudscore.scoring import decision
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def response(status: int, body: object, *, close: bool = False, extra: str = "") -> bytes:
+    """A complete HTTP/1.1 response with a JSON body."""
+    payload = orjson.dumps(body)
+    head = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n"
+        f"{extra}{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n"
+    )
+    return head.encode("ascii") + payload
+
+
+def error(status: int, message: str, *, close: bool = False) -> bytes:
+    return response(status, {"error": message}, close=close)
+
+
+def _answer(frauds: int) -> bytes:
+    approved, score = decision(frauds)
+    return response(200, {"approved": approved, "fraud_score": score})
+
+
+# SCORES[n] answers a transaction with n frauds among its K nearest references
+SCORES: tuple[bytes, ...] = tuple(_answer(n) for n in range(K + 1))
+READY = response(200, {"status": "ready"})
+WARMING = response(503, {"status": "warming up"})
+NOT_FOUND = error(404, "not found: the endpoints are POST /fraud-score and GET /ready")
+FRAUD_SCORE_METHOD = response(405, {"error": "use POST for /fraud-score"}, extra="Allow: POST\r\n")
+READY_METHOD = response(405, {"error": "use GET for /ready"}, extra="Allow: GET, HEAD\r\n")
+TOO_LARGE = error(413, "request body too large", close=True)
+TIMEOUT = error(408, "request not completed in time", close=True)
+SHUTTING_DOWN = error(503, "shutting down", close=True)

@@ -1,0 +1,154 @@
+"""The service process: map and warm the index, listen, serve, and shut down in order.
+
+Shutdown follows a fixed order: stop accepting; let every request already begun finish and
+close idle keep-alive connections; after ``shutdown_timeout`` close what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants
+from fraudscore.index.search import DIMS, Index
+from fraudscore.service.handoff import HandoffListener
+from fraudscore.service.protocol import HttpConnection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """How one instance listens and how patient it is.  Exactly one of port, uds, handoff."""
+
+    index_path: Path
+    host: str = "0.0.0.0"
+    port: int | None = None
+    uds: Path | None = None
+    handoff: Path | None = None
+    constants: Constants = DEFAULT_CONSTANTS
+    max_body_bytes: int = 64 * 1024
+    request_timeout: float = 5.0
+    idle_timeout: float = 75.0
+    shutdown_timeout: float = 10.0
+    warm_queries: int = 256
+    backlog: int = 4096
+
+    def __post_init__(self) -> None:
+        chosen = [x for x in (self.port, self.uds, self.handoff) if x is not None]
+        if len(chosen) != 1:
+            raise ValueError("listen on exactly one of: a TCP port, a unix socket, a handoff socket")
+
+    @property
+    def address(self) -> str:
+        if self.uds is not None:
+            return f"unix:{self.uds}"
+        if self.handoff is not None:
+            return f"handoff:{self.handoff}"
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass
+class ServiceState:
+    """What every connection of this process shares."""
+
+    config: ServiceConfig
+    index: Index
+    constants: Constants
+    ready: bool = False
+    draining: bool = False
+    connections: set[HttpConnection] = field(default_factory=set)
+
+
+def warm_vectors(n: int, seed: int = 0) -> list[list[float]]:
+    """Plausible query vectors spread over every group of the index, for warming up."""
+    rng = random.Random(seed)
+    vectors = []
+    for _ in range(n):
+        v = [round(rng.random(), 4) for _ in range(DIMS)]
+        for d in (9, 10, 11):
+            v[d] = float(rng.random() < 0.5)
+        if rng.random() < 0.2:
+            v[5] = v[6] = -1.0
+        vectors.append(v)
+    return vectors
+
+
+async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
+    """Run one instance until SIGINT or SIGTERM."""
+    started = time.monotonic() if started is None else started
+    loop = asyncio.get_running_loop()
+    index = Index(config.index_path)
+    state = ServiceState(config=config, index=index, constants=config.constants)
+
+    def factory() -> HttpConnection:
+        return HttpConnection(state)
+
+    server: asyncio.AbstractServer | None = None
+    handoff: HandoffListener | None = None
+    if config.handoff is not None:
+        handoff = HandoffListener(loop, config.handoff, factory)
+    elif config.uds is not None:
+        with contextlib.suppress(FileNotFoundError):
+            config.uds.unlink()
+        server = await loop.create_unix_server(factory, str(config.uds), backlog=config.backlog)
+    else:
+        server = await loop.create_server(
+            factory, config.host, config.port, backlog=config.backlog, reuse_address=True
+        )
+        for sock in server.sockets:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    log.info("listening on %s, index %s (%d references)", config.address, config.index_path, index.n_points)
+
+    # warm in a thread (the native page walk releases the GIL) so /ready can say 503 meanwhile
+    await loop.run_in_executor(None, index.warm, warm_vectors(config.warm_queries))
+    gc.collect()
+    gc.freeze()  # what exists now lives forever: keep the collector from walking it under load
+    state.ready = True
+    log.info("ready in %.2f s (kernel %s, pid %d)", time.monotonic() - started, index.kernel, os.getpid())
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("shutting down: %d connections open", len(state.connections))
+    if server is not None:
+        server.close()
+    if handoff is not None:
+        handoff.close()
+    state.draining = True
+    for conn in list(state.connections):
+        conn.shutdown()
+    deadline = loop.time() + config.shutdown_timeout
+    while state.connections and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    for conn in list(state.connections):
+        conn.abort()
+    if server is not None:
+        await server.wait_closed()
+    if config.uds is not None:
+        with contextlib.suppress(FileNotFoundError):
+            config.uds.unlink()
+    index.close()
+    log.info("stopped")
+
+
+def run(config: ServiceConfig) -> None:
+    """Serve on uvloop (the fastest loop measured here), falling back to asyncio's own."""
+    started = time.monotonic()
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        asyncio.run(serve(config, started=started))
+    else:
+        uvloop.run(serve(config, started=started))
