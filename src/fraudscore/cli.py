@@ -88,18 +88,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
     from fraudscore.index.search import Index
 
     with Index(args.index) as index:
-        core = index._core
-        info = {
-            "path": str(index.path),
-            "references": index.n_points,
-            "fraud": index.n_fraud,
-            "groups": core.n_groups,
-            "tree_entries": core.n_entries,
-            "leaf_size": core.leaf_size,
-            "kernel": index.kernel,
-            "file_bytes": index.file_bytes,
-            "references_sha256": index.sha256,
-        }
+        info = index.describe()
     print(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
     return 0
 
@@ -149,7 +138,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         summary["differing"] = summary["differing"][:20]
     print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     if summary["references_match"] is False:
-        print("fraudscore eval: the test data was made from other references than this index's", file=sys.stderr)
+        print(
+            "fraudscore eval: the test data was made from other references than this index's", file=sys.stderr
+        )
     return 0 if not result.score_differs else 1
 
 
@@ -219,13 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     score = sub.add_parser("score", help="score payloads from a file: one JSON decision per line")
-    score.add_argument("file", help="JSON array of payloads, JSON lines, or test data (.json/.gz); - for stdin")
+    score.add_argument(
+        "file", help="JSON array of payloads, JSON lines, or test data (.json/.gz); - for stdin"
+    )
     _add_index_option(score)
     _add_constants_options(score)
     score.set_defaults(func=cmd_score)
 
-    ev = sub.add_parser("eval", help="compare answers with a test-data file's expected ones (exit 1 if any differ)")
-    ev.add_argument("file", help="test data: {stats, entries: [{request, expected_approved, expected_fraud_score}]}")
+    ev = sub.add_parser(
+        "eval", help="compare answers with a test-data file's expected ones (exit 1 if any differ)"
+    )
+    ev.add_argument(
+        "file", help="test data: {stats, entries: [{request, expected_approved, expected_fraud_score}]}"
+    )
     ev.add_argument("--all", action="store_true", help="list every differing payload, not the first 20")
     _add_index_option(ev)
     _add_constants_options(ev)

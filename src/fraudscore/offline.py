@@ -25,10 +25,7 @@ from fraudscore.scoring import decision
 def read_json(path: str | Path) -> Any:
     """A JSON document from a file (gzip-compressed or not), or from stdin for ``-``."""
     try:
-        if str(path) == "-":
-            raw = sys.stdin.buffer.read()
-        else:
-            raw = Path(path).read_bytes()
+        raw = sys.stdin.buffer.read() if str(path) == "-" else Path(path).read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
     except (OSError, EOFError) as exc:
@@ -134,7 +131,7 @@ def evaluate(index: Index, document: Any, constants: Constants = DEFAULT_CONSTAN
         references_sha256=document.get("references_checksum_sha256"),
         index_sha256=index.sha256,
     )
-    for scored, (want_approved, want_score), entry in zip(
+    for scored, (want_approved, want_score), _entry in zip(
         score_all(index, [e.get("request") for e in entries], constants), expected, entries, strict=True
     ):
         if scored.error is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants, vectorize
-from fraudscore.index.search import K, Index
+from fraudscore.index.search import Index, K
 
 APPROVAL_THRESHOLD = 0.6
 

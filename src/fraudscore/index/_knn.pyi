@@ -1,6 +1,8 @@
 """Type stub of the native core (``_knn.c``)."""
 
-from collections.abc import Buffer, Sequence
+from collections.abc import Sequence
+
+from typing_extensions import Buffer
 
 DIMS: int
 K: int

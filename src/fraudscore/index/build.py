@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from fraudscore.errors import ReferenceDataError
 from fraudscore.index import _knn
@@ -39,7 +39,7 @@ class BuildReport:
     build_seconds: float
 
 
-def _open(path: Path) -> tuple[BinaryIO, BinaryIO]:
+def _open(path: Path) -> tuple[io.BufferedIOBase, io.BufferedReader]:
     """The decompressed stream, and the raw file whose position measures progress."""
     raw = open(path, "rb")  # noqa: SIM115 - closed by the caller through the pair
     magic = raw.read(2)

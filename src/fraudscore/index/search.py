@@ -69,6 +69,21 @@ class Index:
     def file_bytes(self) -> int:
         return len(self._map)
 
+    def describe(self) -> dict[str, object]:
+        """What the file holds and how it is searched."""
+        core = self._core
+        return {
+            "path": str(self.path),
+            "references": core.n_points,
+            "fraud": core.n_fraud,
+            "groups": core.n_groups,
+            "tree_entries": core.n_entries,
+            "leaf_size": core.leaf_size,
+            "kernel": core.kernel,
+            "file_bytes": self.file_bytes,
+            "references_sha256": core.sha256,
+        }
+
     def fraud_count(self, vector: Sequence[float]) -> int:
         """How many of the 5 nearest references are frauds."""
         return self._core.fraud_count(vector)

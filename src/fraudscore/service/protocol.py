@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LINGER_SECONDS = 1.0
+
 
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
@@ -146,15 +148,26 @@ class HttpConnection(asyncio.Protocol):
     # -- closing ----------------------------------------------------------------------------
 
     def _fail(self, response: bytes) -> None:
-        if self._transport is not None and not self._closing:
-            self._transport.write(response)
-        self._close()
+        """Answer an error and close, lingering: closing with unread input would reset the
+        connection and the client would never see the answer.  So: answer, half-close, discard
+        what still arrives for a moment, then close."""
+        transport = self._transport
+        if transport is None or self._closing:
+            return
+        self._closing = True
+        transport.write(response)
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._arm_timer(LINGER_SECONDS)
+        else:
+            self._close()
 
     def _close(self) -> None:
         self._closing = True
         self._cancel_timer()
         if self._transport is not None:
             self._transport.close()
+            self._transport = None
 
     def _arm_timer(self, seconds: float) -> None:
         self._cancel_timer()
@@ -167,7 +180,9 @@ class HttpConnection(asyncio.Protocol):
 
     def _timed_out(self) -> None:
         self._deadline = None
-        if self._in_request:
+        if self._closing:  # the linger after an error is over
+            self._close()
+        elif self._in_request:
             self._fail(responses.TIMEOUT)
         else:
             self._close()  # idle keep-alive connection
@@ -187,3 +202,4 @@ class HttpConnection(asyncio.Protocol):
         if self._transport is not None and not self._closing:
             self._transport.write(responses.SHUTTING_DOWN)
         self._close()
+        self._state.connections.discard(self)

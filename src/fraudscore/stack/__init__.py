@@ -1,0 +1,1 @@
+"""The load-balanced stack: limits, cgroups, balancer configurations, and the runner."""

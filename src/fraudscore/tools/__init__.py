@@ -1,0 +1,1 @@
+"""Tools around the service: the load test and its score."""

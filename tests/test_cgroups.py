@@ -1,0 +1,159 @@
+"""cgroup limits on real processes (skipped, with the reason, where cgroups cannot be written)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from fraudscore.stack.cgroups import CgroupError, CgroupManager, Hierarchy, parse_hierarchies
+from fraudscore.stack.limits import DEFAULT_STACK, MIB, ServiceLimits
+
+# Grows by 8 MiB a step, touching every byte so the pages are really charged.
+HOG = "chunks = []\nwhile True:\n    chunks.append(b'\\x01' * (8 << 20))"
+HOLD_64_MIB = "import sys\nblock = b'\\x01' * (64 << 20)\nsys.exit(0)"
+SPIN_1S = "import time\nend = time.monotonic() + 1.0\nwhile time.monotonic() < end:\n    pass"
+
+
+@pytest.fixture
+def cgroups() -> Iterator[CgroupManager]:
+    reason = CgroupManager.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"cgroups not writable here: {reason}")
+    manager = CgroupManager(f"fraudscore-test-{os.getpid()}")
+    yield manager
+    manager.cleanup(kill=True)
+
+
+def run_in(enter: Callable[[], None], code: str) -> subprocess.Popen[bytes]:
+    """Start Python code with ``enter`` run in the child before exec: limited from its first instruction."""
+    return subprocess.Popen([sys.executable, "-c", code], preexec_fn=enter)
+
+
+def test_memory_limit_kills_a_child_that_exceeds_it(cgroups: CgroupManager) -> None:
+    hog = cgroups.create(ServiceLimits("hog", 1.0, 32))
+    assert hog.memory_limit_bytes() == 32 * MIB
+    child = run_in(hog.enter, HOG)
+    assert child.wait(timeout=15) == -signal.SIGKILL
+    assert hog.oom_kills() in (None, 1)
+    peak = hog.peak_memory_bytes()
+    if peak is not None:
+        assert 16 * MIB < peak <= 32 * MIB
+
+
+def test_peak_memory_of_a_child_within_its_limit(cgroups: CgroupManager) -> None:
+    cgroup = cgroups.create(ServiceLimits("holder", 1.0, 128))
+    child = run_in(cgroup.enter, HOLD_64_MIB)
+    assert child.wait(timeout=15) == 0
+    peak = cgroup.peak_memory_bytes()
+    if peak is None:
+        pytest.skip("this kernel does not report peak memory (v2 before 5.19)")
+    assert 64 * MIB <= peak <= 128 * MIB
+    assert cgroup.oom_kills() in (None, 0)
+
+
+def test_cpu_quota_throttles_a_busy_child(cgroups: CgroupManager) -> None:
+    spin = cgroups.create(ServiceLimits("spin", 0.2, 64))
+    assert spin.cpu_limit() == pytest.approx(0.2)
+    started = time.monotonic()
+    child = run_in(spin.enter, SPIN_1S)
+    assert child.wait(timeout=15) == 0
+    assert time.monotonic() - started >= 1.0
+    used = spin.cpu_seconds()
+    if used is None:
+        pytest.skip("no CPU accounting in this hierarchy (v1 without cpuacct)")
+    # Unthrottled it would use ~1 s of CPU in its 1 s of wall time; 0.2 CPU allows ~0.2 s.
+    assert 0.05 < used < 0.5
+
+
+def test_outer_cgroup_holds_the_whole_stack_limit(cgroups: CgroupManager) -> None:
+    outer = cgroups.create_outer(DEFAULT_STACK)
+    assert outer.cpu_limit() == pytest.approx(DEFAULT_STACK.total_cpus)
+    assert outer.memory_limit_bytes() == DEFAULT_STACK.total_memory_mib * MIB
+
+
+def test_cleanup_removes_every_directory(cgroups: CgroupManager) -> None:
+    api = cgroups.create(ServiceLimits("api1", 0.45, 165))
+    child = subprocess.Popen(["sleep", "30"], preexec_fn=api.enter)
+    try:
+        assert api.pids() == [child.pid]
+        # Still inside: removing is refused, naming the process.
+        with pytest.raises(CgroupError, match=rf"cannot remove .*api1.*{child.pid}"):
+            api.remove(timeout=0.05)
+    finally:
+        child.kill()
+        child.wait()
+    made = [*api.dirs, *cgroups.parent().dirs]
+    assert all(d.is_dir() for d in made)
+    cgroups.cleanup()
+    assert not any(d.exists() for d in made)
+    cgroups.cleanup()  # idempotent
+
+
+def test_errors_name_the_file(cgroups: CgroupManager, tmp_path: Path) -> None:
+    api = cgroups.create(ServiceLimits("api1", 0.45, 165))
+    with pytest.raises(
+        CgroupError, match=r"cannot write '999999999' to .*api1/cgroup.procs: No such process"
+    ):
+        api.add(999_999_999)
+
+
+# Without root: parsing, error messages, and the v2 file protocol on a stand-in directory tree.
+
+V1_MOUNTINFO = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+V1_CGROUP = "4:memory:/box/7\n2:cpu,cpuacct:/\n0::/\n"
+
+
+def test_parse_v1_with_comounted_cpu_and_cpuacct() -> None:
+    v1, v2 = parse_hierarchies(V1_MOUNTINFO, V1_CGROUP)
+    assert v1 == {
+        "cpu": Path("/sys/fs/cgroup/cpu,cpuacct"),
+        "cpuacct": Path("/sys/fs/cgroup/cpu,cpuacct"),
+        "memory": Path("/sys/fs/cgroup/memory/box/7"),
+    }
+    assert v2 == Path("/sys/fs/cgroup/unified")
+    assert Hierarchy(1, v1["cpu"], v1["memory"], v1["cpuacct"]).roots == (v1["cpu"], v1["memory"])
+
+
+def test_parse_v2_in_a_container() -> None:
+    mountinfo = "30 25 0:26 /kubepods/pod1 /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n"
+    assert parse_hierarchies(mountinfo, "0::/kubepods/pod1/app\n") == ({}, Path("/sys/fs/cgroup/app"))
+
+
+def test_missing_hierarchy_is_a_clear_error(tmp_path: Path) -> None:
+    gone = tmp_path / "not-mounted"
+    manager = CgroupManager("stack", hierarchy=Hierarchy(1, gone / "cpu", gone / "memory"))
+    with pytest.raises(
+        CgroupError, match=rf"cannot create {gone}/cpu/stack: .*parent directory does not exist"
+    ):
+        manager.create(ServiceLimits("api1", 0.45, 165))
+
+
+def test_v2_files_on_a_stand_in_tree(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.subtree_control").write_text("")
+    manager = CgroupManager("stack", hierarchy=Hierarchy(2, tmp_path, tmp_path))
+    api = manager.create(ServiceLimits("api1", 0.45, 165))
+    assert api.dirs == (tmp_path / "stack" / "api1",)
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+cpu +memory"
+    assert (tmp_path / "stack" / "cgroup.subtree_control").read_text() == "+cpu +memory"
+    assert (api.cpu_dir / "cpu.max").read_text() == "45000 100000"
+    assert api.cpu_limit() == pytest.approx(0.45)
+    assert api.memory_limit_bytes() == 165 * MIB
+    api.add(4242)
+    assert api.pids() == [4242]
+    (api.cpu_dir / "cpu.stat").write_text("usage_usec 1500000\nuser_usec 1000000\n")
+    assert api.cpu_seconds() == 1.5
+    assert api.peak_memory_bytes() is None
+    (api.memory_dir / "memory.max").write_text("max\n")
+    assert api.memory_limit_bytes() is None

@@ -1,0 +1,249 @@
+"""The service through a real socket: endpoints, keep-alive, and every kind of bad input."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import Server
+
+
+def conn(server: Server) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+
+
+def post(server: Server, body: bytes | str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    c = conn(server)
+    c.request(
+        "POST", "/fraud-score", body=body, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    assert r.getheader("Content-Type") == "application/json"
+    return r.status, json.loads(data)
+
+
+def raw_exchange(server: Server, data: bytes, *, read_timeout: float = 3.0) -> bytes:
+    """Send raw bytes; read until the server closes or the timeout passes."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=read_timeout) as s:
+        s.sendall(data)
+        chunks = []
+        try:
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
+
+
+def test_ready(server: Server) -> None:
+    c = conn(server)
+    c.request("GET", "/ready")
+    r = c.getresponse()
+    assert r.status == 200
+    assert json.loads(r.read()) == {"status": "ready"}
+
+
+def test_ready_quickly_after_start(server: Server) -> None:
+    assert server.ready_seconds < 2.0
+
+
+def test_scores_match_expected(server: Server, dev_entries: list[dict[str, Any]]) -> None:
+    c = conn(server)  # one keep-alive connection for all of them
+    for entry in dev_entries[:300]:
+        c.request("POST", "/fraud-score", body=json.dumps(entry["request"]))
+        r = c.getresponse()
+        answer = json.loads(r.read())
+        assert r.status == 200
+        assert answer == {
+            "approved": entry["expected_approved"],
+            "fraud_score": entry["expected_fraud_score"],
+        }
+    c.close()
+
+
+def test_keep_alive_reuses_one_connection(server: Server, example_payloads: list[dict[str, Any]]) -> None:
+    c = conn(server)
+    c.request("POST", "/fraud-score", body=json.dumps(example_payloads[0]))
+    c.getresponse().read()
+    first_sock = c.sock
+    for payload in example_payloads[1:6]:
+        c.request("POST", "/fraud-score", body=json.dumps(payload))
+        r = c.getresponse()
+        r.read()
+        assert r.status == 200
+        assert c.sock is first_sock
+    c.close()
+
+
+def test_pipelined_requests_answered_in_order(server: Server, example_payloads: list[dict[str, Any]]) -> None:
+    bodies = [json.dumps(p).encode() for p in example_payloads[:3]]
+    reqs = b"".join(
+        b"POST /fraud-score HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b) for b in bodies
+    )
+    reqs += b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    out = raw_exchange(server, reqs)
+    assert out.count(b"HTTP/1.1 200 OK") == 4
+    assert out.endswith(b'{"status":"ready"}')
+
+
+def test_connection_close_is_honoured(server: Server, example_payloads: list[dict[str, Any]]) -> None:
+    body = json.dumps(example_payloads[0]).encode()
+    out = raw_exchange(
+        server,
+        b"POST /fraud-score HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(body), body),
+    )
+    assert out.startswith(b"HTTP/1.1 200 OK")  # and the read ended: the server closed
+
+
+def test_http_1_0_closes(server: Server) -> None:
+    out = raw_exchange(server, b"GET /ready HTTP/1.0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 OK")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "malformed JSON"),
+        (b"", "malformed JSON"),
+        (b"[1, 2]", "payload must be a JSON object"),
+        (b'{"transaction": 5}', "transaction must be an object"),
+        (b'{"a": NaN}', "malformed JSON"),
+        (b"\xff\xfe\x00garbage", "malformed JSON"),
+        (b"[" * 5000 + b"]" * 5000, "malformed JSON"),  # deep nesting
+    ],
+)
+def test_bad_bodies_get_400(server: Server, body: bytes, message: str) -> None:
+    status, answer = post(server, body)
+    assert status == 400
+    assert message in answer["error"]
+
+
+def payload_with(example: dict[str, Any], section: str, key: str, value: Any) -> str:
+    p = json.loads(json.dumps(example))
+    if value is KeyError:
+        del p[section][key]
+    else:
+        p[section][key] = value
+    return json.dumps(p)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("transaction", "amount", "12", "transaction.amount must be a number"),
+        ("transaction", "amount", KeyError, "transaction.amount is missing"),
+        ("transaction", "requested_at", "2026-13-45T99:00:00Z", "not an ISO 8601 timestamp"),
+        ("terminal", "is_online", "yes", "terminal.is_online must be true or false"),
+        ("customer", "known_merchants", None, "customer.known_merchants must be an array"),
+    ],
+)
+def test_bad_fields_get_400(
+    server: Server, example_payloads: list[dict[str, Any]], section: str, key: str, value: Any, message: str
+) -> None:
+    status, answer = post(server, payload_with(example_payloads[0], section, key, value))
+    assert status == 400
+    assert message in answer["error"]
+
+
+def test_odd_but_valid_values_are_scored(server: Server, example_payloads: list[dict[str, Any]]) -> None:
+    for section, key, value in [
+        ("customer", "avg_amount", 0),
+        ("customer", "avg_amount", -5.0),
+        ("merchant", "mcc", "0000"),
+        ("customer", "known_merchants", []),
+    ]:
+        status, answer = post(server, payload_with(example_payloads[0], section, key, value))
+        assert status == 200, (key, value, answer)
+        assert set(answer) == {"approved", "fraud_score"}
+
+
+def test_body_over_the_limit_gets_413(server: Server) -> None:
+    out = raw_exchange(server, b"POST /fraud-score HTTP/1.1\r\nContent-Length: 40000\r\n\r\n" + b"x" * 40000)
+    assert out.startswith(b"HTTP/1.1 413")
+    assert b'"error"' in out
+
+
+def test_chunked_body_over_the_limit_gets_413(server: Server) -> None:
+    chunk = b"x" * 9000
+    data = b"POST /fraud-score HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    data += (b"%x\r\n%s\r\n" % (len(chunk), chunk)) * 3 + b"0\r\n\r\n"
+    assert raw_exchange(server, data).startswith(b"HTTP/1.1 413")
+
+
+def test_short_body_times_out_with_408(server: Server) -> None:
+    out = raw_exchange(
+        server, b'POST /fraud-score HTTP/1.1\r\nContent-Length: 100\r\n\r\n{"a":', read_timeout=5
+    )
+    assert out.startswith(b"HTTP/1.1 408")
+
+
+def test_long_body_leaves_garbage_that_gets_400(server: Server) -> None:
+    out = raw_exchange(
+        server, b"POST /fraud-score HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}extra bytes\r\n\r\n"
+    )
+    assert out.startswith(b"HTTP/1.1 400")  # {} is an invalid payload
+    assert out.count(b"HTTP/1.1 400") == 2  # the trailing bytes are not HTTP
+
+
+def test_bad_content_length_gets_400(server: Server) -> None:
+    out = raw_exchange(server, b"POST /fraud-score HTTP/1.1\r\nContent-Length: abc\r\n\r\n{}")
+    assert out.startswith(b"HTTP/1.1 400")
+
+
+def test_garbage_bytes_get_400_and_close(server: Server) -> None:
+    out = raw_exchange(server, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage")
+    assert out.startswith(b"HTTP/1.1 400")
+    assert b"Connection: close" in out
+
+
+def test_unknown_path_and_method(server: Server) -> None:
+    c = conn(server)
+    c.request("GET", "/fraud-score")
+    r = c.getresponse()
+    assert (r.status, r.getheader("Allow")) == (405, "POST")
+    r.read()
+    c.request("GET", "/nope")
+    r = c.getresponse()
+    assert r.status == 404
+    assert "error" in json.loads(r.read())
+
+
+def test_slow_client_does_not_hold_up_others(server: Server, example_payloads: list[dict[str, Any]]) -> None:
+    with socket.create_connection(("127.0.0.1", server.port)) as slow:
+        slow.sendall(b"POST /fraud-score HTTP/1.1\r\nContent-Length: 500\r\n\r\n{")
+        start = time.monotonic()
+        for payload in example_payloads[:20]:
+            assert post(server, json.dumps(payload))[0] == 200
+        assert time.monotonic() - start < 1.0  # well before the slow client's 1 s timeout
+
+
+def test_shutdown_finishes_in_flight_then_exits(
+    index_path: Path, example_payloads: list[dict[str, Any]]
+) -> None:
+    srv = Server(index_path)
+    c = conn(srv)
+    c.request("POST", "/fraud-score", body=json.dumps(example_payloads[0]))
+    assert c.getresponse().status == 200
+    # a request whose body is still arriving when SIGTERM comes is answered, then the process exits
+    s = socket.create_connection(("127.0.0.1", srv.port))
+    body = json.dumps(example_payloads[1]).encode()
+    s.sendall(b"POST /fraud-score HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:10])
+    time.sleep(0.1)
+    srv.proc.terminate()
+    time.sleep(0.2)
+    s.sendall(body[10:])
+    answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+    assert b"Connection: close" not in answer or answer.endswith(b"}")
+    code, log = srv.stop()
+    assert code == 0
+    assert "shutting down" in log and "stopped" in log

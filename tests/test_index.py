@@ -1,0 +1,208 @@
+"""Exactness: the pruned search returns what a plain brute force returns, neighbour by neighbour."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from fraudscore import Index, IndexFormatError, ReferenceDataError, vectorize
+from fraudscore.index import _knn
+from fraudscore.index.build import build_index, read_references
+
+from .conftest import REFERENCES
+
+N_ORACLE_QUERIES = 500
+
+
+@pytest.fixture(scope="session")
+def reference_columns() -> tuple[np.ndarray, np.ndarray]:
+    """The references read plainly (orjson, not our parser) as float64 columns, and the labels."""
+    refs = orjson.loads(gzip.decompress(REFERENCES.read_bytes()))
+    vectors = np.array([r["vector"] for r in refs], dtype=np.float64)
+    labels = np.array([r["label"] == "fraud" for r in refs])
+    return np.ascontiguousarray(vectors.T), labels
+
+
+def brute_force(columns: np.ndarray, q: list[float], k: int = 5) -> list[tuple[int, float]]:
+    """k nearest by Euclidean distance in float64, summed dimension by dimension in order, ties to
+    the lower position: the contract's definition, written plainly."""
+    d = (columns[0] - q[0]) ** 2
+    for dim in range(1, 14):
+        d += (columns[dim] - q[dim]) ** 2
+    near = np.argpartition(d, k + 10)[: k + 10]
+    order = near[np.lexsort((near, d[near]))][:k]
+    return [(int(i), float(d[i])) for i in order]
+
+
+def test_search_equals_numpy_brute_force_on_dev_payloads(
+    index: Index, dev_entries: list[dict[str, Any]], reference_columns: tuple[np.ndarray, np.ndarray]
+) -> None:
+    columns, labels = reference_columns
+    rng = random.Random(2026)
+    for entry in rng.sample(dev_entries, N_ORACLE_QUERIES):
+        q = vectorize(entry["request"])
+        want = brute_force(columns, q)
+        got = index.knn(q)
+        assert [(n.position, n.distance) for n in got] == want, entry["request"]["id"]
+        assert [n.is_fraud for n in got] == [bool(labels[i]) for i, _ in want]
+        assert index.fraud_count(q) / 5 == entry["expected_fraud_score"]
+
+
+def test_parser_agrees_with_json(reference_columns: tuple[np.ndarray, np.ndarray]) -> None:
+    columns, labels = reference_columns
+    vectors, parsed_labels, sha = read_references(REFERENCES, progress=False)
+    ints = np.frombuffer(vectors, dtype=np.int16).reshape(-1, 14)
+    assert np.array_equal(ints.T.astype(np.float64) / 10000.0, columns)
+    assert np.array_equal(np.frombuffer(parsed_labels, dtype=np.uint8).astype(bool), labels)
+    assert sha.hex() == "24a1fd588e2598ab62de9ac7ac73408e571589e00da4243d7afc9d0f01878f77"
+
+
+def random_queries(n: int, seed: int) -> list[list[float]]:
+    """Queries anywhere in the space, including groups no reference is in (online and card present)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        v = [round(rng.random(), 4) for _ in range(14)]
+        for d in (9, 10, 11):
+            v[d] = float(rng.random() < 0.5)
+        if rng.random() < 0.3:
+            v[5] = v[6] = -1.0
+        out.append(v)
+    return out
+
+
+def test_search_equals_native_brute_force_anywhere(index: Index) -> None:
+    for q in random_queries(40, seed=7):
+        assert index.knn(q) == index.brute_force(q), q
+
+
+def test_unrounded_queries_are_exact_too(index: Index) -> None:
+    rng = random.Random(3)
+    for q in random_queries(20, seed=11):
+        q = [x + rng.uniform(-4e-5, 4e-5) if 0 < x < 1 else x for x in q]
+        assert index.knn(q) == index.brute_force(q)
+
+
+def test_scalar_and_avx2_kernels_agree(index_path: Path, dev_entries: list[dict[str, Any]]) -> None:
+    queries = [vectorize(e["request"]) for e in dev_entries[:300]] + random_queries(50, seed=5)
+    with Index(index_path, kernel="scalar") as scalar:
+        assert scalar.kernel == "scalar"
+        assert [scalar.knn(q) for q in queries] == [Index.knn(index_for(index_path), q) for q in queries]
+
+
+_default: dict[Path, Index] = {}
+
+
+def index_for(path: Path) -> Index:
+    if path not in _default:
+        _default[path] = Index(path)
+    return _default[path]
+
+
+def test_batch_equals_single(index: Index, dev_entries: list[dict[str, Any]]) -> None:
+    queries = [vectorize(e["request"]) for e in dev_entries[:1000]]
+    assert index.fraud_counts(queries) == [index.fraud_count(q) for q in queries]
+
+
+def write_references(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_ties_go_to_the_lower_position(tmp_path: Path) -> None:
+    base = [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0, 1, 0, 0.5, 0.5]
+    records = []
+    for i in range(40):  # pairs at exactly the same distance from base, either side of it
+        offset = (i // 2 + 1) / 100
+        v = list(base)
+        v[0] = round(0.5 + offset if i % 2 else 0.5 - offset, 4)
+        records.append({"vector": v, "label": "fraud" if i % 2 else "legit"})
+    refs = write_references(tmp_path / "refs.json", records[::-1])  # higher index first in the file
+    build_index(refs, tmp_path / "i.fsidx", leaf_size=8, fanout_levels=1, progress=False)
+    with Index(tmp_path / "i.fsidx") as idx:
+        got = idx.knn(base)
+        assert got == idx.brute_force(base)
+        positions = [n.position for n in got]
+        assert positions[:2] == sorted(positions[:2])  # the tied pair, lower position first
+        for a, b in itertools.pairwise(got):
+            assert (a.distance, a.position) < (b.distance, b.position)
+
+
+def test_small_file_round_trip(tmp_path: Path) -> None:
+    rng = random.Random(1)
+    records = [{"vector": v, "label": rng.choice(["fraud", "legit"])} for v in random_queries(3000, seed=9)]
+    refs = write_references(tmp_path / "refs.json", records)
+    report = build_index(refs, tmp_path / "i.fsidx", progress=False)
+    assert report.n_points == 3000
+    assert report.n_fraud == sum(r["label"] == "fraud" for r in records)
+    with Index(tmp_path / "i.fsidx") as idx:
+        for q in random_queries(30, seed=4):
+            assert idx.knn(q) == idx.brute_force(q)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[{"vector":[0,0,0,0,0,0,0,0,0,0,0,0,0,0],"label":"maybe"}]', "label"),
+        ('[{"vector":[0.00001,0,0,0,0,0,0,0,0,0,0,0,0,0],"label":"fraud"}]', "more than 4 decimals"),
+        ('[{"vector":[0,0,0],"label":"fraud"}]', "14 numbers"),
+        ('[{"vector":[2,0,0,0,0,0,0,0,0,0,0,0,0,0],"label":"fraud"}]', r"outside \[-1, 1\]"),
+        ('[{"vector":[0,0,0,0,0,0,0,0,0,0,0,0,0,0],"label":"fraud"}', "missing closing"),
+        ('[{"vector":[0,0,0,0,0,0,0,0,0,0,0,0,0,0],"label":"fraud"},{"vec', "truncated"),
+        ('{"vector":[]}', "JSON array"),
+        ("[]", "no reference vectors"),
+    ],
+)
+def test_bad_reference_files(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "r.json").write_text(text)
+    with pytest.raises(ReferenceDataError, match=message):
+        build_index(tmp_path / "r.json", tmp_path / "i.fsidx", progress=False)
+
+
+def test_binary_dimension_must_be_binary(tmp_path: Path) -> None:
+    v = [0.1] * 14
+    with pytest.raises(ReferenceDataError, match="dimension 9 must be 0 or 1") as err:
+        build_index(
+            write_references(tmp_path / "r.json", [{"vector": v, "label": "fraud"}]),
+            tmp_path / "i.fsidx",
+            progress=False,
+        )
+    assert isinstance(err.value.__cause__, ValueError)  # the native error, kept as the cause
+
+
+def test_corrupt_index_files(tmp_path: Path, index_path: Path) -> None:
+    (tmp_path / "junk").write_bytes(b"not an index" * 1000)
+    with pytest.raises(IndexFormatError, match="bad magic"):
+        Index(tmp_path / "junk")
+    head = index_path.read_bytes()[: 1 << 20]
+    (tmp_path / "cut").write_bytes(head)
+    with pytest.raises(IndexFormatError, match="truncated"):
+        Index(tmp_path / "cut")
+    with pytest.raises(IndexFormatError, match="cannot map"):
+        Index(tmp_path / "missing")
+
+
+def test_bad_queries(index: Index) -> None:
+    with pytest.raises(ValueError, match="14 numbers"):
+        index.fraud_count([0.1] * 13)
+    with pytest.raises(ValueError, match="outside"):
+        index.fraud_count([float("nan")] * 14)
+    with pytest.raises(TypeError):
+        index.fraud_count(["a"] * 14)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="kernel"):
+        _knn.Index(index._map, "neon")
+
+
+def test_worked_example_neighbours(index: Index, example_payloads: list[dict[str, Any]]) -> None:
+    nearest = index.knn(vectorize(example_payloads[0]))
+    assert nearest[0].position == 2_120_963
+    assert round(nearest[0].distance ** 0.5, 4) == 0.0058
+    assert not any(n.is_fraud for n in nearest)
