@@ -391,6 +391,51 @@ static int emit_leaf(builder_t *b, const uint32_t *idx, size_t n, entry_t *e) {
     return 0;
 }
 
+/* Where to split idx[0..n): on the dimension whose values leave the widest empty gap near the
+ * median, if that gap is at least MIN_GAP.  Those are the discrete dimensions (weekday, hour,
+ * installments, ...): near neighbours rarely cross such a gap, so the boxes on either side
+ * prune each other.  Otherwise the median of the widest dimension.  Sets *m (left count) and
+ * leaves idx partitioned there; returns the dimension, or -1 when no dimension varies. */
+#ifndef MIN_GAP
+#define MIN_GAP 100
+#endif
+static int choose_split(const builder_t *b, uint32_t *idx, size_t n, const entry_t *box, size_t *m) {
+    int ns = (int)b->g->n_stored, best = -1;
+    int32_t best_gap = MIN_GAP - 1;
+    size_t best_m = 0, min_side = n / 8 ? n / 8 : 1;
+    for (int s = 0; s < ns; s++) {
+        if (box->hi[s] == box->lo[s]) continue;
+        select_nth(b, idx, n, n / 2, s);
+        int16_t v = stored_value(b, idx[n / 2], s), below = INT16_MIN, above = INT16_MAX;
+        size_t lt = 0, le = 0;
+        for (size_t i = 0; i < n; i++) {
+            int16_t x = stored_value(b, idx[i], s);
+            if (x < v) { lt++; if (x > below) below = x; }
+            else if (x == v) le++;
+            else if (x < above) above = x;
+        }
+        le += lt;
+        /* two boundaries around the median's run of equal values: take the more balanced one that is allowed */
+        int32_t gap = -1;
+        size_t at = 0;
+        int ok_lo = lt >= min_side && n - lt >= min_side, ok_hi = le >= min_side && n - le >= min_side;
+        if (ok_lo && (!ok_hi || n / 2 - lt <= le - n / 2)) { gap = v - below; at = lt; }
+        else if (ok_hi) { gap = above - v; at = le; }
+        if (gap > best_gap) { best_gap = gap; best = s; best_m = at; }
+    }
+    if (best >= 0) {
+        select_nth(b, idx, n, best_m, best); /* a boundary between distinct values: a clean partition */
+        *m = best_m;
+        return best;
+    }
+    int split = widest(b, box);
+    if (split < 0) return -1;
+    *m = ((n + 15) / 16) * LANES; /* a multiple of 8 near the median, so leaves fill whole blocks */
+    if (*m >= n) *m = n / 2;
+    select_nth(b, idx, n, *m, split);
+    return split;
+}
+
 /* Fill entry `at` with the subtree of idx[0..n): a leaf, or up to 2^levels children made by
  * that many rounds of median splits on the widest dimension, stored side by side. */
 static int build_entry(builder_t *b, uint32_t *idx, size_t n, size_t at) {
@@ -410,14 +455,10 @@ static int build_entry(builder_t *b, uint32_t *idx, size_t n, size_t at) {
         for (size_t i = 0; i < parts; i++) {
             size_t a = start[i], len = start[i + 1] - a;
             entry_t box;
-            int split = -1;
-            if (len > (size_t)b->leaf_size) { bounding_box(b, idx + a, len, &box); split = widest(b, &box); }
-            if (split >= 0) {
-                /* split at a multiple of 8 near the median, so leaves fill whole blocks */
-                size_t m = ((len + 15) / 16) * LANES;
-                if (m >= len) m = len / 2;
-                select_nth(b, idx + a, len, m, split);
-                next[++np] = a + m;
+            size_t m;
+            if (len > (size_t)b->leaf_size) {
+                bounding_box(b, idx + a, len, &box);
+                if (choose_split(b, idx + a, len, &box, &m) >= 0) next[++np] = a + m;
             }
             next[++np] = a + len;
         }
@@ -585,7 +626,9 @@ typedef struct {
 typedef struct query_kernel {
     const char *name;
     void (*scan_leaf)(const gview_t *, const entry_t *, query_t *, int64_t offset, const void *qpairs);
-    int64_t (*node_bound)(const entry_t *, const void *qbox, int n_stored);
+    /* lower bound of the integer distance to a box, and (for ordering ties) twice the distance
+     * to its centre, squared, approximately */
+    int64_t (*node_bound)(const entry_t *, const void *qbox, int n_stored, int64_t *centre);
     void (*prepare)(const gview_t *, const query_t *, void *qpairs, void *qbox);
 } kernel_t;
 
@@ -646,15 +689,18 @@ static void scalar_prepare(const gview_t *v, const query_t *qs, void *qpairs, vo
     (void)qbox; /* the scalar bound reads the same array */
 }
 
-static int64_t scalar_node_bound(const entry_t *nd, const void *qbox, int n_stored) {
+static int64_t scalar_node_bound(const entry_t *nd, const void *qbox, int n_stored, int64_t *centre) {
     const scalar_q_t *sq = qbox;
-    int64_t s = 0;
+    int64_t s = 0, c = 0;
     for (int i = 0; i < n_stored; i++) {
         int32_t q = sq->q[i], t = 0;
         if (q < nd->lo[i]) t = nd->lo[i] - q;
         else if (q > nd->hi[i]) t = q - nd->hi[i];
         s += (int64_t)t * t;
+        int32_t m = ((q - nd->lo[i]) >> 1) + ((q - nd->hi[i]) >> 1);
+        c += (int64_t)m * m;
     }
+    *centre = c;
     return s;
 }
 
@@ -705,21 +751,27 @@ static void avx2_prepare(const gview_t *v, const query_t *qs, void *qpairs, void
 }
 
 __attribute__((target("avx2")))
-static int64_t avx2_node_bound(const entry_t *nd, const void *qbox, int n_stored) {
+static int64_t avx2_node_bound(const entry_t *nd, const void *qbox, int n_stored, int64_t *centre) {
     const avx2_q_t *aq = qbox;
     (void)n_stored;
     __m256i lo = _mm256_loadu_si256((const __m256i *)nd->lo);
     __m256i hi = _mm256_loadu_si256((const __m256i *)nd->hi);
     /* values are in [-10000, 10000], so these differences fit int16 */
     __m256i below = _mm256_sub_epi16(lo, aq->box), above = _mm256_sub_epi16(aq->box, hi);
-    __m256i t = _mm256_max_epi16(_mm256_max_epi16(below, above), _mm256_setzero_si256());
-    t = _mm256_and_si256(t, aq->mask);
-    __m256i sq = _mm256_madd_epi16(t, t); /* 8 x int32, each <= 2 * 20000^2 */
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sq), _mm256_extracti128_si256(sq, 1));
-    /* four partial sums, each <= 4 * 8e8: widen before the last adds */
-    __m256i w = _mm256_cvtepu32_epi64(s);
-    __m128i h = _mm_add_epi64(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
-    return _mm_cvtsi128_si64(h) + _mm_extract_epi64(h, 1);
+    __m256i t = _mm256_and_si256(_mm256_max_epi16(_mm256_max_epi16(below, above), _mm256_setzero_si256()), aq->mask);
+    /* (q - lo)/2 + (q - hi)/2: the offset from the centre, halved so it fits int16 */
+    __m256i c = _mm256_and_si256(
+        _mm256_add_epi16(_mm256_srai_epi16(_mm256_sub_epi16(aq->box, lo), 1), _mm256_srai_epi16(above, 1)), aq->mask);
+    __m256i bsq = _mm256_madd_epi16(t, t), csq = _mm256_madd_epi16(c, c); /* 8 x int32, each <= 8e8 */
+    __m128i b4 = _mm_add_epi32(_mm256_castsi256_si128(bsq), _mm256_extracti128_si256(bsq, 1));
+    __m128i c4 = _mm_add_epi32(_mm256_castsi256_si128(csq), _mm256_extracti128_si256(csq, 1));
+    /* four partial sums each, <= 1.6e9: widen before the last adds */
+    __m256i wb = _mm256_cvtepu32_epi64(b4), wc = _mm256_cvtepu32_epi64(c4);
+    __m128i hb = _mm_add_epi64(_mm256_castsi256_si128(wb), _mm256_extracti128_si256(wb, 1));
+    __m128i hc = _mm_add_epi64(_mm256_castsi256_si128(wc), _mm256_extracti128_si256(wc, 1));
+    __m128i both = _mm_add_epi64(_mm_unpacklo_epi64(hb, hc), _mm_unpackhi_epi64(hb, hc));
+    *centre = _mm_extract_epi64(both, 1);
+    return _mm_cvtsi128_si64(both);
 }
 
 __attribute__((target("avx2")))
@@ -894,16 +946,6 @@ static void query_init(query_t *qs, const double *q, int k) {
     qs->exact_evals = qs->blocks_scanned = qs->nodes_visited = 0;
 }
 
-/* Twice the distance from the query to a box's centre, squared: orders children whose bounds tie. */
-static int64_t centre_distance(const entry_t *e, const int32_t *q, int n_stored) {
-    int64_t s = 0;
-    for (int i = 0; i < n_stored; i++) {
-        int64_t t = 2 * (int64_t)q[i] - e->lo[i] - e->hi[i];
-        s += t * t;
-    }
-    return s;
-}
-
 typedef struct { int64_t offset; int group; } gorder_t;
 
 static void search(const IndexObject *self, query_t *qs) {
@@ -931,12 +973,11 @@ static void search(const IndexObject *self, query_t *qs) {
         kern->prepare(v, qs, &qp, qbox);
         int ns = (int)v->g->n_stored;
         const entry_t *entries = v->entries;
-        int32_t qstored[MAX_STORED];
-        for (int i = 0; i < MAX_STORED; i++) qstored[i] = v->g->stored[i] == 255 ? 0 : qs->qi[v->g->stored[i]];
         struct { int32_t entry; int64_t bound; } stack[STACK_DEPTH];
         int top = 0;
         stack[top].entry = (int32_t)v->g->root;
-        stack[top].bound = kern->node_bound(&entries[v->g->root], qbox, ns);
+        int64_t centre;
+        stack[top].bound = kern->node_bound(&entries[v->g->root], qbox, ns, &centre);
         top++;
         while (top > 0) {
             top--;
@@ -952,10 +993,9 @@ static void search(const IndexObject *self, query_t *qs) {
             int kept = 0;
             for (int c = 0; c < nc; c++) {
                 const entry_t *child = &entries[e->link + c];
-                int64_t bound = kern->node_bound(child, qbox, ns);
+                int64_t bound = kern->node_bound(child, qbox, ns, &centre);
                 if (offset + bound > qs->limit) continue;
                 /* equal bounds are common (the query inside overlapping boxes): then the nearer centre first */
-                int64_t centre = centre_distance(child, qstored, ns);
                 int j = kept++;
                 while (j > 0 && (order_b[j - 1] < bound || (order_b[j - 1] == bound && order_c[j - 1] < centre))) {
                     order_b[j] = order_b[j - 1]; order_c[j] = order_c[j - 1]; order_e[j] = order_e[j - 1]; j--;
