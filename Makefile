@@ -39,7 +39,7 @@ test: lint typecheck unit
 
 bench: install index
 	$(BIN)/python bench/search.py
-	$(BIN)/python bench/http.py
+	$(BIN)/python bench/http_single.py
 
 clean:
 	rm -rf build src/*.egg-info src/fraudscore/index/*.so $(INDEX)

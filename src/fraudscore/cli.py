@@ -232,9 +232,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_balance(args: argparse.Namespace) -> int:
+    from fraudscore.stack.balancer import run
+
+    run(args.upstream, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from fraudscore.stack.runner import StackConfig, run
+
+    index = ensure_index(args.index, args.references).resolve()
+    run(
+        StackConfig(
+            index=index,
+            port=args.port,
+            instances=args.instances,
+            balancer=args.lb,
+            limits=not args.no_limits,
+            host=args.host,
+            log_level=args.log_level,
+        )
+    )
+    return 0
+
+
 def _register_optional(sub: Any) -> None:
     """Commands of the stack and tools modules."""
     from fraudscore.tools import loadtest
+
+    balance = sub.add_parser("balance", help="the built-in load balancer: hands connections to instances")
+    balance.add_argument(
+        "--upstream",
+        type=Path,
+        action="append",
+        required=True,
+        help="an instance's --handoff socket (repeat)",
+    )
+    balance.add_argument("--port", type=int, default=DEFAULT_PORT, help="default: %(default)s")
+    balance.add_argument("--host", default=DEFAULT_HOST, help="default: %(default)s")
+    balance.set_defaults(func=cmd_balance)
+
+    stack = sub.add_parser("stack", help="run the balancer and the instances as local processes, with limits")
+    _add_index_option(stack)
+    stack.add_argument("--port", type=int, default=DEFAULT_PORT, help="default: %(default)s")
+    stack.add_argument("--host", default=DEFAULT_HOST, help="default: %(default)s")
+    stack.add_argument("--instances", type=int, default=2, help="API instances (default: %(default)s)")
+    stack.add_argument(
+        "--lb",
+        choices=["builtin", "nginx", "haproxy"],
+        default="builtin",
+        help="load balancer (default: builtin)",
+    )
+    stack.add_argument(
+        "--no-limits",
+        action="store_true",
+        help="no cgroup per process (to run the whole stack inside one outer limit)",
+    )
+    stack.set_defaults(func=cmd_stack)
 
     lt = sub.add_parser("loadtest", help="run the contract's k6 load test and print its score")
     loadtest.add_arguments(lt)

@@ -50,7 +50,7 @@ class HandoffListener:
         channel.setblocking(False)
         self._channels.add(channel)
         self._loop.add_reader(channel.fileno(), self._receive, channel)
-        log.info("balancer connected on %s", self._path)
+        log.debug("handoff channel opened on %s", self._path)
 
     def _receive(self, channel: socket.socket) -> None:
         while True:

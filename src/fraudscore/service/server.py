@@ -96,7 +96,7 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
     server: asyncio.AbstractServer | None = None
     handoff: HandoffListener | None = None
     if config.handoff is not None:
-        handoff = HandoffListener(loop, config.handoff, factory)
+        pass  # opened once warm (below): the balancer then only ever reaches a ready instance
     elif config.uds is not None:
         with contextlib.suppress(FileNotFoundError):
             config.uds.unlink()
@@ -107,13 +107,15 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
         )
         for sock in server.sockets:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    log.info("listening on %s, index %s (%d references)", config.address, config.index_path, index.n_points)
+    log.info("serving %s from %s (%d references)", config.address, config.index_path, index.n_points)
 
     # warm in a thread (the native page walk releases the GIL) so /ready can say 503 meanwhile
     await loop.run_in_executor(None, index.warm, warm_vectors(config.warm_queries))
     gc.collect()
     gc.freeze()  # what exists now lives forever: keep the collector from walking it under load
     state.ready = True
+    if config.handoff is not None:
+        handoff = HandoffListener(loop, config.handoff, factory)
     log.info("ready in %.2f s (kernel %s, pid %d)", time.monotonic() - started, index.kernel, os.getpid())
 
     stop = asyncio.Event()

@@ -33,7 +33,8 @@ def socket_path(service: ServiceLimits) -> str:
 
 
 def api_command(service: ServiceLimits) -> list[str]:
-    return ["fraudscore", "serve", "--index", INDEX_PATH, "--uds", socket_path(service)]
+    # the built-in balancer hands connections over this socket (SCM_RIGHTS)
+    return ["fraudscore", "serve", "--index", INDEX_PATH, "--handoff", socket_path(service)]
 
 
 def balancer_command(stack: StackLimits) -> list[str]:

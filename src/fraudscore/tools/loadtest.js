@@ -5,6 +5,7 @@
 //   LOADTEST_RATE_MULTIPLIER  multiplies the start rate and the target rate (default 1)
 //   LOADTEST_DURATION         length of the ramp in seconds (default 120)
 //   LOADTEST_SUMMARY          where handleSummary writes k6's end-of-test data as JSON
+//   LOADTEST_CYCLE            1: start again from the first entry when they run out (default 0: stop sending)
 import http from 'k6/http';
 import exec from 'k6/execution';
 import { SharedArray } from 'k6/data';
@@ -19,6 +20,7 @@ const multiplier = Number(__ENV.LOADTEST_RATE_MULTIPLIER || '1');
 const durationS = Number(__ENV.LOADTEST_DURATION || '120');
 const endpoint = `${(__ENV.LOADTEST_URL || 'http://localhost:9999').replace(/\/+$/, '')}/fraud-score`;
 const summaryPath = __ENV.LOADTEST_SUMMARY || 'loadtest-summary.json';
+const cycle = __ENV.LOADTEST_CYCLE === '1';
 
 if (!(multiplier > 0) || !(durationS > 0)) {
   throw new Error('LOADTEST_RATE_MULTIPLIER and LOADTEST_DURATION must be positive numbers');
@@ -86,9 +88,12 @@ function parse(res) {
 
 export default function () {
   // Unique across the scenario, so each entry is sent once whatever VU runs the iteration.
-  const i = exec.scenario.iterationInTest;
+  let i = exec.scenario.iterationInTest;
   if (i >= entries.length) {
-    return; // the data is exhausted: the rest of the ramp sends nothing
+    if (!cycle) {
+      return; // the data is exhausted: the rest of the ramp sends nothing
+    }
+    i %= entries.length;
   }
   const [body, expectedApproved, expectedScore] = entries[i];
   const res = http.post(endpoint, body, params);

@@ -130,6 +130,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="length of the ramp; once the entries run out the rest of the ramp sends nothing (default: 120)",
     )
     parser.add_argument(
+        "--cycle",
+        action="store_true",
+        help="when the entries run out, start again from the first (so a small data file can drive "
+        "the whole ramp); every answer is still judged",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path(DEFAULT_OUT),
@@ -156,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
             duration_s=args.duration,
             out_dir=Path(args.out),
             k6=args.k6,
+            cycle=args.cycle,
         )
     except (FraudscoreError, OSError) as exc:
         print(f"fraudscore loadtest: {exc}", file=sys.stderr)
@@ -171,7 +178,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load_test(
-    *, url: str, data: Path, rate_multiplier: float, duration_s: float, out_dir: Path, k6: str | None
+    *,
+    url: str,
+    data: Path,
+    rate_multiplier: float,
+    duration_s: float,
+    out_dir: Path,
+    k6: str | None,
+    cycle: bool = False,
 ) -> dict[str, Any]:
     """Run k6 against url with the entries of data; write result.json and latency.png; return the result."""
     k6_path = find_k6(k6)
@@ -179,7 +193,8 @@ def load_test(
         raise LoadTestError("matplotlib is needed for the chart: install the dev extras")
     entries = load_entries(data)
     check_url(url)
-    planned = min(len(entries), ramp_iterations(rate_multiplier, duration_s))
+    ramp = ramp_iterations(rate_multiplier, duration_s)
+    planned = ramp if cycle else min(len(entries), ramp)
     with tempfile.TemporaryDirectory(prefix="fraudscore-loadtest-") as tmp:
         workdir = Path(tmp)
         entries_file = workdir / "entries.json"
@@ -193,7 +208,7 @@ def load_test(
             planned,
             len(entries),
         )
-        summary, samples = run_k6(k6_path, url, entries_file, rate_multiplier, duration_s, workdir)
+        summary, samples = run_k6(k6_path, url, entries_file, rate_multiplier, duration_s, workdir, cycle)
         log.info("k6 finished; reading its results")
         try:
             series = per_second(read_latency_samples(samples))
@@ -221,6 +236,7 @@ def load_test(
             "rate_multiplier": rate_multiplier,
             "max_vus": MAX_VUS,
             "timeout_ms": TIMEOUT_MS,
+            "cycle": cycle,
         },
         "requests": counts.requests,
         "counts": asdict(counts),
@@ -323,7 +339,13 @@ def check_url(url: str, timeout_s: float = 3.0) -> None:
 
 
 def run_k6(
-    k6: Path, url: str, entries_file: Path, rate_multiplier: float, duration_s: float, workdir: Path
+    k6: Path,
+    url: str,
+    entries_file: Path,
+    rate_multiplier: float,
+    duration_s: float,
+    workdir: Path,
+    cycle: bool = False,
 ) -> tuple[dict[str, Any], Path]:
     """Run loadtest.js; return k6's end-of-test summary and the gzipped file of its samples."""
     summary_file = workdir / "summary.json"
@@ -334,6 +356,7 @@ def run_k6(
         "LOADTEST_RATE_MULTIPLIER": repr(rate_multiplier),
         "LOADTEST_DURATION": repr(duration_s),
         "LOADTEST_SUMMARY": summary_file.resolve(),
+        "LOADTEST_CYCLE": "1" if cycle else "0",
     }
     with resources.as_file(resources.files("fraudscore.tools") / "loadtest.js") as script:
         command = [str(k6), "run", "--quiet", "--no-color", "--no-usage-report"]

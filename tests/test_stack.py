@@ -1,0 +1,286 @@
+"""The stack: the built-in balancer's handover, round-robin, faults, shutdown, and each --lb."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fraudscore.stack import proxies
+from fraudscore.stack.cgroups import CgroupManager
+from fraudscore.stack.limits import DEFAULT_STACK
+from fraudscore.stack.runner import StackConfig
+
+from .conftest import free_port, wait_ready
+
+
+class FakeInstance:
+    """A real unix socket that takes handed-over descriptors, as an instance does, and keeps them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.received: list[socket.socket] = []
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        channel, _ = self._listener.accept()
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(channel, 16, 16)
+            except OSError:
+                return
+            if not data:
+                return
+            self.received += [socket.socket(fileno=fd) for fd in fds]
+
+
+@pytest.fixture
+def balancer(tmp_path: Path) -> Iterator[tuple[int, list[FakeInstance], subprocess.Popen[bytes]]]:
+    instances = [FakeInstance(tmp_path / f"api{i}.sock") for i in (1, 2)]
+    port = free_port()
+    upstreams = [a for inst in instances for a in ("--upstream", str(inst.path))]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fraudscore.cli",
+            "balance",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *upstreams,
+        ],
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.02)
+    yield port, instances, proc
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def wait_for(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_round_robin_is_even(balancer: tuple[int, list[FakeInstance], subprocess.Popen[bytes]]) -> None:
+    port, instances, _ = balancer
+    wait_for(lambda: sum(len(i.received) for i in instances) == 1)  # the fixture's own probe
+    before = [len(i.received) for i in instances]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+    wait_for(lambda: sum(len(i.received) for i in instances) == 41)
+    assert [len(i.received) - b for i, b in zip(instances, before, strict=True)] == [20, 20]
+    for c in clients:
+        c.close()
+
+
+def test_balancer_never_reads_the_payload(
+    balancer: tuple[int, list[FakeInstance], subprocess.Popen[bytes]],
+) -> None:
+    port, instances, _ = balancer
+    request = b'POST /fraud-score HTTP/1.1\r\nContent-Length: 11\r\n\r\n{"id":"x"}\n'
+    wait_for(lambda: sum(len(i.received) for i in instances) == 1)  # the fixture's own probe
+    client = socket.create_connection(("127.0.0.1", port))
+    client.sendall(request)
+    wait_for(lambda: sum(len(i.received) for i in instances) == 2)
+    handed = instances[1].received[0]  # round-robin: the probe went to the first, this to the second
+    handed.settimeout(2)
+    got = b""
+    while len(got) < len(request):
+        got += handed.recv(4096)
+    assert got == request  # every byte the client sent is still there for the instance
+    handed.sendall(b"answered by the instance")  # and the instance answers on the same connection
+    assert client.recv(100) == b"answered by the instance"
+    client.close()
+
+
+def test_a_dead_instance_is_skipped_at_once(
+    tmp_path: Path, balancer: tuple[int, list[FakeInstance], subprocess.Popen[bytes]]
+) -> None:
+    port, instances, _ = balancer
+    # the second instance goes away: its channel closes
+    instances[1]._listener.close()
+    for s in instances[1].received:
+        s.close()
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
+    before = len(instances[0].received)
+    wait_for(lambda: len(instances[0].received) >= before)
+    time.sleep(0.3)
+    # every connection was handed to a live instance or, for the first after the death, retried on it
+    assert len(instances[0].received) + len(instances[1].received) >= 10
+    for c in clients:
+        c.close()
+
+
+# -- the real stack ---------------------------------------------------------------------------
+
+
+class Stack:
+    def __init__(self, index_path: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fraudscore.cli",
+                "stack",
+                "--index",
+                str(index_path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *extra,
+            ],
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            wait_ready(self.url, self.proc, timeout=60)
+        except BaseException:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        """Leave nothing running: SIGTERM, and if that is not enough, SIGKILL the runner and its children."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                for pid in self.children():
+                    os.kill(pid, signal.SIGKILL)
+                self.proc.kill()
+                self.proc.wait()
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, err.decode()
+        return err.decode()
+
+
+def score(url: str, payload: dict[str, Any]) -> int:
+    import http.client
+
+    host, port = url.removeprefix("http://").split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=5)
+    c.request("POST", "/fraud-score", body=json.dumps(payload))
+    status = c.getresponse().status
+    c.close()
+    return status
+
+
+def instance_pids(stack: Stack) -> dict[str, int]:
+    pids = {}
+    for pid in stack.children():
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        for arg in cmd:
+            if arg.endswith(b".sock") and b"--upstream" not in cmd:
+                pids[Path(arg.decode()).stem] = pid
+    return pids
+
+
+def gone(pid: int) -> bool:
+    """Reaped.  Not merely a zombie leader: its other threads may still hold its sockets open."""
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_runner_limits_are_the_compose_numbers() -> None:
+    assert StackConfig(index=Path("x")).stack_limits == DEFAULT_STACK
+
+
+@pytest.fixture
+def start_stack(index_path: Path) -> Iterator[Any]:
+    """Starts stacks for a test; whatever the test does, every one is stopped afterwards."""
+    started: list[Stack] = []
+
+    def start(*extra: str) -> Stack:
+        stack = Stack(index_path, *extra)
+        started.append(stack)
+        return stack
+
+    yield start
+    for stack in started:
+        stack.kill()
+
+
+def test_stack_serves_restarts_and_stops_cleanly(
+    start_stack: Any, example_payloads: list[dict[str, Any]]
+) -> None:
+    stack = start_stack()
+    for payload in example_payloads[:10]:
+        assert score(stack.url, payload) == 200
+    pids = instance_pids(stack)
+    assert set(pids) == {"api1", "api2"}
+    os.kill(pids["api1"], signal.SIGKILL)
+    wait_for(lambda: gone(pids["api1"]))
+    # once it is dead, new connections go to the live instance: none fails
+    failures = sum(score(stack.url, p) != 200 for p in example_payloads[:20])
+    assert failures == 0
+    wait_for(lambda: instance_pids(stack).get("api1") not in (None, pids["api1"]), timeout=30)
+    time.sleep(0.5)
+    for payload in example_payloads[:10]:
+        assert score(stack.url, payload) == 200
+    log = stack.stop()
+    assert "api1 exited" in log and "api1 is back" in log
+    assert "restarts 1" in log
+    assert not [p for p in pids.values() if Path(f"/proc/{p}").exists()]
+    if CgroupManager.available():
+        assert "peak memory" in log
+        leftovers = list(Path("/sys/fs/cgroup/memory").rglob(f"fraudscore-{stack.proc.pid}"))
+        assert leftovers == []
+
+
+def test_sigterm_finishes_in_flight_requests(
+    start_stack: Any, example_payloads: list[dict[str, Any]]
+) -> None:
+    stack = start_stack()
+    body = json.dumps(example_payloads[0]).encode()
+    s = socket.create_connection(("127.0.0.1", stack.port))
+    s.sendall(b"POST /fraud-score HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:20])
+    time.sleep(0.2)
+    stack.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    s.sendall(body[20:])
+    s.settimeout(10)
+    assert s.recv(4096).startswith(b"HTTP/1.1 200 OK")
+    _, err = stack.proc.communicate(timeout=60)
+    assert stack.proc.returncode == 0, err.decode()
+
+
+@pytest.mark.parametrize("lb", ["nginx", "haproxy"])
+def test_external_balancers(lb: str, start_stack: Any, example_payloads: list[dict[str, Any]]) -> None:
+    if (proxies.find_nginx() if lb == "nginx" else proxies.find_haproxy()) is None:
+        pytest.skip(f"{lb} is not installed (apt-get install {lb})")
+    stack = start_stack("--lb", lb)
+    assert all(score(stack.url, p) == 200 for p in example_payloads[:20])
+    assert "stack up" in stack.stop()
