@@ -6,12 +6,18 @@ import gzip
 import json
 import os
 import platform
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV_DATA = Path(os.environ.get("FRAUDSCORE_TEST_DATA", ROOT.parent / "shared" / "data" / "dev-data.json.gz"))
 INDEX = ROOT / "data" / "references.fsidx"
+CONTRACT_TARGET = 900.0  # req/s at the end of the contract's ramp
 
 
 def dev_entries(path: Path = DEV_DATA) -> list[dict[str, Any]]:
@@ -34,3 +40,62 @@ def machine() -> str:
 
 def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * p))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_ready(url: str, timeout: float = 30.0) -> float:
+    """Seconds until GET url/ready answers 200."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            with urllib.request.urlopen(f"{url}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return time.monotonic() - start
+        except OSError:
+            time.sleep(0.01)
+    raise TimeoutError(url)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def cpu_seconds(pid: int) -> float:
+    parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(parts[11]) + int(parts[12])  # utime + stime
+    return ticks / 100.0
+
+
+def loadtest(url: str, target: float, duration: float, out: Path) -> dict[str, object]:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fraudscore.cli",
+            "loadtest",
+            "--url",
+            url,
+            "--data",
+            str(DEV_DATA),
+            "--rate-multiplier",
+            f"{target / CONTRACT_TARGET:.6f}",
+            "--duration",
+            str(duration),
+            "--cycle",
+            "--out",
+            str(out),
+        ],
+        check=True,
+    )
+    result: dict[str, Any] = json.loads((out / "result.json").read_text())
+    return result

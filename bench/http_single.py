@@ -10,75 +10,12 @@ the instance's peak resident memory (VmHWM) and CPU time from /proc.
 from __future__ import annotations
 
 import argparse
-import json
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-from _common import DEV_DATA, INDEX, ROOT, machine
-
-CONTRACT_TARGET = 900.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_ready(url: str, timeout: float = 30.0) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            with urllib.request.urlopen(f"{url}/ready", timeout=1) as r:
-                if r.status == 200:
-                    return time.monotonic() - start
-        except OSError:
-            time.sleep(0.01)
-    raise TimeoutError(url)
-
-
-def proc_status(pid: int) -> dict[str, str]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    return fields
-
-
-def cpu_seconds(pid: int) -> float:
-    parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(parts[11]) + int(parts[12])  # utime + stime
-    return ticks / 100.0
-
-
-def loadtest(url: str, target: float, duration: float, out: Path) -> dict[str, object]:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fraudscore.cli",
-            "loadtest",
-            "--url",
-            url,
-            "--data",
-            str(DEV_DATA),
-            "--rate-multiplier",
-            f"{target / CONTRACT_TARGET:.6f}",
-            "--duration",
-            str(duration),
-            "--cycle",
-            "--out",
-            str(out),
-        ],
-        check=True,
-    )
-    result: dict[str, object] = json.loads((out / "result.json").read_text())
-    return result
+from _common import INDEX, ROOT, cpu_seconds, free_port, loadtest, machine, proc_status, wait_ready
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -32,10 +33,12 @@ class HttpConnection(asyncio.Protocol):
         "_body",
         "_body_size",
         "_closing",
-        "_deadline",
         "_in_request",
+        "_last_active",
+        "_linger",
         "_method",
         "_parser",
+        "_request_started",
         "_state",
         "_transport",
         "_url",
@@ -45,8 +48,11 @@ class HttpConnection(asyncio.Protocol):
         self._state = state
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
-        self._deadline: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
         self._closing = False
+        # deadlines are checked by the server's sweep (ServiceState.sweep), not a timer per request
+        self._last_active = time.monotonic()
+        self._request_started = 0.0
         # per request
         self._in_request = False
         self._url = b""
@@ -60,16 +66,16 @@ class HttpConnection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it
         self._transport = cast(asyncio.Transport, transport)
         self._state.connections.add(self)
-        self._arm_timer(self._state.config.idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._state.connections.discard(self)
-        self._cancel_timer()
+        self._cancel_linger()
         self._transport = None
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        self._last_active = time.monotonic()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -88,7 +94,7 @@ class HttpConnection(asyncio.Protocol):
         self._body = []
         self._body_size = 0
         # a request, once begun, must finish in time: a client that stalls its body is cut off
-        self._arm_timer(self._state.config.request_timeout)
+        self._request_started = self._last_active
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -112,8 +118,6 @@ class HttpConnection(asyncio.Protocol):
         self._transport.write(self._respond())
         if self._state.draining or not self._parser.should_keep_alive():
             self._close()
-        else:
-            self._arm_timer(self._state.config.idle_timeout)
 
     # -- answering ----------------------------------------------------------------------------
 
@@ -158,34 +162,32 @@ class HttpConnection(asyncio.Protocol):
         transport.write(response)
         if transport.can_write_eof():
             transport.write_eof()
-            self._arm_timer(LINGER_SECONDS)
+            self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, self._close)
         else:
             self._close()
 
     def _close(self) -> None:
         self._closing = True
-        self._cancel_timer()
+        self._cancel_linger()
         if self._transport is not None:
             self._transport.close()
             self._transport = None
 
-    def _arm_timer(self, seconds: float) -> None:
-        self._cancel_timer()
-        self._deadline = asyncio.get_running_loop().call_later(seconds, self._timed_out)
+    def _cancel_linger(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
 
-    def _cancel_timer(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _timed_out(self) -> None:
-        self._deadline = None
-        if self._closing:  # the linger after an error is over
+    def check_deadlines(self, now: float) -> None:
+        """408 for a request begun too long ago; close a keep-alive connection idle too long."""
+        if self._closing:
+            return
+        config = self._state.config
+        if self._in_request:
+            if now - self._request_started > config.request_timeout:
+                self._fail(responses.TIMEOUT)
+        elif now - self._last_active > config.idle_timeout:
             self._close()
-        elif self._in_request:
-            self._fail(responses.TIMEOUT)
-        else:
-            self._close()  # idle keep-alive connection
 
     # -- shutdown ---------------------------------------------------------------------------
 

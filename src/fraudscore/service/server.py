@@ -118,6 +118,15 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
         handoff = HandoffListener(loop, config.handoff, factory)
     log.info("ready in %.2f s (kernel %s, pid %d)", time.monotonic() - started, index.kernel, os.getpid())
 
+    def sweep() -> None:
+        now = time.monotonic()
+        for conn in list(state.connections):
+            conn.check_deadlines(now)
+        loop.call_later(sweep_every, sweep)
+
+    sweep_every = min(1.0, config.request_timeout / 4)
+    loop.call_later(sweep_every, sweep)
+
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

@@ -263,6 +263,8 @@ class Stack:
         for proc in self.processes:
             cg = proc.cgroup
             report[proc.name] = {
+                # the cgroup's peak leaves out index pages another cgroup faulted in first: show RSS too
+                "peak_rss_bytes": proc.peak_rss_kib * 1024,
                 "peak_memory_bytes": cg.peak_memory_bytes() if cg else proc.peak_rss_kib * 1024,
                 "memory_limit_bytes": proc.limits.memory_bytes if cg else None,
                 "cpu_seconds": cg.cpu_seconds() if cg else None,
@@ -288,10 +290,12 @@ def run(config: StackConfig) -> dict[str, dict[str, float | int | None]]:
         report = stack.stop()
         for name, r in report.items():
             peak = r["peak_memory_bytes"]
+            rss = r["peak_rss_bytes"]
             cpu = r["cpu_seconds"]
             log.info(
-                "%s: peak memory %s, CPU %s, restarts %s",
+                "%s: peak RSS %s, peak memory %s, CPU %s, restarts %s",
                 name,
+                f"{rss / 2**20:.1f} MiB" if isinstance(rss, int) else "?",
                 f"{peak / 2**20:.1f} MiB" if isinstance(peak, int) else "?",
                 f"{cpu:.1f} s" if isinstance(cpu, float) else "?",
                 r["restarts"],
