@@ -9,8 +9,6 @@ import platform
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -49,17 +47,21 @@ def free_port() -> int:
         return port
 
 
-def wait_ready(url: str, timeout: float = 30.0) -> float:
-    """Seconds until GET url/ready answers 200."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            with urllib.request.urlopen(f"{url}/ready", timeout=1) as r:
-                if r.status == 200:
-                    return time.monotonic() - start
-        except OSError:
-            time.sleep(0.01)
-    raise TimeoutError(url)
+def fraudscore(command: str, *args: str) -> list[str]:
+    """The argv of `fraudscore COMMAND ARGS` on the test address, with this Python."""
+    return [
+        sys.executable,
+        "-m",
+        "fraudscore.cli",
+        "--log-level",
+        "WARNING",
+        command,
+        "--index",
+        str(INDEX),
+        "--host",
+        "127.0.0.1",
+        *args,
+    ]
 
 
 def proc_status(pid: int) -> dict[str, str]:

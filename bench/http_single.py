@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from _common import INDEX, ROOT, cpu_seconds, free_port, loadtest, machine, proc_status, wait_ready
+from _common import ROOT, cpu_seconds, fraudscore, free_port, loadtest, machine, proc_status
+from fraudscore.stack.runner import wait_ready
 
 
 def main() -> None:
@@ -30,22 +30,7 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fraudscore.cli",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--index",
-            str(INDEX),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
-    )
+    server = subprocess.Popen(fraudscore("serve", "--port", str(port)))
     try:
         ready = wait_ready(url)
         rss_ready = proc_status(server.pid)["VmRSS"]

@@ -14,32 +14,19 @@ import argparse
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from _common import INDEX, ROOT, free_port, loadtest, machine, wait_ready
+from _common import ROOT, fraudscore, free_port, loadtest, machine
 from fraudscore.stack.cgroups import Cgroup, CgroupManager
 from fraudscore.stack.limits import DEFAULT_STACK
+from fraudscore.stack.runner import wait_ready
 
 
 def run_once(lb: str, outer: bool, target: float, duration: float, out: Path) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = [
-        sys.executable,
-        "-m",
-        "fraudscore.cli",
-        "stack",
-        "--index",
-        str(INDEX),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--lb",
-        lb,
-    ]
+    argv = fraudscore("stack", "--port", str(port), "--lb", lb)
     manager: CgroupManager | None = None
     outer_cg: Cgroup | None = None
     if outer:

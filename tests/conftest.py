@@ -8,8 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import pytest
 from fraudscore.errors import IndexFormatError
 from fraudscore.index.build import build_index
 from fraudscore.index.search import Index
+from fraudscore.stack.runner import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
@@ -64,43 +63,26 @@ def free_port() -> int:
         return port
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> float:
-    """Seconds until GET {url}/ready answers 200; fails if the process dies first."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/ready", timeout=1) as r:
-                if r.status == 200:
-                    return time.monotonic() - start
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"{url} not ready in {timeout} s")
-
-
 class Server:
+    """`fraudscore COMMAND --index … --host 127.0.0.1 --port <free>`, started and ready."""
+
+    command = "serve"
+    ready_timeout = 20.0
+
     def __init__(self, index_path: Path, *extra: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "fraudscore.cli", self.command, "--index", str(index_path)]
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fraudscore.cli",
-                "serve",
-                "--index",
-                str(index_path),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                *extra,
-            ],
+            [*argv, "--host", "127.0.0.1", "--port", str(self.port), *extra],
             stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        self.ready_seconds = wait_ready(self.url, self.proc)
+        try:
+            self.ready_seconds = wait_ready(self.url, process=self.proc, timeout=self.ready_timeout)
+        except BaseException:
+            self.kill()
+            raise
 
     def stop(self) -> tuple[int, str]:
         self.proc.terminate()
@@ -110,6 +92,11 @@ class Server:
             self.proc.kill()
             _, err = self.proc.communicate()
         return self.proc.returncode, err.decode()
+
+    def kill(self) -> None:
+        """Leave nothing running, whatever state the process is in."""
+        if self.proc.poll() is None:
+            self.stop()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import pytest
 from fraudscore import Index, IndexFormatError, ReferenceDataError, vectorize
 from fraudscore.index import _knn
 from fraudscore.index.build import build_index, read_references
+from fraudscore.index.search import random_queries
 
 from .conftest import REFERENCES
 
@@ -65,22 +66,8 @@ def test_parser_agrees_with_json(reference_columns: tuple[np.ndarray, np.ndarray
     assert sha.hex() == "24a1fd588e2598ab62de9ac7ac73408e571589e00da4243d7afc9d0f01878f77"
 
 
-def random_queries(n: int, seed: int) -> list[list[float]]:
-    """Queries anywhere in the space, including groups no reference is in (online and card present)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        v = [round(rng.random(), 4) for _ in range(14)]
-        for d in (9, 10, 11):
-            v[d] = float(rng.random() < 0.5)
-        if rng.random() < 0.3:
-            v[5] = v[6] = -1.0
-        out.append(v)
-    return out
-
-
 def test_search_equals_native_brute_force_anywhere(index: Index) -> None:
-    for q in random_queries(40, seed=7):
+    for q in random_queries(40, seed=7, sentinel_share=0.3):
         assert index.knn(q) == index.brute_force(q), q
 
 

@@ -21,7 +21,7 @@ from fraudscore.stack.cgroups import CgroupManager
 from fraudscore.stack.limits import DEFAULT_STACK
 from fraudscore.stack.runner import StackConfig
 
-from .conftest import free_port, wait_ready
+from .conftest import Server, free_port
 
 
 class FakeInstance:
@@ -138,35 +138,13 @@ def test_a_dead_instance_is_skipped_at_once(
 # -- the real stack ---------------------------------------------------------------------------
 
 
-class Stack:
-    def __init__(self, index_path: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fraudscore.cli",
-                "stack",
-                "--index",
-                str(index_path),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                *extra,
-            ],
-            stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        try:
-            wait_ready(self.url, self.proc, timeout=60)
-        except BaseException:
-            self.kill()
-            raise
+class Stack(Server):
+    """`fraudscore stack` on a free port, ready; ``kill`` also reaches the runner's children."""
+
+    command = "stack"
+    ready_timeout = 60.0
 
     def kill(self) -> None:
-        """Leave nothing running: SIGTERM, and if that is not enough, SIGKILL the runner and its children."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -181,11 +159,10 @@ class Stack:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
 
-    def stop(self) -> str:
-        self.proc.send_signal(signal.SIGTERM)
-        _, err = self.proc.communicate(timeout=60)
-        assert self.proc.returncode == 0, err.decode()
-        return err.decode()
+    def stop_log(self) -> str:
+        code, log = self.stop()
+        assert code == 0, log
+        return log
 
 
 def score(url: str, payload: dict[str, Any]) -> int:
@@ -250,7 +227,7 @@ def test_stack_serves_restarts_and_stops_cleanly(
     time.sleep(0.5)
     for payload in example_payloads[:10]:
         assert score(stack.url, payload) == 200
-    log = stack.stop()
+    log = stack.stop_log()
     assert "api1 exited" in log and "api1 is back" in log
     assert "restarts 1" in log
     assert not [p for p in pids.values() if Path(f"/proc/{p}").exists()]
@@ -283,4 +260,4 @@ def test_external_balancers(lb: str, start_stack: Any, example_payloads: list[di
         pytest.skip(f"{lb} is not installed (apt-get install {lb})")
     stack = start_stack("--lb", lb)
     assert all(score(stack.url, p) == 200 for p in example_payloads[:20])
-    assert "stack up" in stack.stop()
+    assert "stack up" in stack.stop_log()

@@ -157,7 +157,7 @@ def test_compose_services_limits_and_network() -> None:
             "serve",
             "--index",
             "/app/data/references.fsidx",
-            "--uds",
+            "--handoff",
             f"/sockets/{name}.sock",
         ]
         assert f"/sockets/{name}.sock" in lb["command"]

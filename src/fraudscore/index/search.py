@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import random
 from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,6 +20,25 @@ from fraudscore.index import _knn
 
 K = _knn.K
 DIMS = _knn.DIMS
+
+
+def random_queries(n: int, seed: int = 0, *, sentinel_share: float = 0.2) -> list[list[float]]:
+    """Queries anywhere in the space, on the contract's 4-decimal grid, in every group (including
+    the online-and-card-present ones no reference is in): for warming up, and for tests.
+
+    >>> [len(q) for q in random_queries(2)]
+    [14, 14]
+    """
+    rng = random.Random(seed)
+    queries = []
+    for _ in range(n):
+        q = [round(rng.random(), 4) for _ in range(DIMS)]
+        for d in (9, 10, 11):
+            q[d] = float(rng.random() < 0.5)
+        if rng.random() < sentinel_share:
+            q[5] = q[6] = -1.0
+        queries.append(q)
+    return queries
 
 
 class Neighbour(NamedTuple):

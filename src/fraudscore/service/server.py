@@ -11,7 +11,6 @@ import contextlib
 import gc
 import logging
 import os
-import random
 import signal
 import socket
 import time
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants
-from fraudscore.index.search import DIMS, Index
+from fraudscore.index.search import Index, random_queries
 from fraudscore.service.handoff import HandoffListener
 from fraudscore.service.protocol import HttpConnection
 
@@ -69,20 +68,6 @@ class ServiceState:
     connections: set[HttpConnection] = field(default_factory=set)
 
 
-def warm_vectors(n: int, seed: int = 0) -> list[list[float]]:
-    """Plausible query vectors spread over every group of the index, for warming up."""
-    rng = random.Random(seed)
-    vectors = []
-    for _ in range(n):
-        v = [round(rng.random(), 4) for _ in range(DIMS)]
-        for d in (9, 10, 11):
-            v[d] = float(rng.random() < 0.5)
-        if rng.random() < 0.2:
-            v[5] = v[6] = -1.0
-        vectors.append(v)
-    return vectors
-
-
 async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
     """Run one instance until SIGINT or SIGTERM."""
     started = time.monotonic() if started is None else started
@@ -110,7 +95,7 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
     log.info("serving %s from %s (%d references)", config.address, config.index_path, index.n_points)
 
     # warm in a thread (the native page walk releases the GIL) so /ready can say 503 meanwhile
-    await loop.run_in_executor(None, index.warm, warm_vectors(config.warm_queries))
+    await loop.run_in_executor(None, index.warm, random_queries(config.warm_queries))
     gc.collect()
     gc.freeze()  # what exists now lives forever: keep the collector from walking it under load
     state.ready = True

@@ -40,6 +40,21 @@ class StackError(FraudscoreError):
     """The stack could not start: a process failed or never became ready."""
 
 
+def wait_ready(
+    url: str, *, timeout: float = READY_TIMEOUT, process: subprocess.Popen[bytes] | None = None
+) -> float:
+    """Seconds until GET {url}/ready answers 200; StackError if ``process`` exits or time runs out."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if process is not None and process.poll() is not None:
+            raise StackError(f"the process exited with {process.returncode} before {url} was ready")
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/ready", timeout=1) as r:
+            if r.status == 200:
+                return time.monotonic() - start
+        time.sleep(0.02)
+    raise StackError(f"{url} not ready in {timeout:.0f} s")
+
+
 def probe(path: Path, *, handoff: bool, timeout: float = 1.0) -> bool:
     """Whether the instance behind ``path`` answers GET /ready with 200.
 
@@ -178,7 +193,8 @@ class Stack:
         for proc in self.instances:
             self._wait_ready(proc)
         self.balancer.start()
-        self._wait_port()
+        assert self.balancer.child is not None
+        wait_ready(f"http://127.0.0.1:{cfg.port}", process=self.balancer.child)
         log.info(
             "stack up in %.1f s: %s balancer on :%d, %d instances%s",
             time.monotonic() - started,
@@ -203,19 +219,6 @@ class Stack:
                 return
             time.sleep(0.02)
         raise StackError(f"{proc.name} not ready in {READY_TIMEOUT:.0f} s")
-
-    def _wait_port(self) -> None:
-        assert self.balancer is not None and self.balancer.child is not None
-        url = f"http://127.0.0.1:{self.config.port}/ready"
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.balancer.child.poll() is not None:
-                raise StackError(f"the balancer exited with {self.balancer.child.returncode}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-            time.sleep(0.02)
-        raise StackError(f"nothing answers on :{self.config.port}")
 
     # -- running ----------------------------------------------------------------------------
 
