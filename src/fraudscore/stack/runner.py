@@ -102,7 +102,7 @@ class Process:
         self.child = subprocess.Popen(self.argv, preexec_fn=preexec)
 
     def sample(self) -> None:
-        """Keep the peak RSS seen from /proc (for when there is no cgroup to ask)."""
+        """Keep the peak RSS seen in /proc: it counts the mapped index, which a cgroup may not."""
         if self.child is None or self.child.poll() is not None:
             return
         with contextlib.suppress(OSError, ValueError):
@@ -194,7 +194,8 @@ class Stack:
             self._wait_ready(proc)
         self.balancer.start()
         assert self.balancer.child is not None
-        wait_ready(f"http://127.0.0.1:{cfg.port}", process=self.balancer.child)
+        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+        wait_ready(f"http://{host}:{cfg.port}", process=self.balancer.child)
         log.info(
             "stack up in %.1f s: %s balancer on :%d, %d instances%s",
             time.monotonic() - started,
