@@ -104,6 +104,17 @@ def test_connection_close_is_honoured(server: Server, example_payloads: list[dic
     assert out.startswith(b"HTTP/1.1 200 OK")  # and the read ended: the server closed
 
 
+def test_ready_is_get_only_and_head_gets_no_body(server: Server) -> None:
+    # two requests on one connection: the HEAD answer must carry no body, or the next answer is garbled
+    out = raw_exchange(
+        server, b"HEAD /ready HTTP/1.1\r\n\r\nGET /ready HTTP/1.1\r\nConnection: close\r\n\r\n"
+    )
+    head, _, rest = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405")
+    assert b"Allow: GET" in head
+    assert rest.startswith(b"HTTP/1.1 200 OK")
+
+
 def test_http_1_0_closes(server: Server) -> None:
     out = raw_exchange(server, b"GET /ready HTTP/1.0\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 200 OK")

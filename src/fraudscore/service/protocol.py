@@ -50,7 +50,7 @@ class HttpConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._linger: asyncio.TimerHandle | None = None
         self._closing = False
-        # deadlines are checked by the server's sweep (ServiceState.sweep), not a timer per request
+        # deadlines are checked by the server's periodic sweep (server.serve), not a timer per request
         self._last_active = time.monotonic()
         self._request_started = 0.0
         # per request
@@ -115,7 +115,10 @@ class HttpConnection(asyncio.Protocol):
         self._in_request = False
         if self._transport is None:
             return
-        self._transport.write(self._respond())
+        answer = self._respond()
+        if self._method == b"HEAD":  # the same head, and no body (RFC 9110 9.3.2)
+            answer = answer[: answer.index(b"\r\n\r\n") + 4]
+        self._transport.write(answer)
         if self._state.draining or not self._parser.should_keep_alive():
             self._close()
 
@@ -128,7 +131,7 @@ class HttpConnection(asyncio.Protocol):
                 return responses.FRAUD_SCORE_METHOD
             return self._score()
         if path == b"/ready":
-            if self._method not in (b"GET", b"HEAD"):
+            if self._method != b"GET":
                 return responses.READY_METHOD
             return responses.READY if self._state.ready else responses.WARMING
         return responses.NOT_FOUND
