@@ -34,6 +34,8 @@ class HandoffListener:
         self._path = Path(path)
         self._factory = protocol_factory
         self._channels: set[socket.socket] = set()
+        # the loop holds tasks weakly: keep each handover's task until it is done
+        self._connecting: set[asyncio.Task[None]] = set()
         with contextlib.suppress(FileNotFoundError):
             self._path.unlink()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -75,7 +77,9 @@ class HandoffListener:
             os.close(fd)
             return
         sock.setblocking(False)
-        self._loop.create_task(self._connect(sock))
+        task = self._loop.create_task(self._connect(sock))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
 
     async def _connect(self, sock: socket.socket) -> None:
         try:
