@@ -24,6 +24,8 @@ from types import FrameType
 log = logging.getLogger(__name__)
 
 RECONNECT_SECONDS = 0.05
+# an instance alive but not taking its handovers must not stall every new connection
+SEND_TIMEOUT_SECONDS = 1.0
 HANDOFF_BYTE = b"c"
 
 
@@ -48,6 +50,7 @@ class Upstream:
         except OSError:
             ch.close()
             return False
+        ch.settimeout(SEND_TIMEOUT_SECONDS)
         self.channel = ch
         log.info("connected to instance %s", self.path)
         return True
