@@ -47,14 +47,14 @@ def free_port() -> int:
         return port
 
 
-def fraudscore(command: str, *args: str) -> list[str]:
+def fraudscore(command: str, *args: str, log_level: str = "WARNING") -> list[str]:
     """The argv of `fraudscore COMMAND ARGS` on the test address, with this Python."""
     return [
         sys.executable,
         "-m",
         "fraudscore.cli",
         "--log-level",
-        "WARNING",
+        log_level,
         command,
         "--index",
         str(INDEX),

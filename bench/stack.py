@@ -1,19 +1,23 @@
 """The whole stack under the contract's load test, scored, with each process's peak memory and CPU.
 
-    python bench/stack.py [--lb builtin|nginx|haproxy] [--outer] [--target 900] [--runs 1]
+    python bench/stack.py [--lb builtin|nginx|haproxy] [--outer] [--target 900] [--runs 1] [--kill-at S]
 
 Starts `fraudscore stack` (each process in its own cgroup with the compose file's limits; with
 --outer, `--no-limits` inside one cgroup of 1 CPU / 350 MB instead), runs `fraudscore loadtest
 --cycle` (the contract's 1 -> 900 req/s ramp over 120 s on the dev payloads, reused once they
-run out so the ramp reaches its target), and reads the cgroups when the stack stops.
+run out so the ramp reaches its target), and reads the cgroups when the stack stops.  With
+--kill-at S, api1 is killed (SIGKILL) S seconds into the run: the failed requests are counted
+as the run's HTTP errors, and the stack's log says when api1 was back.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,25 +27,54 @@ from fraudscore.stack.limits import DEFAULT_STACK
 from fraudscore.stack.runner import wait_ready
 
 
-def run_once(lb: str, outer: bool, target: float, duration: float, out: Path) -> dict[str, Any]:
+def kill_instance(stack_pid: int, name: str) -> None:
+    """SIGKILL the stack's child that serves ``name`` (its socket is named after it)."""
+    children = subprocess.run(["pgrep", "-P", str(stack_pid)], capture_output=True, text=True).stdout.split()
+    for pid in map(int, children):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"serve" in argv and any(arg.endswith(f"/{name}.sock".encode()) for arg in argv):
+            os.kill(pid, signal.SIGKILL)
+            print(f"    killed {name} (pid {pid})")
+            return
+
+
+def run_once(
+    lb: str, outer: bool, target: float, duration: float, out: Path, kill_at: float | None = None
+) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = fraudscore("stack", "--port", str(port), "--lb", lb)
+    # INFO: the runner's restart messages and its per-process report are read back from the log
+    argv = fraudscore("stack", "--port", str(port), "--lb", lb, log_level="INFO")
     manager: CgroupManager | None = None
     outer_cg: Cgroup | None = None
     if outer:
         manager = CgroupManager()
         outer_cg = manager.create_outer(DEFAULT_STACK)
         argv.append("--no-limits")
-    stack = subprocess.Popen(argv, stderr=subprocess.PIPE, preexec_fn=outer_cg.enter if outer_cg else None)
+    # the stack's log goes to a file: a pipe read only at the end would fill during the run and
+    # block every process of the stack on its next log line
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "stack.log"
+    with open(log_path, "wb") as log_file:
+        stack = subprocess.Popen(argv, stderr=log_file, preexec_fn=outer_cg.enter if outer_cg else None)
+    killer = None
     try:
         wait_ready(url, timeout=60)
+        if kill_at is not None:
+            killer = threading.Timer(kill_at, kill_instance, (stack.pid, "api1"))
+            killer.start()
         result = loadtest(url, target, duration, out)
     finally:
+        if killer is not None:
+            killer.cancel()
         stack.send_signal(signal.SIGTERM)
-        _, err = stack.communicate(timeout=60)
-    log = err.decode()
-    processes = [line.split("stack.runner: ", 1)[1] for line in log.splitlines() if "peak memory" in line]
+        stack.wait(timeout=60)
+    log = log_path.read_text()
+    processes = [
+        line.split("stack.runner: ", 1)[1]
+        for line in log.splitlines()
+        if "stack.runner: " in line and ("peak memory" in line or "exited" in line or "is back" in line)
+    ]
     result["processes"] = processes
     if outer_cg is not None and manager is not None:
         peak = outer_cg.peak_memory_bytes()
@@ -61,11 +94,14 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=900.0, help="req/s at the end of the ramp")
     parser.add_argument("--duration", type=float, default=120.0)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--kill-at", type=float, metavar="S", help="SIGKILL api1 S seconds into the run")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     for i in range(args.runs):
-        name = f"stack-{args.lb}{'-outer' if args.outer else ''}-{args.target:g}-run{i + 1}"
-        result = run_once(args.lb, args.outer, args.target, args.duration, ROOT / "bench" / "results" / name)
+        kill = "-kill" if args.kill_at is not None else ""
+        name = f"stack-{args.lb}{'-outer' if args.outer else ''}{kill}-{args.target:g}-run{i + 1}"
+        out = ROOT / "bench" / "results" / name
+        result = run_once(args.lb, args.outer, args.target, args.duration, out, args.kill_at)
         lat = result["latency_ms"]
         print(
             f"{name}: requests {result['requests']}, p50 {lat['p50']:.3f} p90 {lat['p90']:.3f} "
