@@ -629,11 +629,12 @@ typedef struct {
 
 typedef struct query_kernel {
     const char *name;
-    void (*scan_leaf)(const gview_t *, const entry_t *, query_t *, int64_t offset, const void *qpairs);
+    /* `pq` is the query as prepare() laid it out for the group (its own type per kernel) */
+    void (*scan_leaf)(const gview_t *, const entry_t *, query_t *, int64_t offset, const void *pq);
     /* lower bound of the integer distance to a box, and (for ordering ties) twice the distance
      * to its centre, squared, approximately */
-    int64_t (*node_bound)(const entry_t *, const void *qbox, int n_stored, int64_t *centre);
-    void (*prepare)(const gview_t *, const query_t *, void *qpairs, void *qbox);
+    int64_t (*node_bound)(const entry_t *, const void *pq, int n_stored, int64_t *centre);
+    void (*prepare)(const gview_t *, const query_t *, void *pq);
 } kernel_t;
 
 static inline int cand_less(double d, uint32_t id, const cand_t *c) {
@@ -692,17 +693,16 @@ static int64_t group_offset(const gview_t *v, const query_t *qs) {
 
 typedef struct { int32_t q[MAX_STORED]; } scalar_q_t;
 
-static void scalar_prepare(const gview_t *v, const query_t *qs, void *qpairs, void *qbox) {
-    scalar_q_t *sq = qpairs;
+static void scalar_prepare(const gview_t *v, const query_t *qs, void *pq) {
+    scalar_q_t *sq = pq;
     for (int s = 0; s < MAX_STORED; s++) {
         int d = v->g->stored[s];
         sq->q[s] = d == 255 ? 0 : qs->qi[d];
     }
-    (void)qbox; /* the scalar bound reads the same array */
 }
 
-static int64_t scalar_node_bound(const entry_t *nd, const void *qbox, int n_stored, int64_t *centre) {
-    const scalar_q_t *sq = qbox;
+static int64_t scalar_node_bound(const entry_t *nd, const void *pq, int n_stored, int64_t *centre) {
+    const scalar_q_t *sq = pq;
     int64_t s = 0, c = 0;
     for (int i = 0; i < n_stored; i++) {
         int32_t q = sq->q[i], t = 0;
@@ -716,8 +716,8 @@ static int64_t scalar_node_bound(const entry_t *nd, const void *qbox, int n_stor
     return s;
 }
 
-static void scalar_scan_leaf(const gview_t *v, const entry_t *nd, query_t *qs, int64_t offset, const void *qpairs) {
-    const scalar_q_t *sq = qpairs;
+static void scalar_scan_leaf(const gview_t *v, const entry_t *nd, query_t *qs, int64_t offset, const void *pq) {
+    const scalar_q_t *sq = pq;
     int np = (int)v->g->n_pairs;
     size_t block_vals = (size_t)np * 2 * LANES;
     for (int32_t b = 0; b < (nd->count + LANES - 1) / LANES; b++) {
@@ -745,8 +745,8 @@ static const kernel_t SCALAR_KERNEL = {"scalar", scalar_scan_leaf, scalar_node_b
 typedef struct { __m256i pair[MAX_PAIRS]; __m256i box; __m256i mask; } avx2_q_t;
 
 __attribute__((target("avx2")))
-static void avx2_prepare(const gview_t *v, const query_t *qs, void *qpairs, void *qbox) {
-    avx2_q_t *aq = qpairs;
+static void avx2_prepare(const gview_t *v, const query_t *qs, void *pq) {
+    avx2_q_t *aq = pq;
     int16_t q[16] = {0}, m[16] = {0};
     for (int s = 0; s < MAX_STORED; s++) {
         int d = v->g->stored[s];
@@ -759,12 +759,11 @@ static void avx2_prepare(const gview_t *v, const query_t *qs, void *qpairs, void
     }
     aq->box = _mm256_loadu_si256((const __m256i *)q);
     aq->mask = _mm256_loadu_si256((const __m256i *)m);
-    (void)qbox;
 }
 
 __attribute__((target("avx2")))
-static int64_t avx2_node_bound(const entry_t *nd, const void *qbox, int n_stored, int64_t *centre) {
-    const avx2_q_t *aq = qbox;
+static int64_t avx2_node_bound(const entry_t *nd, const void *pq, int n_stored, int64_t *centre) {
+    const avx2_q_t *aq = pq;
     (void)n_stored;
     __m256i lo = _mm256_loadu_si256((const __m256i *)nd->lo);
     __m256i hi = _mm256_loadu_si256((const __m256i *)nd->hi);
@@ -787,8 +786,8 @@ static int64_t avx2_node_bound(const entry_t *nd, const void *qbox, int n_stored
 }
 
 __attribute__((target("avx2")))
-static void avx2_scan_leaf(const gview_t *v, const entry_t *nd, query_t *qs, int64_t offset, const void *qpairs) {
-    const avx2_q_t *aq = qpairs;
+static void avx2_scan_leaf(const gview_t *v, const entry_t *nd, query_t *qs, int64_t offset, const void *pq) {
+    const avx2_q_t *aq = pq;
     int np = (int)v->g->n_pairs;
     size_t block_vals = (size_t)np * 2 * LANES;
     int32_t nb = (nd->count + LANES - 1) / LANES;
@@ -982,15 +981,14 @@ static void search_round(const IndexObject *self, query_t *qs) {
         int64_t offset = order[gi].offset;
         if (offset > qs->limit) break; /* sorted: no later group can do better */
         const gview_t *v = &self->groups[order[gi].group];
-        void *qbox = &qp;
-        kern->prepare(v, qs, &qp, qbox);
+        kern->prepare(v, qs, &qp);
         int ns = (int)v->g->n_stored;
         const entry_t *entries = v->entries;
         struct { int32_t entry; int64_t bound; } stack[STACK_DEPTH];
         int top = 0;
         stack[top].entry = (int32_t)v->g->root;
         int64_t centre;
-        stack[top].bound = kern->node_bound(&entries[v->g->root], qbox, ns, &centre);
+        stack[top].bound = kern->node_bound(&entries[v->g->root], &qp, ns, &centre);
         top++;
         while (top > 0) {
             top--;
@@ -1006,7 +1004,7 @@ static void search_round(const IndexObject *self, query_t *qs) {
             int kept = 0;
             for (int c = 0; c < nc; c++) {
                 const entry_t *child = &entries[e->link + c];
-                int64_t bound = kern->node_bound(child, qbox, ns, &centre);
+                int64_t bound = kern->node_bound(child, &qp, ns, &centre);
                 if (offset + bound > qs->limit) continue;
                 /* equal bounds are common (the query inside overlapping boxes): then the nearer centre first */
                 int j = kept++;
@@ -1065,14 +1063,28 @@ static int prepare_query(IndexObject *self, PyObject *obj, query_t *qs, int k) {
     return 0;
 }
 
+static int frauds_of(const query_t *qs) {
+    int frauds = 0;
+    for (int i = 0; i < qs->n; i++) frauds += (qs->best[i].id & ID_FRAUD) ? 1 : 0;
+    return frauds;
+}
+
+static PyObject *overflow_error(void) {
+    return PyErr_Format(PyExc_RuntimeError, "index tree deeper than %d: corrupt file?", STACK_DEPTH);
+}
+
+/* Read, check and search one query for the Python-facing methods; -1 with an exception set. */
+static int run_query(IndexObject *self, PyObject *obj, int k, query_t *qs) {
+    if (prepare_query(self, obj, qs, k)) return -1;
+    search(self, qs);
+    if (qs->overflow) { overflow_error(); return -1; }
+    return 0;
+}
+
 static PyObject *Index_fraud_count(IndexObject *self, PyObject *obj) {
     query_t qs;
-    if (prepare_query(self, obj, &qs, K)) return NULL;
-    search(self, &qs);
-    if (qs.overflow) return PyErr_Format(PyExc_RuntimeError, "index tree deeper than %d: corrupt file?", STACK_DEPTH);
-    long frauds = 0;
-    for (int i = 0; i < qs.n; i++) frauds += (qs.best[i].id & ID_FRAUD) ? 1 : 0;
-    return PyLong_FromLong(frauds);
+    if (run_query(self, obj, K, &qs)) return NULL;
+    return PyLong_FromLong(frauds_of(&qs));
 }
 
 static PyObject *Index_knn(IndexObject *self, PyObject *args, PyObject *kw) {
@@ -1082,17 +1094,13 @@ static PyObject *Index_knn(IndexObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|i", kwlist, &obj, &k)) return NULL;
     if (k < 1 || k > MAX_K) { PyErr_Format(PyExc_ValueError, "k must be in [1, %d]", MAX_K); return NULL; }
     query_t qs;
-    if (prepare_query(self, obj, &qs, k)) return NULL;
-    search(self, &qs);
-    if (qs.overflow) return PyErr_Format(PyExc_RuntimeError, "index tree deeper than %d: corrupt file?", STACK_DEPTH);
+    if (run_query(self, obj, k, &qs)) return NULL;
     return neighbours_list(&qs);
 }
 
 static PyObject *Index_search_stats(IndexObject *self, PyObject *obj) {
     query_t qs;
-    if (prepare_query(self, obj, &qs, K)) return NULL;
-    search(self, &qs);
-    if (qs.overflow) return PyErr_Format(PyExc_RuntimeError, "index tree deeper than %d: corrupt file?", STACK_DEPTH);
+    if (run_query(self, obj, K, &qs)) return NULL;
     return Py_BuildValue("{s:K,s:K,s:K}", "nodes", (unsigned long long)qs.nodes_visited,
                          "blocks", (unsigned long long)qs.blocks_scanned, "exact", (unsigned long long)qs.exact_evals);
 }
@@ -1152,15 +1160,13 @@ static PyObject *Index_fraud_counts(IndexObject *self, PyObject *obj) {
         query_init(&qs, qv + i * DIMS, K);
         search(self, &qs);
         overflow |= qs.overflow;
-        int frauds = 0;
-        for (int j = 0; j < qs.n; j++) frauds += (qs.best[j].id & ID_FRAUD) ? 1 : 0;
-        counts[i] = (char)frauds;
+        counts[i] = (char)frauds_of(&qs);
     }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&qb);
     if (overflow) {
         Py_DECREF(out);
-        return PyErr_Format(PyExc_RuntimeError, "index tree deeper than %d: corrupt file?", STACK_DEPTH);
+        return overflow_error();
     }
     return out;
 }
