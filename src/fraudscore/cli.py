@@ -114,7 +114,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from fraudscore.offline import iter_payloads, read_json, score_all
+    from fraudscore.contract.testdata import read_json
+    from fraudscore.offline import iter_payloads, score_all
 
     payloads = list(iter_payloads(read_json(args.file)))
     with _open_index(args) as index:
@@ -129,7 +130,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fraudscore.offline import evaluate, read_json
+    from fraudscore.contract.testdata import read_json
+    from fraudscore.offline import evaluate
 
     with _open_index(args) as index:
         result = evaluate(index, read_json(args.file), _constants(args))

@@ -1,43 +1,20 @@
 """The offline commands' work: score a file of payloads, or evaluate against expected answers.
 
-Test data is the contract's format, ``{"stats": ..., "entries": [{"request", "expected_approved",
-"expected_fraud_score"}]}``, as ``.json`` or ``.json.gz``.  Payload files may also be a JSON
-array of payloads or JSON lines.
+Files are read by ``contract.testdata``: test data in the contract's format, or payloads as a
+JSON array or JSON lines, any of them gzip-compressed.
 """
 
 from __future__ import annotations
 
-import gzip
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import orjson
-
+from fraudscore.contract import testdata
 from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants, vectorize
-from fraudscore.errors import DataFileError, PayloadError
+from fraudscore.errors import PayloadError
 from fraudscore.index.search import Index
 from fraudscore.scoring import decision
-
-
-def read_json(path: str | Path) -> Any:
-    """A JSON document from a file (gzip-compressed or not), or from stdin for ``-``."""
-    try:
-        raw = sys.stdin.buffer.read() if str(path) == "-" else Path(path).read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError) as exc:
-        raise DataFileError(f"cannot read {path}: {exc}") from exc
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        # maybe JSON lines
-        try:
-            return [orjson.loads(line) for line in raw.splitlines() if line.strip()]
-        except orjson.JSONDecodeError as exc:
-            raise DataFileError(f"{path} is neither JSON nor JSON lines: {exc}") from exc
 
 
 def iter_payloads(document: Any) -> Iterator[Any]:
@@ -119,21 +96,14 @@ class Evaluation:
 
 def evaluate(index: Index, document: Any, constants: Constants = DEFAULT_CONSTANTS) -> Evaluation:
     """Compare the index's answers with a test-data document's expected ones."""
-    if not isinstance(document, dict) or not isinstance(document.get("entries"), list):
-        raise DataFileError('test data must be an object with an "entries" array')
-    entries = document["entries"]
-    try:
-        expected = [(bool(e["expected_approved"]), float(e["expected_fraud_score"])) for e in entries]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DataFileError(f"each entry needs expected_approved and expected_fraud_score: {exc!r}") from exc
+    entries = testdata.entries(document, "test data")
     result = Evaluation(
         total=len(entries),
         references_sha256=document.get("references_checksum_sha256"),
         index_sha256=index.sha256,
     )
-    for scored, (want_approved, want_score), _entry in zip(
-        score_all(index, [e.get("request") for e in entries], constants), expected, entries, strict=True
-    ):
+    for scored, entry in zip(score_all(index, [e.request for e in entries], constants), entries, strict=True):
+        want_approved, want_score = entry.expected_approved, entry.expected_fraud_score
         if scored.error is not None:
             result.errors += 1
             result.score_differs.append({"id": scored.id, "error": scored.error})

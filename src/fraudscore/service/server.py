@@ -78,15 +78,15 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
     def factory() -> HttpConnection:
         return HttpConnection(state)
 
+    # TCP and unix sockets listen now and answer 503 while warming; a handoff socket is opened
+    # only once warm (below), so the balancer only ever reaches a ready instance
     server: asyncio.AbstractServer | None = None
     handoff: HandoffListener | None = None
-    if config.handoff is not None:
-        pass  # opened once warm (below): the balancer then only ever reaches a ready instance
-    elif config.uds is not None:
+    if config.uds is not None:
         with contextlib.suppress(FileNotFoundError):
             config.uds.unlink()
         server = await loop.create_unix_server(factory, str(config.uds), backlog=config.backlog)
-    else:
+    elif config.port is not None:
         server = await loop.create_server(
             factory, config.host, config.port, backlog=config.backlog, reuse_address=True
         )

@@ -29,6 +29,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fraudscore.contract import testdata
+from fraudscore.contract.testdata import Entry
 from fraudscore.errors import DataFileError, FraudscoreError
 from fraudscore.tools.scoring import Counts, detection_score, final_score, p99_score
 
@@ -46,15 +48,6 @@ K6_OVERHEAD_S = 120.0
 
 class LoadTestError(FraudscoreError):
     """The load test could not run or its results could not be read; the message says why, in one line."""
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One line of the test data: a payload and the answer the contract expects for it."""
-
-    request: dict[str, Any]
-    expected_approved: bool
-    expected_fraud_score: float
 
 
 @dataclass(frozen=True)
@@ -286,31 +279,13 @@ def find_k6(explicit: str | None) -> Path:
 
 
 def load_entries(path: Path) -> list[Entry]:
-    """The entries of a test-data file in the contract's format, .json or .json.gz."""
-    try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise DataFileError(f"test data not found: {path}") from None
-    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataFileError(f"cannot read test data {path}: {exc}") from None
-    raw = doc.get("entries") if isinstance(doc, dict) else None
-    if not isinstance(raw, list):
-        raise DataFileError(f"{path}: no 'entries' list: not the contract's test-data format")
-    entries = []
-    for i, item in enumerate(raw):
-        try:
-            request, approved = item["request"], item["expected_approved"]
-            score = item["expected_fraud_score"]
-        except (TypeError, KeyError):
-            raise DataFileError(
-                f"{path}: entry {i} is not an object with request, expected_approved, expected_fraud_score"
-            ) from None
-        valid_score = isinstance(score, int | float) and not isinstance(score, bool)
-        if not (isinstance(request, dict) and isinstance(approved, bool) and valid_score):
+    """The test data's entries; each request must be a JSON object, the body k6 posts."""
+    if not path.exists():
+        raise DataFileError(f"test data not found: {path}")
+    entries = testdata.load(path)
+    for i, entry in enumerate(entries):
+        if not isinstance(entry.request, dict):
             raise DataFileError(f"{path}: entry {i} has a field of the wrong type")
-        entries.append(Entry(request, approved, float(score)))
     return entries
 
 
