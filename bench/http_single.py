@@ -1,6 +1,6 @@
 """One instance over HTTP: the contract's k6 ramp (scaled to 1,000 req/s), and its memory.
 
-    python bench/http_single.py [--target 1000] [--duration 120]
+    python bench/http_single.py [--target 1000] [--duration 120] [--no-fast-path]
 
 Starts `fraudscore serve` on a free port, waits for /ready, runs `fraudscore loadtest --cycle`
 against it (the dev payloads, reused once exhausted, so the ramp reaches its target), then reads
@@ -25,12 +25,16 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=1000.0, help="req/s at the end of the ramp")
     parser.add_argument("--duration", type=float, default=120.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "http-single")
+    parser.add_argument(
+        "--no-fast-path", action="store_true", help="serve every request through httptools and Python"
+    )
     args = parser.parse_args()
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
-    server = subprocess.Popen(fraudscore("serve", "--port", str(port)))
+    extra = ["--no-fast-path"] if args.no_fast_path else []
+    server = subprocess.Popen(fraudscore("serve", "--port", str(port), *extra))
     try:
         ready = wait_ready(url)
         rss_ready = proc_status(server.pid)["VmRSS"]
@@ -42,7 +46,7 @@ def main() -> None:
         server.wait(timeout=15)
     latency = result["latency_ms"]
     assert isinstance(latency, dict)
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; fast path {'off' if args.no_fast_path else 'on'}")
     print(f"ready {ready:.2f} s after start ({time.monotonic() - started:.0f} s total run)")
     print(f"memory: VmRSS at ready {rss_ready}, peak VmHWM {status['VmHWM']}")
     print(f"requests {result['requests']}, CPU {cpu:.1f} s in the server")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -99,10 +100,19 @@ class Server:
             self.stop()
 
 
-@pytest.fixture(scope="module")
-def server(index_path: Path) -> Iterator[Server]:
-    srv = Server(index_path, "--request-timeout", "1", "--max-body-bytes", "16384")
+@pytest.fixture(scope="module", params=["fast path", "python path"])
+def server(index_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    """Every HTTP test runs against both answerers: the native fast path (with httptools for what
+    it declines) and httptools alone.  They must not differ in anything a client can see."""
+    fast = request.param == "fast path"
+    extra = () if fast else ("--no-fast-path",)
+    srv = Server(index_path, "--request-timeout", "1", "--max-body-bytes", "16384", *extra)
     yield srv
     code, log = srv.stop()
     assert code == 0, log
     assert "Traceback" not in log, log
+    answered = re.search(r"the fast path answered (\d+) requests", log)
+    if fast:  # the module's scoring requests really went the fast way
+        assert answered is not None and int(answered.group(1)) > 0, log
+    else:
+        assert answered is None and "fast path off" in log, log

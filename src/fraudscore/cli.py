@@ -108,6 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         constants=_constants(args),
         max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout,
+        fast_path=not args.no_fast_path,
     )
     run(config)
     return 0
@@ -207,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="larger bodies get 413")
     serve.add_argument(
         "--request-timeout", type=float, default=5.0, help="seconds a begun request may take (then 408)"
+    )
+    serve.add_argument(
+        "--no-fast-path",
+        action="store_true",
+        help="answer every request through httptools and the Python vectorizer (for comparison)",
     )
     _add_constants_options(serve)
     serve.set_defaults(func=cmd_serve)

@@ -37,12 +37,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "knn_api.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define HAVE_X86 1
 #endif
 
 #define DIMS 14
+_Static_assert(DIMS == FS_KNN_DIMS, "knn_api.h and _knn.c disagree on the dimensions");
 #define SCALE 10000
 #define MAX_STORED 12 /* stored dimensions, padded to an even count */
 #define MAX_PAIRS (MAX_STORED / 2)
@@ -1087,6 +1090,17 @@ static PyObject *Index_fraud_count(IndexObject *self, PyObject *obj) {
     return PyLong_FromLong(frauds_of(&qs));
 }
 
+/* fs_knn_api.fraud_count (knn_api.h): the service's fast path calls this with its own vector */
+static int api_fraud_count(PyObject *index, const double *q) {
+    IndexObject *self = (IndexObject *)index;
+    char msg[120];
+    if (!self->base || validate_query(q, msg, sizeof msg)) return -1;
+    query_t qs;
+    query_init(&qs, q, K);
+    search(self, &qs);
+    return qs.overflow ? -1 : frauds_of(&qs);
+}
+
 static PyObject *Index_knn(IndexObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"query", "k", NULL};
     PyObject *obj;
@@ -1250,6 +1264,9 @@ PyMODINIT_FUNC PyInit__knn(void) {
     if (!m) return NULL;
     Py_INCREF(&IndexType);
     if (PyModule_AddObject(m, "Index", (PyObject *)&IndexType) < 0) { Py_DECREF(&IndexType); Py_DECREF(m); return NULL; }
+    static fs_knn_api api = {&IndexType, api_fraud_count};
+    PyObject *capsule = PyCapsule_New(&api, FS_KNN_CAPSULE, NULL);
+    if (!capsule || PyModule_AddObject(m, "_C_API", capsule) < 0) { Py_XDECREF(capsule); Py_DECREF(m); return NULL; }
     PyModule_AddIntConstant(m, "DIMS", DIMS);
     PyModule_AddIntConstant(m, "K", K);
     PyModule_AddIntConstant(m, "SCALE", SCALE);

@@ -7,6 +7,7 @@ copy in the page cache, and it turns native errors into ``IndexFormatError``.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import random
@@ -86,6 +87,11 @@ class Index:
         return self._core.sha256
 
     @property
+    def native(self) -> _knn.Index:
+        """The native index, for other native code (the service's fast path)."""
+        return self._core
+
+    @property
     def file_bytes(self) -> int:
         return len(self._map)
 
@@ -136,8 +142,10 @@ class Index:
             self._core.fraud_count(vector)
 
     def close(self) -> None:
+        """Unmap the file; while a native user (``native``) still holds it, the last one does."""
         del self._core
-        self._map.close()
+        with contextlib.suppress(BufferError):  # still exported: the mapping ends with its last reference
+            self._map.close()
 
     def __enter__(self) -> Index:
         return self

@@ -4,6 +4,11 @@ State is grouped by lifetime, as in uvicorn: the connection's (transport, parser
 in ``HttpConnection``; a request's (url, body) is reset by ``on_message_begin``.  Scoring is
 synchronous and takes microseconds, so there are no tasks: a request is answered inside
 ``on_message_complete`` and pipelined requests are answered in order by construction.
+
+Two paths answer.  A read that is exactly one ordinary scoring request, arriving while the
+parser is between requests, is answered by the native fast path (``_fastpath.c``) in one call;
+for everything else that path declines and httptools with ``vectorize`` answer, as they define
+what the answer is.  Both give the same bytes for what both accept (tests/test_fastpath.py).
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from typing import TYPE_CHECKING, cast
 import httptools
 import orjson
 
-from fraudscore.contract.vectorize import vectorize
+from fraudscore.contract.vectorize import NORMALIZATION_KEYS, Constants, vectorize
 from fraudscore.errors import PayloadError
+from fraudscore.index.search import Index
 from fraudscore.service import responses
+from fraudscore.service._fastpath import FastPath
 
 if TYPE_CHECKING:
     from fraudscore.service.server import ServiceState
@@ -26,6 +33,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LINGER_SECONDS = 1.0
+
+
+def fast_path(index: Index, constants: Constants, max_body_bytes: int) -> FastPath:
+    """The native answerer of ordinary scoring requests, with this service's data and answers."""
+    divisors = [getattr(constants, key) for key in NORMALIZATION_KEYS]
+    return FastPath(index.native, divisors, constants.mcc_risk, responses.SCORES, max_body_bytes)
 
 
 class HttpConnection(asyncio.Protocol):
@@ -76,6 +89,12 @@ class HttpConnection(asyncio.Protocol):
         if self._closing:
             return
         self._last_active = time.monotonic()
+        fast = self._state.fast
+        if fast is not None and not self._in_request and self._transport is not None:
+            answer = fast.answer(data)
+            if answer is not None:
+                self._transport.write(answer)
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:

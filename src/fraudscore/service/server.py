@@ -19,8 +19,9 @@ from pathlib import Path
 
 from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants
 from fraudscore.index.search import Index, random_queries
+from fraudscore.service._fastpath import FastPath
 from fraudscore.service.handoff import HandoffListener
-from fraudscore.service.protocol import HttpConnection
+from fraudscore.service.protocol import HttpConnection, fast_path
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class ServiceConfig:
     idle_timeout: float = 75.0
     shutdown_timeout: float = 10.0
     warm_queries: int = 256
+    fast_path: bool = True  # answer ordinary scoring requests natively (protocol.py)
     backlog: int = 4096
 
     def __post_init__(self) -> None:
@@ -65,6 +67,7 @@ class ServiceState:
     constants: Constants
     ready: bool = False
     draining: bool = False
+    fast: FastPath | None = None  # set while ready and not draining, when config.fast_path
     connections: set[HttpConnection] = field(default_factory=set)
 
 
@@ -98,10 +101,18 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
     await loop.run_in_executor(None, index.warm, random_queries(config.warm_queries))
     gc.collect()
     gc.freeze()  # what exists now lives forever: keep the collector from walking it under load
+    if config.fast_path:
+        state.fast = fast_path(index, state.constants, config.max_body_bytes)
     state.ready = True
     if config.handoff is not None:
         handoff = HandoffListener(loop, config.handoff, factory)
-    log.info("ready in %.2f s (kernel %s, pid %d)", time.monotonic() - started, index.kernel, os.getpid())
+    log.info(
+        "ready in %.2f s (kernel %s, fast path %s, pid %d)",
+        time.monotonic() - started,
+        index.kernel,
+        "on" if state.fast else "off",
+        os.getpid(),
+    )
 
     def sweep() -> None:
         now = time.monotonic()
@@ -123,6 +134,13 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
     if handoff is not None:
         handoff.close()
     state.draining = True
+    if state.fast is not None:
+        log.info(
+            "the fast path answered %d requests and passed %d reads to httptools",
+            state.fast.answered,
+            state.fast.declined,
+        )
+        state.fast = None  # from now on every answer says whether the connection stays open
     for conn in list(state.connections):
         conn.shutdown()
     deadline = loop.time() + config.shutdown_timeout

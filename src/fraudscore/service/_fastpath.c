@@ -1,0 +1,684 @@
+/* The service's fast path: the bytes of one whole scoring request in, its response out, with no
+ * Python in between (HTTP framing, JSON, the 14-dimension vector and the search, in one call).
+ *
+ * It answers only what it is sure of: a complete `POST /fraud-score HTTP/1.1` request, alone in
+ * the buffer, with plain headers, a Content-Length body, and a payload of the ordinary shape
+ * (ASCII strings without escapes, timestamps written YYYY-MM-DDTHH:MM:SS with an optional Z,
+ * numbers in range).  For anything else -- an error of any kind, an unusual but valid form, a
+ * request split over two reads or pipelined behind another -- it returns None, and the Python
+ * path (httptools and contract/vectorize.py, which define the behaviour) answers.  So the fast
+ * path can change the speed and never the answer: tests/test_fastpath.py holds its vectors and
+ * answers to the Python path's on the dev payloads and on thousands of mutations of them.
+ *
+ * Where it must compute what Python computes, it does the same IEEE operations in the same
+ * order: numbers are read with strtod (correctly rounded, as Python's parsers are), and every
+ * dimension is rounded to 4 decimals exactly as round(x, 4) would (ties to even on the exact
+ * binary value).  Build with -ffp-contract=off so no multiply-add is fused.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "knn_api.h"
+
+#define DIMS FS_KNN_DIMS
+#define N_DIVISORS 7
+#define N_ANSWERS 6      /* 0..5 frauds among the 5 nearest */
+#define MAX_KNOWN 64     /* known_merchants entries kept; a longer list goes to the Python path */
+#define MAX_DEPTH 32     /* nesting of ignored members; deeper goes to the Python path */
+#define MAX_NUMBER 32    /* characters in one number */
+#define MAX_MCC 64
+
+static const fs_knn_api *knn;
+
+/* ---- Reading: every reader returns 0 when it read what it expects, -1 to decline ---------- */
+
+typedef struct { const char *p, *end; } cur_t;
+typedef struct { const char *s; size_t n; } slice_t;
+
+static inline void ws(cur_t *c) {
+    while (c->p < c->end && (*c->p == ' ' || *c->p == '\n' || *c->p == '\r' || *c->p == '\t')) c->p++;
+}
+
+static inline int eat(cur_t *c, char ch) {
+    ws(c);
+    if (c->p >= c->end || *c->p != ch) return -1;
+    c->p++;
+    return 0;
+}
+
+static int literal(cur_t *c, const char *word) {
+    size_t n = strlen(word);
+    if ((size_t)(c->end - c->p) < n || memcmp(c->p, word, n) != 0) return -1;
+    c->p += n;
+    return 0;
+}
+
+/* A string of printable ASCII without escapes; anything else (valid or not) is declined. */
+static int read_string(cur_t *c, slice_t *out) {
+    if (eat(c, '"')) return -1;
+    const char *s = c->p;
+    while (c->p < c->end) {
+        unsigned char ch = (unsigned char)*c->p;
+        if (ch == '"') {
+            out->s = s;
+            out->n = (size_t)(c->p - s);
+            c->p++;
+            return 0;
+        }
+        if (ch < 0x20 || ch > 0x7e || ch == '\\') return -1;
+        c->p++;
+    }
+    return -1;
+}
+
+static int skip_digits(cur_t *c) {
+    const char *start = c->p;
+    while (c->p < c->end && *c->p >= '0' && *c->p <= '9') c->p++;
+    return c->p > start ? 0 : -1;
+}
+
+/* A JSON number (the grammar checked here, the value by strtod), finite. */
+static int read_number(cur_t *c, double *out) {
+    ws(c);
+    const char *start = c->p;
+    if (c->p < c->end && *c->p == '-') c->p++;
+    if (c->p < c->end && *c->p == '0') c->p++;
+    else if (skip_digits(c)) return -1;
+    if (c->p < c->end && *c->p == '.') { c->p++; if (skip_digits(c)) return -1; }
+    if (c->p < c->end && (*c->p == 'e' || *c->p == 'E')) {
+        c->p++;
+        if (c->p < c->end && (*c->p == '+' || *c->p == '-')) c->p++;
+        if (skip_digits(c)) return -1;
+    }
+    size_t n = (size_t)(c->p - start);
+    if (n > MAX_NUMBER) return -1;
+    char buf[MAX_NUMBER + 1];
+    memcpy(buf, start, n);
+    buf[n] = '\0';
+    *out = strtod(buf, NULL);
+    return isfinite(*out) ? 0 : -1;
+}
+
+static int read_non_negative(cur_t *c, double *out) {
+    return read_number(c, out) || *out < 0.0 ? -1 : 0;
+}
+
+static int read_bool(cur_t *c, int *out) {
+    ws(c);
+    if (literal(c, "true") == 0) { *out = 1; return 0; }
+    if (literal(c, "false") == 0) { *out = 0; return 0; }
+    return -1;
+}
+
+/* Walks an object's members: call with *first = 1 just after '{'.  Returns 1 with the key read
+ * and its ':' eaten, 0 after the closing '}', -1 to decline. */
+static int next_member(cur_t *c, int *first, slice_t *key) {
+    ws(c);
+    if (c->p >= c->end) return -1;
+    if (*c->p == '}') { c->p++; return 0; }
+    if (!*first && eat(c, ',')) return -1;
+    *first = 0;
+    if (read_string(c, key) || eat(c, ':')) return -1;
+    return 1;
+}
+
+/* The same for an array's elements: 1 when an element follows, 0 after ']'. */
+static int next_element(cur_t *c, int *first) {
+    ws(c);
+    if (c->p >= c->end) return -1;
+    if (*c->p == ']') { c->p++; return 0; }
+    if (!*first && eat(c, ',')) return -1;
+    *first = 0;
+    ws(c);
+    return 1;
+}
+
+/* A value nobody reads, still checked to be valid JSON (the Python path would refuse it). */
+static int skip_value(cur_t *c, int depth) {
+    if (depth > MAX_DEPTH) return -1;
+    ws(c);
+    if (c->p >= c->end) return -1;
+    int first = 1, r;
+    slice_t s;
+    switch (*c->p) {
+    case '{':
+        c->p++;
+        while ((r = next_member(c, &first, &s)) == 1)
+            if (skip_value(c, depth + 1)) return -1;
+        return r;
+    case '[':
+        c->p++;
+        while ((r = next_element(c, &first)) == 1)
+            if (skip_value(c, depth + 1)) return -1;
+        return r;
+    case '"': return read_string(c, &s);
+    case 't': return literal(c, "true");
+    case 'f': return literal(c, "false");
+    case 'n': return literal(c, "null");
+    default: { double x; return read_number(c, &x); }
+    }
+}
+
+static inline int is_key(slice_t k, const char *name) {
+    size_t n = strlen(name);
+    return k.n == n && memcmp(k.s, name, n) == 0;
+}
+
+/* ---- The payload ---------------------------------------------------------------------------- */
+
+enum {
+    F_AMOUNT = 1 << 0, F_INSTALLMENTS = 1 << 1, F_REQUESTED_AT = 1 << 2, F_AVG_AMOUNT = 1 << 3,
+    F_TX_COUNT = 1 << 4, F_KNOWN = 1 << 5, F_MERCHANT_ID = 1 << 6, F_MCC = 1 << 7,
+    F_MERCHANT_AVG = 1 << 8, F_ONLINE = 1 << 9, F_CARD = 1 << 10, F_KM_HOME = 1 << 11,
+    F_LAST_AT = 1 << 12, F_KM_LAST = 1 << 13,
+    F_TX = 1 << 14, F_CUSTOMER = 1 << 15, F_MERCHANT = 1 << 16, F_TERMINAL = 1 << 17, F_LAST = 1 << 18,
+};
+#define F_REQUIRED ((1 << 12) - 1)
+#define F_LAST_REQUIRED (F_LAST_AT | F_KM_LAST)
+
+typedef struct {
+    unsigned seen; /* F_* bits: a member twice is declined, a missing one too */
+    int has_last;
+    double amount, installments, avg_amount, tx_count, merchant_avg, km_home, km_last;
+    int64_t now, then; /* seconds since 1970-01-01T00:00:00Z */
+    int now_days;      /* days since 1970-01-01, for the weekday */
+    int online, card_present;
+    slice_t merchant_id, mcc;
+    slice_t known[MAX_KNOWN];
+    int n_known;
+} payload_t;
+
+static inline int once(payload_t *pl, unsigned bit) {
+    if (pl->seen & bit) return -1;
+    pl->seen |= bit;
+    return 0;
+}
+
+/* Days from 1970-01-01 to a proleptic Gregorian date (H. Hinnant's days_from_civil). */
+static int64_t days_from_civil(int y, int m, int d) {
+    y -= m <= 2;
+    int64_t era = (y >= 0 ? y : y - 399) / 400;
+    int64_t yoe = y - era * 400;
+    int64_t doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+static int digits(const char *s, int n, int *out) {
+    int v = 0;
+    for (int i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9') return -1;
+        v = v * 10 + (s[i] - '0');
+    }
+    *out = v;
+    return 0;
+}
+
+/* YYYY-MM-DDTHH:MM:SS, then Z or nothing (both UTC, as the Python path reads them). */
+static int read_timestamp(cur_t *c, int64_t *seconds, int *days_out) {
+    slice_t s;
+    if (read_string(c, &s)) return -1;
+    if (!(s.n == 19 || (s.n == 20 && s.s[19] == 'Z'))) return -1;
+    const char *t = s.s;
+    int y, mo, d, h, mi, se;
+    if (t[4] != '-' || t[7] != '-' || t[10] != 'T' || t[13] != ':' || t[16] != ':') return -1;
+    if (digits(t, 4, &y) || digits(t + 5, 2, &mo) || digits(t + 8, 2, &d) || digits(t + 11, 2, &h) ||
+        digits(t + 14, 2, &mi) || digits(t + 17, 2, &se))
+        return -1;
+    static const int month_days[12] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    int leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    if (y < 1 || mo < 1 || mo > 12 || d < 1 || d > month_days[mo - 1] + (mo == 2 && leap)) return -1;
+    if (h > 23 || mi > 59 || se > 59) return -1;
+    int64_t days = days_from_civil(y, mo, d);
+    *seconds = days * 86400 + h * 3600 + mi * 60 + se;
+    if (days_out) *days_out = (int)days;
+    return 0;
+}
+
+static int read_transaction(cur_t *c, payload_t *pl) {
+    int first = 1, r;
+    slice_t k;
+    if (eat(c, '{')) return -1;
+    while ((r = next_member(c, &first, &k)) == 1) {
+        if (is_key(k, "amount")) r = once(pl, F_AMOUNT) || read_non_negative(c, &pl->amount);
+        else if (is_key(k, "installments")) r = once(pl, F_INSTALLMENTS) || read_non_negative(c, &pl->installments);
+        else if (is_key(k, "requested_at")) r = once(pl, F_REQUESTED_AT) || read_timestamp(c, &pl->now, &pl->now_days);
+        else r = skip_value(c, 2);
+        if (r) return -1;
+    }
+    return r;
+}
+
+static int read_known(cur_t *c, payload_t *pl) {
+    int first = 1, r;
+    if (eat(c, '[')) return -1;
+    while ((r = next_element(c, &first)) == 1) {
+        if (pl->n_known == MAX_KNOWN || read_string(c, &pl->known[pl->n_known])) return -1;
+        pl->n_known++;
+    }
+    return r;
+}
+
+static int read_customer(cur_t *c, payload_t *pl) {
+    int first = 1, r;
+    slice_t k;
+    if (eat(c, '{')) return -1;
+    while ((r = next_member(c, &first, &k)) == 1) {
+        if (is_key(k, "avg_amount")) r = once(pl, F_AVG_AMOUNT) || read_number(c, &pl->avg_amount);
+        else if (is_key(k, "tx_count_24h")) r = once(pl, F_TX_COUNT) || read_non_negative(c, &pl->tx_count);
+        else if (is_key(k, "known_merchants")) r = once(pl, F_KNOWN) || read_known(c, pl);
+        else r = skip_value(c, 2);
+        if (r) return -1;
+    }
+    return r;
+}
+
+static int read_merchant(cur_t *c, payload_t *pl) {
+    int first = 1, r;
+    slice_t k;
+    if (eat(c, '{')) return -1;
+    while ((r = next_member(c, &first, &k)) == 1) {
+        if (is_key(k, "id")) r = once(pl, F_MERCHANT_ID) || read_string(c, &pl->merchant_id);
+        else if (is_key(k, "mcc")) r = once(pl, F_MCC) || read_string(c, &pl->mcc);
+        else if (is_key(k, "avg_amount")) r = once(pl, F_MERCHANT_AVG) || read_non_negative(c, &pl->merchant_avg);
+        else r = skip_value(c, 2);
+        if (r) return -1;
+    }
+    return r;
+}
+
+static int read_terminal(cur_t *c, payload_t *pl) {
+    int first = 1, r;
+    slice_t k;
+    if (eat(c, '{')) return -1;
+    while ((r = next_member(c, &first, &k)) == 1) {
+        if (is_key(k, "is_online")) r = once(pl, F_ONLINE) || read_bool(c, &pl->online);
+        else if (is_key(k, "card_present")) r = once(pl, F_CARD) || read_bool(c, &pl->card_present);
+        else if (is_key(k, "km_from_home")) r = once(pl, F_KM_HOME) || read_non_negative(c, &pl->km_home);
+        else r = skip_value(c, 2);
+        if (r) return -1;
+    }
+    return r;
+}
+
+static int read_last(cur_t *c, payload_t *pl) {
+    ws(c);
+    if (literal(c, "null") == 0) return 0;
+    int first = 1, r;
+    slice_t k;
+    pl->has_last = 1;
+    if (eat(c, '{')) return -1;
+    while ((r = next_member(c, &first, &k)) == 1) {
+        if (is_key(k, "timestamp")) r = once(pl, F_LAST_AT) || read_timestamp(c, &pl->then, NULL);
+        else if (is_key(k, "km_from_current")) r = once(pl, F_KM_LAST) || read_non_negative(c, &pl->km_last);
+        else r = skip_value(c, 2);
+        if (r) return -1;
+    }
+    return r;
+}
+
+static int read_payload(const char *body, size_t n, payload_t *pl) {
+    cur_t c = {body, body + n};
+    int first = 1, r;
+    slice_t k;
+    memset(pl, 0, sizeof *pl);
+    if (eat(&c, '{')) return -1;
+    while ((r = next_member(&c, &first, &k)) == 1) {
+        if (is_key(k, "transaction")) r = once(pl, F_TX) || read_transaction(&c, pl);
+        else if (is_key(k, "customer")) r = once(pl, F_CUSTOMER) || read_customer(&c, pl);
+        else if (is_key(k, "merchant")) r = once(pl, F_MERCHANT) || read_merchant(&c, pl);
+        else if (is_key(k, "terminal")) r = once(pl, F_TERMINAL) || read_terminal(&c, pl);
+        else if (is_key(k, "last_transaction")) r = once(pl, F_LAST) || read_last(&c, pl);
+        else r = skip_value(&c, 1);
+        if (r) return -1;
+    }
+    if (r) return -1;
+    ws(&c);
+    if (c.p != c.end) return -1;
+    if ((pl->seen & F_REQUIRED) != F_REQUIRED) return -1;
+    if (pl->has_last && (pl->seen & F_LAST_REQUIRED) != F_LAST_REQUIRED) return -1;
+    return 0;
+}
+
+/* ---- The vector --------------------------------------------------------------------------------- */
+
+typedef struct {
+    double max_amount, max_installments, amount_vs_avg_ratio, max_minutes, max_km, max_tx_count_24h,
+        max_merchant_avg_amount;
+} divisors_t;
+
+typedef struct { char code[MAX_MCC]; size_t n; double risk; } mcc_t;
+
+static inline double clamp01(double x) { return x < 0.0 ? 0.0 : x > 1.0 ? 1.0 : x; }
+
+/* vectorize.py's round4, bit for bit: k / 10^4 for the k nearest x * 10^4, and near a tie what
+ * round(x, 4) gives (ties to even on the exact product; -0.0 for a negative x rounding to 0).
+ * x * 10^4 rounded is s; s + e is the exact product (fma gives e exactly). */
+static double round4(double x) {
+    double s = x * 10000.0;
+    double k = floor(s + 0.5);
+    if (fabs(s - k) <= 0.4999) return k / 10000.0;
+    double e = fma(x, 10000.0, -s);
+    double f = floor(s);
+    double above = s - (f + 0.5); /* exact (Sterbenz): |f + 0.5| >= 0.5 and s is within 1e-4 of it */
+    if (above > -e) k = f + 1.0;
+    else if (above < -e) k = f;
+    else k = fmod(f, 2.0) == 0.0 ? f : f + 1.0;
+    return k == 0.0 ? copysign(0.0, x) : k / 10000.0;
+}
+
+static int vectorize(const payload_t *pl, const divisors_t *dv, const mcc_t *mcc, int n_mcc, double *v) {
+    double minutes_dim = -1.0, km_last_dim = -1.0;
+    if (pl->has_last) {
+        double minutes = (double)(pl->now - pl->then) / 60.0;
+        minutes_dim = clamp01(minutes / dv->max_minutes);
+        km_last_dim = clamp01(pl->km_last / dv->max_km);
+    }
+    double ratio_dim;
+    if (pl->avg_amount > 0) ratio_dim = clamp01((pl->amount / pl->avg_amount) / dv->amount_vs_avg_ratio);
+    else ratio_dim = pl->amount > 0 ? 1.0 : 0.0;
+    int64_t seconds_of_day = pl->now - (int64_t)pl->now_days * 86400;
+    int weekday = (int)(((int64_t)pl->now_days + 3) % 7); /* 1970-01-01 was a Thursday (3) */
+    if (weekday < 0) weekday += 7;
+    double unknown = 1.0;
+    for (int i = 0; i < pl->n_known; i++)
+        if (pl->known[i].n == pl->merchant_id.n && memcmp(pl->known[i].s, pl->merchant_id.s, pl->merchant_id.n) == 0) {
+            unknown = 0.0;
+            break;
+        }
+    if (pl->mcc.n >= MAX_MCC) return -1; /* longer than any code the table keeps */
+    double risk = 0.5;
+    for (int i = 0; i < n_mcc; i++)
+        if (mcc[i].n == pl->mcc.n && memcmp(mcc[i].code, pl->mcc.s, pl->mcc.n) == 0) { risk = mcc[i].risk; break; }
+    double raw[DIMS] = {
+        clamp01(pl->amount / dv->max_amount),
+        clamp01(pl->installments / dv->max_installments),
+        ratio_dim,
+        (double)(seconds_of_day / 3600) / 23.0,
+        (double)weekday / 6.0,
+        minutes_dim,
+        km_last_dim,
+        clamp01(pl->km_home / dv->max_km),
+        clamp01(pl->tx_count / dv->max_tx_count_24h),
+        pl->online ? 1.0 : 0.0,
+        pl->card_present ? 1.0 : 0.0,
+        unknown,
+        risk,
+        clamp01(pl->merchant_avg / dv->max_merchant_avg_amount),
+    };
+    for (int d = 0; d < DIMS; d++) v[d] = round4(raw[d]);
+    return 0;
+}
+
+/* ---- HTTP framing ------------------------------------------------------------------------------- */
+
+static const char REQUEST_LINE[] = "POST /fraud-score HTTP/1.1\r\n";
+
+static inline int is_tchar(unsigned char ch) {
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+           (ch != 0 && strchr("!#$%&'*+-.^_`|~", ch) != NULL);
+}
+
+static int name_is(const char *s, size_t n, const char *lower) {
+    size_t m = strlen(lower);
+    if (n != m) return 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (ch >= 'A' && ch <= 'Z') ch = (unsigned char)(ch + 32);
+        if (ch != (unsigned char)lower[i]) return 0;
+    }
+    return 1;
+}
+
+/* The body of data if it is exactly one plain POST /fraud-score request; -1 to decline. */
+static int frame(const char *data, size_t n, Py_ssize_t max_body, const char **body, size_t *body_len) {
+    size_t line = sizeof REQUEST_LINE - 1;
+    if (n < line || memcmp(data, REQUEST_LINE, line) != 0) return -1;
+    const char *p = data + line, *end = data + n;
+    long long length = -1;
+    for (;;) {
+        if (end - p >= 2 && p[0] == '\r' && p[1] == '\n') { p += 2; break; }
+        const char *name = p;
+        while (p < end && is_tchar((unsigned char)*p)) p++;
+        if (p == name || p >= end || *p != ':') return -1;
+        size_t name_len = (size_t)(p - name);
+        p++;
+        while (p < end && (*p == ' ' || *p == '\t')) p++;
+        const char *value = p;
+        while (p < end && ((unsigned char)*p >= 0x20 ? (unsigned char)*p <= 0x7e : *p == '\t')) p++;
+        if (end - p < 2 || p[0] != '\r' || p[1] != '\n') return -1;
+        const char *value_end = p;
+        while (value_end > value && (value_end[-1] == ' ' || value_end[-1] == '\t')) value_end--;
+        size_t value_len = (size_t)(value_end - value);
+        p += 2;
+        if (name_is(name, name_len, "content-length")) {
+            if (length >= 0 || value_len == 0 || value_len > 9) return -1;
+            length = 0;
+            for (size_t i = 0; i < value_len; i++) {
+                if (value[i] < '0' || value[i] > '9') return -1;
+                length = length * 10 + (value[i] - '0');
+            }
+        } else if (name_is(name, name_len, "connection")) {
+            if (!name_is(value, value_len, "keep-alive")) return -1;
+        } else if (name_is(name, name_len, "transfer-encoding") || name_is(name, name_len, "expect") ||
+                   name_is(name, name_len, "upgrade")) {
+            return -1;
+        }
+    }
+    if (length < 0 || length > max_body || (long long)(end - p) != length) return -1;
+    *body = p;
+    *body_len = (size_t)length;
+    return 0;
+}
+
+/* ---- The Python type ---------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *index;
+    PyObject *answers[N_ANSWERS];
+    divisors_t divisors;
+    mcc_t *mcc;
+    int n_mcc;
+    Py_ssize_t max_body;
+    unsigned long long answered, declined; /* requests, for the service's log */
+} FastPathObject;
+
+static void FastPath_clear_fields(FastPathObject *self) {
+    Py_CLEAR(self->index);
+    for (int i = 0; i < N_ANSWERS; i++) Py_CLEAR(self->answers[i]);
+    PyMem_Free(self->mcc);
+    self->mcc = NULL;
+    self->n_mcc = 0;
+}
+
+static int read_divisors(PyObject *seq, divisors_t *dv) {
+    PyObject *fast = PySequence_Fast(seq, "divisors must be a sequence of 7 numbers");
+    if (!fast) return -1;
+    if (PySequence_Fast_GET_SIZE(fast) != N_DIVISORS) {
+        Py_DECREF(fast);
+        PyErr_SetString(PyExc_ValueError, "divisors must hold 7 numbers");
+        return -1;
+    }
+    double *out = (double *)dv;
+    for (int i = 0; i < N_DIVISORS; i++) {
+        out[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(fast, i));
+        if (out[i] == -1.0 && PyErr_Occurred()) { Py_DECREF(fast); return -1; }
+        if (!(out[i] > 0.0) || isinf(out[i])) {
+            Py_DECREF(fast);
+            PyErr_Format(PyExc_ValueError, "divisor %d must be a positive number", i);
+            return -1;
+        }
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+static int read_mcc(PyObject *dict, FastPathObject *self) {
+    if (!PyDict_Check(dict)) { PyErr_SetString(PyExc_TypeError, "mcc_risk must be a dict"); return -1; }
+    Py_ssize_t n = PyDict_Size(dict), pos = 0, i = 0;
+    self->mcc = PyMem_Calloc(n ? (size_t)n : 1, sizeof(mcc_t));
+    if (!self->mcc) { PyErr_NoMemory(); return -1; }
+    PyObject *key, *value;
+    while (PyDict_Next(dict, &pos, &key, &value)) {
+        Py_ssize_t len;
+        const char *s = PyUnicode_Check(key) ? PyUnicode_AsUTF8AndSize(key, &len) : NULL;
+        if (!s) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "mcc_risk keys must be strings");
+            return -1;
+        }
+        double risk = PyFloat_AsDouble(value);
+        if (risk == -1.0 && PyErr_Occurred()) return -1;
+        if (len >= MAX_MCC) continue; /* no request's code that long reaches the fast path's table */
+        memcpy(self->mcc[i].code, s, (size_t)len);
+        self->mcc[i].n = (size_t)len;
+        self->mcc[i].risk = risk;
+        i++;
+    }
+    self->n_mcc = (int)i;
+    return 0;
+}
+
+static int FastPath_init(FastPathObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"index", "divisors", "mcc_risk", "answers", "max_body", NULL};
+    PyObject *index, *divisors, *mcc, *answers;
+    Py_ssize_t max_body;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OOOn", kwlist, knn->index_type, &index, &divisors, &mcc,
+                                     &answers, &max_body))
+        return -1;
+    FastPath_clear_fields(self);
+    if (read_divisors(divisors, &self->divisors) || read_mcc(mcc, self)) return -1;
+    if (!PyTuple_Check(answers) || PyTuple_GET_SIZE(answers) != N_ANSWERS) {
+        PyErr_SetString(PyExc_ValueError, "answers must be a tuple of 6 bytes (0 to 5 frauds)");
+        return -1;
+    }
+    for (int i = 0; i < N_ANSWERS; i++) {
+        PyObject *a = PyTuple_GET_ITEM(answers, i);
+        if (!PyBytes_Check(a)) { PyErr_SetString(PyExc_TypeError, "answers must be bytes"); return -1; }
+        Py_INCREF(a);
+        self->answers[i] = a;
+    }
+    if (max_body < 0) { PyErr_SetString(PyExc_ValueError, "max_body must not be negative"); return -1; }
+    Py_INCREF(index);
+    self->index = index;
+    self->max_body = max_body;
+    return 0;
+}
+
+static void FastPath_dealloc(FastPathObject *self) {
+    FastPath_clear_fields(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int body_vector(FastPathObject *self, const char *body, size_t n, double *v) {
+    payload_t pl;
+    if (read_payload(body, n, &pl)) return -1;
+    return vectorize(&pl, &self->divisors, self->mcc, self->n_mcc, v);
+}
+
+static int check_initialised(FastPathObject *self) {
+    if (self->index) return 0;
+    PyErr_SetString(PyExc_RuntimeError, "FastPath is not initialised");
+    return -1;
+}
+
+static PyObject *FastPath_answer(FastPathObject *self, PyObject *data) {
+    if (check_initialised(self)) return NULL;
+    if (!PyBytes_Check(data)) return PyErr_Format(PyExc_TypeError, "answer() takes bytes, not %.100s", Py_TYPE(data)->tp_name);
+    const char *body;
+    size_t body_len;
+    double v[DIMS];
+    int frauds = -1;
+    if (frame(PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data), self->max_body, &body, &body_len) == 0 &&
+        body_vector(self, body, body_len, v) == 0)
+        frauds = knn->fraud_count(self->index, v);
+    if (frauds < 0 || frauds >= N_ANSWERS) {
+        self->declined++;
+        Py_RETURN_NONE;
+    }
+    self->answered++;
+    PyObject *answer = self->answers[frauds];
+    Py_INCREF(answer);
+    return answer;
+}
+
+static PyObject *FastPath_vectorize(FastPathObject *self, PyObject *arg) {
+    if (check_initialised(self)) return NULL;
+    Py_buffer buf;
+    if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE)) return NULL;
+    double v[DIMS];
+    int r = body_vector(self, buf.buf, (size_t)buf.len, v);
+    PyBuffer_Release(&buf);
+    if (r) Py_RETURN_NONE;
+    PyObject *out = PyList_New(DIMS);
+    if (!out) return NULL;
+    for (int d = 0; d < DIMS; d++) {
+        PyObject *x = PyFloat_FromDouble(v[d]);
+        if (!x) { Py_DECREF(out); return NULL; }
+        PyList_SET_ITEM(out, d, x);
+    }
+    return out;
+}
+
+static PyObject *py_round4(PyObject *module, PyObject *arg) {
+    double x = PyFloat_AsDouble(arg);
+    if (x == -1.0 && PyErr_Occurred()) return NULL;
+    return PyFloat_FromDouble(round4(x));
+}
+
+static PyMethodDef FastPath_methods[] = {
+    {"answer", (PyCFunction)FastPath_answer, METH_O,
+     "answer(data) -> bytes | None: the response when data is exactly one ordinary scoring request, else None"},
+    {"vectorize", (PyCFunction)FastPath_vectorize, METH_O,
+     "vectorize(body) -> list[float] | None: the payload's vector as the fast path computes it, or None where it declines"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef FastPath_members[] = {
+    {"answered", T_ULONGLONG, offsetof(FastPathObject, answered), READONLY, "requests answered here"},
+    {"declined", T_ULONGLONG, offsetof(FastPathObject, declined), READONLY, "reads passed to the Python path"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject FastPathType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "fraudscore.service._fastpath.FastPath",
+    .tp_basicsize = sizeof(FastPathObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "FastPath(index, divisors, mcc_risk, answers, max_body): whole scoring requests answered natively.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)FastPath_init,
+    .tp_dealloc = (destructor)FastPath_dealloc,
+    .tp_methods = FastPath_methods,
+    .tp_members = FastPath_members,
+};
+
+static PyMethodDef module_methods[] = {
+    {"round4", py_round4, METH_O, "round4(x) -> float: round(x, 4), as the fast path computes it"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef fastpath_module = {
+    PyModuleDef_HEAD_INIT, "_fastpath", "The service's native fast path for ordinary scoring requests.", -1,
+    module_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fastpath(void) {
+    knn = (const fs_knn_api *)PyCapsule_Import(FS_KNN_CAPSULE, 0);
+    if (!knn) return NULL;
+    if (PyType_Ready(&FastPathType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&fastpath_module);
+    if (!m) return NULL;
+    Py_INCREF(&FastPathType);
+    if (PyModule_AddObject(m, "FastPath", (PyObject *)&FastPathType) < 0) {
+        Py_DECREF(&FastPathType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
