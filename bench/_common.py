@@ -74,7 +74,7 @@ def cpu_seconds(pid: int) -> float:
     return ticks / 100.0
 
 
-def loadtest(url: str, target: float, duration: float, out: Path) -> dict[str, object]:
+def loadtest(url: str, target: float, duration: float, out: Path, *, chart: bool = True) -> dict[str, object]:
     subprocess.run(
         [
             sys.executable,
@@ -92,6 +92,7 @@ def loadtest(url: str, target: float, duration: float, out: Path) -> dict[str, o
             "--cycle",
             "--out",
             str(out),
+            *([] if chart else ["--no-chart"]),
         ],
         check=True,
     )

@@ -1,6 +1,6 @@
 """One instance over HTTP: the contract's k6 ramp (scaled to 1,000 req/s), and its memory.
 
-    python bench/http_single.py [--target 1000] [--duration 120] [--no-fast-path]
+    python bench/http_single.py [--target 1000] [--duration 120] [--no-fast-path] [--no-chart]
 
 Starts `fraudscore serve` on a free port, waits for /ready, runs `fraudscore loadtest --cycle`
 against it (the dev payloads, reused once exhausted, so the ramp reaches its target), then reads
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument(
         "--no-fast-path", action="store_true", help="serve every request through httptools and Python"
     )
+    parser.add_argument("--no-chart", action="store_true", help="k6 without per-request samples")
     args = parser.parse_args()
 
     port = free_port()
@@ -38,7 +39,7 @@ def main() -> None:
     try:
         ready = wait_ready(url)
         rss_ready = proc_status(server.pid)["VmRSS"]
-        result = loadtest(url, args.target, args.duration, args.out)
+        result = loadtest(url, args.target, args.duration, args.out, chart=not args.no_chart)
         status = proc_status(server.pid)
         cpu = cpu_seconds(server.pid)
     finally:

@@ -1,13 +1,15 @@
 """The whole stack under the contract's load test, scored, with each process's peak memory and CPU.
 
     python bench/stack.py [--lb builtin|nginx|haproxy] [--outer] [--target 900] [--runs 1] [--kill-at S]
+                          [--no-chart]
 
 Starts `fraudscore stack` (each process in its own cgroup with the compose file's limits; with
 --outer, `--no-limits` inside one cgroup of 1 CPU / 350 MB instead), runs `fraudscore loadtest
 --cycle` (the contract's 1 -> 900 req/s ramp over 120 s on the dev payloads, reused once they
 run out so the ramp reaches its target), and reads the cgroups when the stack stops.  With
 --kill-at S, api1 is killed (SIGKILL) S seconds into the run: the failed requests are counted
-as the run's HTTP errors, and the stack's log says when api1 was back.
+as the run's HTTP errors, and the stack's log says when api1 was back.  With --no-chart, k6 keeps
+no per-request samples (less of its CPU beside the stack, as in a judged run) and draws no chart.
 """
 
 from __future__ import annotations
@@ -39,7 +41,13 @@ def kill_instance(stack_pid: int, name: str) -> None:
 
 
 def run_once(
-    lb: str, outer: bool, target: float, duration: float, out: Path, kill_at: float | None = None
+    lb: str,
+    outer: bool,
+    target: float,
+    duration: float,
+    out: Path,
+    kill_at: float | None = None,
+    chart: bool = True,
 ) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -63,7 +71,7 @@ def run_once(
         if kill_at is not None:
             killer = threading.Timer(kill_at, kill_instance, (stack.pid, "api1"))
             killer.start()
-        result = loadtest(url, target, duration, out)
+        result = loadtest(url, target, duration, out, chart=chart)
     finally:
         if killer is not None:
             killer.cancel()
@@ -95,13 +103,17 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=120.0)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--kill-at", type=float, metavar="S", help="SIGKILL api1 S seconds into the run")
+    parser.add_argument("--no-chart", action="store_true", help="k6 without per-request samples")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     for i in range(args.runs):
         kill = "-kill" if args.kill_at is not None else ""
-        name = f"stack-{args.lb}{'-outer' if args.outer else ''}{kill}-{args.target:g}-run{i + 1}"
+        nochart = "-nochart" if args.no_chart else ""
+        name = f"stack-{args.lb}{'-outer' if args.outer else ''}{kill}{nochart}-{args.target:g}-run{i + 1}"
         out = ROOT / "bench" / "results" / name
-        result = run_once(args.lb, args.outer, args.target, args.duration, out, args.kill_at)
+        result = run_once(
+            args.lb, args.outer, args.target, args.duration, out, args.kill_at, chart=not args.no_chart
+        )
         lat = result["latency_ms"]
         print(
             f"{name}: requests {result['requests']}, p50 {lat['p50']:.3f} p90 {lat['p90']:.3f} "

@@ -231,6 +231,29 @@ def test_k6_run_counts_every_answer(
     assert f"= {result['score']['final']:.2f}" in printed
 
 
+def test_no_chart_scores_from_the_summary_alone(
+    stand_in: tuple[str, Path, StandIn], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _k6_or_skip()
+    url, data, service = stand_in
+    out = tmp_path / "out"
+    args = _parse(
+        "--url", url, "--data", str(data), "--rate-multiplier", "0.1", "--duration", "3", "--out", str(out),
+        "--no-chart",
+    )  # fmt: skip
+
+    assert loadtest.run(args) == 0
+
+    result = json.loads((out / "result.json").read_text())
+    assert set(service.seen.values()) == {1}
+    assert result["requests"] == 50
+    assert result["counts"]["fp"] == 3 and result["counts"]["http_errors"] == 2
+    assert result["latency_ms"]["p99"] > 0
+    assert result["per_second"] == []
+    assert not (out / "latency.png").exists()
+    assert "latency.png" not in capsys.readouterr().out
+
+
 # --- bad input: one line on stderr, non-zero exit -----------------------------------------------------
 
 

@@ -129,6 +129,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the whole ramp); every answer is still judged",
     )
     parser.add_argument(
+        "--no-chart",
+        action="store_true",
+        help="skip k6's per-request samples and latency.png: k6 then spends less CPU beside the "
+        "service, as in a judged run; the score is the same summary either way",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path(DEFAULT_OUT),
@@ -156,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
             out_dir=Path(args.out),
             k6=args.k6,
             cycle=args.cycle,
+            chart=not args.no_chart,
         )
     except (FraudscoreError, OSError) as exc:
         print(f"fraudscore loadtest: {exc}", file=sys.stderr)
@@ -179,10 +186,12 @@ def load_test(
     out_dir: Path,
     k6: str | None,
     cycle: bool = False,
+    chart: bool = True,
 ) -> dict[str, Any]:
-    """Run k6 against url with the entries of data; write result.json and latency.png; return the result."""
+    """Run k6 against url with the entries of data; write result.json (and with chart, k6's samples
+    read into per-second figures and latency.png); return the result."""
     k6_path = find_k6(k6)
-    if importlib.util.find_spec("matplotlib") is None:  # fail before the run, not after it
+    if chart and importlib.util.find_spec("matplotlib") is None:  # fail before the run, not after it
         raise LoadTestError("matplotlib is needed for the chart: install the dev extras")
     entries = load_entries(data)
     check_url(url)
@@ -201,10 +210,11 @@ def load_test(
             planned,
             len(entries),
         )
-        summary, samples = run_k6(k6_path, url, entries_file, rate_multiplier, duration_s, workdir, cycle)
+        samples = workdir / "samples.json.gz" if chart else None
+        summary = run_k6(k6_path, url, entries_file, rate_multiplier, duration_s, workdir, cycle, samples)
         log.info("k6 finished; reading its results")
         try:
-            series = per_second(read_latency_samples(samples))
+            series = per_second(read_latency_samples(samples)) if samples is not None else []
         except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
             raise LoadTestError(f"cannot read k6's samples: {exc}") from None
     counts = read_counts(summary)
@@ -247,7 +257,8 @@ def load_test(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_chart(series, out_dir / "latency.png", result)
+    if chart:
+        write_chart(series, out_dir / "latency.png", result)
     return result
 
 
@@ -321,10 +332,11 @@ def run_k6(
     duration_s: float,
     workdir: Path,
     cycle: bool = False,
-) -> tuple[dict[str, Any], Path]:
-    """Run loadtest.js; return k6's end-of-test summary and the gzipped file of its samples."""
+    samples_file: Path | None = None,
+) -> dict[str, Any]:
+    """Run loadtest.js; return k6's end-of-test summary.  With samples_file, k6 also writes every
+    sample there (a .gz suffix makes it compress them)."""
     summary_file = workdir / "summary.json"
-    samples_file = workdir / "samples.json.gz"  # the .gz suffix makes k6 compress it
     env_args = {
         "LOADTEST_ENTRIES": entries_file.resolve(),
         "LOADTEST_URL": url,
@@ -337,7 +349,9 @@ def run_k6(
         command = [str(k6), "run", "--quiet", "--no-color", "--no-usage-report"]
         for key, value in env_args.items():
             command += ["-e", f"{key}={value}"]
-        command += ["--out", f"json={samples_file}", str(script)]
+        if samples_file is not None:
+            command += ["--out", f"json={samples_file}"]
+        command.append(str(script))
         log.debug("running %s", " ".join(command))
         try:
             proc = subprocess.run(
@@ -362,7 +376,7 @@ def run_k6(
         raise LoadTestError(f"k6 wrote no readable summary: {exc}") from None
     if not isinstance(summary, dict) or not isinstance(summary.get("metrics"), dict):
         raise LoadTestError("k6's summary has no metrics")
-    return summary, samples_file
+    return summary
 
 
 # --- reading k6's results -----------------------------------------------------------------------------
@@ -500,6 +514,7 @@ def human_summary(result: dict[str, Any], out_dir: Path) -> str:
             f"HTTP errors {c['http_errors']}  (fraud_score mismatches {result['fraud_score_mismatches']}, "
             f"dropped iterations {result['dropped_iterations']})",
             f"score     p99 {score['p99']:.2f} + detection {score['detection']:.2f} = {score['final']:.2f}",
-            f"wrote     {out_dir / 'result.json'}, {out_dir / 'latency.png'}",
+            f"wrote     {out_dir / 'result.json'}"
+            + (f", {out_dir / 'latency.png'}" if result["per_second"] else ""),
         ]
     )
