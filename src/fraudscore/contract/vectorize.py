@@ -18,6 +18,10 @@ fixed answer: ``avg_amount`` <= 0 makes dimension 2 equal 1 when the amount is p
 (the ratio is unbounded) and 0 when it is zero; a last transaction later than this one is
 0 minutes ago; a timestamp without a zone is read as UTC.
 
+This module defines the vector.  The service's native fast path (``service/_fastpath.c``)
+computes the same for payloads of the ordinary shape and declines the rest; a change here
+needs the same change there, and tests/test_fastpath.py fails until both agree bit for bit.
+
 >>> payload = {
 ...     "transaction": {"amount": 41.12, "installments": 2, "requested_at": "2026-03-11T18:45:53Z"},
 ...     "customer": {"avg_amount": 82.24, "tx_count_24h": 3, "known_merchants": ["MERC-003", "MERC-016"]},

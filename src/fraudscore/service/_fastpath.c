@@ -171,33 +171,15 @@ static inline int is_key(slice_t k, const char *name) {
 
 /* ---- The payload ---------------------------------------------------------------------------- */
 
-enum {
-    F_AMOUNT = 1 << 0, F_INSTALLMENTS = 1 << 1, F_REQUESTED_AT = 1 << 2, F_AVG_AMOUNT = 1 << 3,
-    F_TX_COUNT = 1 << 4, F_KNOWN = 1 << 5, F_MERCHANT_ID = 1 << 6, F_MCC = 1 << 7,
-    F_MERCHANT_AVG = 1 << 8, F_ONLINE = 1 << 9, F_CARD = 1 << 10, F_KM_HOME = 1 << 11,
-    F_LAST_AT = 1 << 12, F_KM_LAST = 1 << 13,
-    F_TX = 1 << 14, F_CUSTOMER = 1 << 15, F_MERCHANT = 1 << 16, F_TERMINAL = 1 << 17, F_LAST = 1 << 18,
-};
-#define F_REQUIRED ((1 << 12) - 1)
-#define F_LAST_REQUIRED (F_LAST_AT | F_KM_LAST)
-
 typedef struct {
-    unsigned seen; /* F_* bits: a member twice is declined, a missing one too */
     int has_last;
     double amount, installments, avg_amount, tx_count, merchant_avg, km_home, km_last;
     int64_t now, then; /* seconds since 1970-01-01T00:00:00Z */
-    int now_days;      /* days since 1970-01-01, for the weekday */
     int online, card_present;
     slice_t merchant_id, mcc;
     slice_t known[MAX_KNOWN];
     int n_known;
 } payload_t;
-
-static inline int once(payload_t *pl, unsigned bit) {
-    if (pl->seen & bit) return -1;
-    pl->seen |= bit;
-    return 0;
-}
 
 /* Days from 1970-01-01 to a proleptic Gregorian date (H. Hinnant's days_from_civil). */
 static int64_t days_from_civil(int y, int m, int d) {
@@ -220,7 +202,7 @@ static int digits(const char *s, int n, int *out) {
 }
 
 /* YYYY-MM-DDTHH:MM:SS, then Z or nothing (both UTC, as the Python path reads them). */
-static int read_timestamp(cur_t *c, int64_t *seconds, int *days_out) {
+static int read_timestamp(cur_t *c, int64_t *seconds) {
     slice_t s;
     if (read_string(c, &s)) return -1;
     if (!(s.n == 19 || (s.n == 20 && s.s[19] == 'Z'))) return -1;
@@ -234,24 +216,8 @@ static int read_timestamp(cur_t *c, int64_t *seconds, int *days_out) {
     int leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
     if (y < 1 || mo < 1 || mo > 12 || d < 1 || d > month_days[mo - 1] + (mo == 2 && leap)) return -1;
     if (h > 23 || mi > 59 || se > 59) return -1;
-    int64_t days = days_from_civil(y, mo, d);
-    *seconds = days * 86400 + h * 3600 + mi * 60 + se;
-    if (days_out) *days_out = (int)days;
+    *seconds = days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + se;
     return 0;
-}
-
-static int read_transaction(cur_t *c, payload_t *pl) {
-    int first = 1, r;
-    slice_t k;
-    if (eat(c, '{')) return -1;
-    while ((r = next_member(c, &first, &k)) == 1) {
-        if (is_key(k, "amount")) r = once(pl, F_AMOUNT) || read_non_negative(c, &pl->amount);
-        else if (is_key(k, "installments")) r = once(pl, F_INSTALLMENTS) || read_non_negative(c, &pl->installments);
-        else if (is_key(k, "requested_at")) r = once(pl, F_REQUESTED_AT) || read_timestamp(c, &pl->now, &pl->now_days);
-        else r = skip_value(c, 2);
-        if (r) return -1;
-    }
-    return r;
 }
 
 static int read_known(cur_t *c, payload_t *pl) {
@@ -264,85 +230,108 @@ static int read_known(cur_t *c, payload_t *pl) {
     return r;
 }
 
-static int read_customer(cur_t *c, payload_t *pl) {
-    int first = 1, r;
-    slice_t k;
-    if (eat(c, '{')) return -1;
-    while ((r = next_member(c, &first, &k)) == 1) {
-        if (is_key(k, "avg_amount")) r = once(pl, F_AVG_AMOUNT) || read_number(c, &pl->avg_amount);
-        else if (is_key(k, "tx_count_24h")) r = once(pl, F_TX_COUNT) || read_non_negative(c, &pl->tx_count);
-        else if (is_key(k, "known_merchants")) r = once(pl, F_KNOWN) || read_known(c, pl);
-        else r = skip_value(c, 2);
-        if (r) return -1;
+/* The payload's shape, as tables: each field's key, how it is read, and where it goes. */
+typedef enum { NUMBER, NON_NEGATIVE, STRING, BOOLEAN, TIMESTAMP, KNOWN_LIST, OBJECT, OBJECT_OR_NULL } kind_t;
+typedef struct field {
+    const char *key;
+    kind_t kind;
+    size_t offset;           /* in payload_t */
+    const struct field *sub; /* the members of an OBJECT, ended by a NULL key */
+    int optional;            /* may be absent (only last_transaction, which then reads as null) */
+} field_t;
+
+#define AT(member) offsetof(payload_t, member)
+static const field_t TRANSACTION[] = {
+    {"amount", NON_NEGATIVE, AT(amount), NULL, 0},
+    {"installments", NON_NEGATIVE, AT(installments), NULL, 0},
+    {"requested_at", TIMESTAMP, AT(now), NULL, 0},
+    {NULL, 0, 0, NULL, 0},
+};
+static const field_t CUSTOMER[] = {
+    {"avg_amount", NUMBER, AT(avg_amount), NULL, 0},
+    {"tx_count_24h", NON_NEGATIVE, AT(tx_count), NULL, 0},
+    {"known_merchants", KNOWN_LIST, 0, NULL, 0},
+    {NULL, 0, 0, NULL, 0},
+};
+static const field_t MERCHANT[] = {
+    {"id", STRING, AT(merchant_id), NULL, 0},
+    {"mcc", STRING, AT(mcc), NULL, 0},
+    {"avg_amount", NON_NEGATIVE, AT(merchant_avg), NULL, 0},
+    {NULL, 0, 0, NULL, 0},
+};
+static const field_t TERMINAL[] = {
+    {"is_online", BOOLEAN, AT(online), NULL, 0},
+    {"card_present", BOOLEAN, AT(card_present), NULL, 0},
+    {"km_from_home", NON_NEGATIVE, AT(km_home), NULL, 0},
+    {NULL, 0, 0, NULL, 0},
+};
+static const field_t LAST_TRANSACTION[] = {
+    {"timestamp", TIMESTAMP, AT(then), NULL, 0},
+    {"km_from_current", NON_NEGATIVE, AT(km_last), NULL, 0},
+    {NULL, 0, 0, NULL, 0},
+};
+static const field_t PAYLOAD[] = {
+    {"transaction", OBJECT, 0, TRANSACTION, 0},
+    {"customer", OBJECT, 0, CUSTOMER, 0},
+    {"merchant", OBJECT, 0, MERCHANT, 0},
+    {"terminal", OBJECT, 0, TERMINAL, 0},
+    {"last_transaction", OBJECT_OR_NULL, AT(has_last), LAST_TRANSACTION, 1},
+    {NULL, 0, 0, NULL, 0},
+};
+#undef AT
+
+static int read_object(cur_t *c, payload_t *pl, const field_t *fields, int depth);
+
+static int read_field(cur_t *c, payload_t *pl, const field_t *f, int depth) {
+    char *at = (char *)pl + f->offset;
+    switch (f->kind) {
+    case NUMBER: return read_number(c, (double *)at);
+    case NON_NEGATIVE: return read_non_negative(c, (double *)at);
+    case STRING: return read_string(c, (slice_t *)at);
+    case BOOLEAN: return read_bool(c, (int *)at);
+    case TIMESTAMP: return read_timestamp(c, (int64_t *)at);
+    case KNOWN_LIST: return read_known(c, pl);
+    case OBJECT: return read_object(c, pl, f->sub, depth + 1);
+    case OBJECT_OR_NULL:
+        ws(c);
+        if (literal(c, "null") == 0) return 0;
+        *(int *)at = 1;
+        return read_object(c, pl, f->sub, depth + 1);
     }
-    return r;
+    return -1;
 }
 
-static int read_merchant(cur_t *c, payload_t *pl) {
+/* One object of the payload: each field read once (twice is declined), any other member checked
+ * and skipped, then every field that must be there, there. */
+static int read_object(cur_t *c, payload_t *pl, const field_t *fields, int depth) {
     int first = 1, r;
+    unsigned seen = 0; /* bit i: fields[i] was read */
     slice_t k;
     if (eat(c, '{')) return -1;
     while ((r = next_member(c, &first, &k)) == 1) {
-        if (is_key(k, "id")) r = once(pl, F_MERCHANT_ID) || read_string(c, &pl->merchant_id);
-        else if (is_key(k, "mcc")) r = once(pl, F_MCC) || read_string(c, &pl->mcc);
-        else if (is_key(k, "avg_amount")) r = once(pl, F_MERCHANT_AVG) || read_non_negative(c, &pl->merchant_avg);
-        else r = skip_value(c, 2);
+        const field_t *f = fields;
+        while (f->key && !is_key(k, f->key)) f++;
+        if (!f->key) r = skip_value(c, depth + 1);
+        else {
+            unsigned bit = 1u << (f - fields);
+            if (seen & bit) return -1;
+            seen |= bit;
+            r = read_field(c, pl, f, depth);
+        }
         if (r) return -1;
     }
-    return r;
-}
-
-static int read_terminal(cur_t *c, payload_t *pl) {
-    int first = 1, r;
-    slice_t k;
-    if (eat(c, '{')) return -1;
-    while ((r = next_member(c, &first, &k)) == 1) {
-        if (is_key(k, "is_online")) r = once(pl, F_ONLINE) || read_bool(c, &pl->online);
-        else if (is_key(k, "card_present")) r = once(pl, F_CARD) || read_bool(c, &pl->card_present);
-        else if (is_key(k, "km_from_home")) r = once(pl, F_KM_HOME) || read_non_negative(c, &pl->km_home);
-        else r = skip_value(c, 2);
-        if (r) return -1;
-    }
-    return r;
-}
-
-static int read_last(cur_t *c, payload_t *pl) {
-    ws(c);
-    if (literal(c, "null") == 0) return 0;
-    int first = 1, r;
-    slice_t k;
-    pl->has_last = 1;
-    if (eat(c, '{')) return -1;
-    while ((r = next_member(c, &first, &k)) == 1) {
-        if (is_key(k, "timestamp")) r = once(pl, F_LAST_AT) || read_timestamp(c, &pl->then, NULL);
-        else if (is_key(k, "km_from_current")) r = once(pl, F_KM_LAST) || read_non_negative(c, &pl->km_last);
-        else r = skip_value(c, 2);
-        if (r) return -1;
-    }
-    return r;
+    if (r) return -1;
+    for (const field_t *f = fields; f->key; f++)
+        if (!f->optional && !(seen & (1u << (f - fields)))) return -1;
+    return 0;
 }
 
 static int read_payload(const char *body, size_t n, payload_t *pl) {
     cur_t c = {body, body + n};
-    int first = 1, r;
-    slice_t k;
     memset(pl, 0, sizeof *pl);
-    if (eat(&c, '{')) return -1;
-    while ((r = next_member(&c, &first, &k)) == 1) {
-        if (is_key(k, "transaction")) r = once(pl, F_TX) || read_transaction(&c, pl);
-        else if (is_key(k, "customer")) r = once(pl, F_CUSTOMER) || read_customer(&c, pl);
-        else if (is_key(k, "merchant")) r = once(pl, F_MERCHANT) || read_merchant(&c, pl);
-        else if (is_key(k, "terminal")) r = once(pl, F_TERMINAL) || read_terminal(&c, pl);
-        else if (is_key(k, "last_transaction")) r = once(pl, F_LAST) || read_last(&c, pl);
-        else r = skip_value(&c, 1);
-        if (r) return -1;
-    }
-    if (r) return -1;
+    if (read_object(&c, pl, PAYLOAD, 0)) return -1;
     ws(&c);
-    if (c.p != c.end) return -1;
-    if ((pl->seen & F_REQUIRED) != F_REQUIRED) return -1;
-    if (pl->has_last && (pl->seen & F_LAST_REQUIRED) != F_LAST_REQUIRED) return -1;
-    return 0;
+    return c.p == c.end ? 0 : -1;
 }
 
 /* ---- The vector --------------------------------------------------------------------------------- */
@@ -382,9 +371,9 @@ static int vectorize(const payload_t *pl, const divisors_t *dv, const mcc_t *mcc
     double ratio_dim;
     if (pl->avg_amount > 0) ratio_dim = clamp01((pl->amount / pl->avg_amount) / dv->amount_vs_avg_ratio);
     else ratio_dim = pl->amount > 0 ? 1.0 : 0.0;
-    int64_t seconds_of_day = pl->now - (int64_t)pl->now_days * 86400;
-    int weekday = (int)(((int64_t)pl->now_days + 3) % 7); /* 1970-01-01 was a Thursday (3) */
-    if (weekday < 0) weekday += 7;
+    int64_t days = pl->now / 86400 - (pl->now % 86400 < 0); /* floor: years before 1970 too */
+    int64_t seconds_of_day = pl->now - days * 86400;
+    int weekday = (int)((days % 7 + 7 + 3) % 7); /* Monday 0; 1970-01-01 was a Thursday */
     double unknown = 1.0;
     for (int i = 0; i < pl->n_known; i++)
         if (pl->known[i].n == pl->merchant_id.n && memcmp(pl->known[i].s, pl->merchant_id.s, pl->merchant_id.n) == 0) {
