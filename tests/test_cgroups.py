@@ -70,6 +70,9 @@ def test_cpu_quota_throttles_a_busy_child(cgroups: CgroupManager) -> None:
         pytest.skip("no CPU accounting in this hierarchy (v1 without cpuacct)")
     # Unthrottled it would use ~1 s of CPU in its 1 s of wall time; 0.2 CPU allows ~0.2 s.
     assert 0.05 < used < 0.5
+    # ...and the kernel counts the time it held the child back: most of that second
+    throttled = spin.throttled_seconds()
+    assert throttled is not None and throttled > 0.3
 
 
 def test_outer_cgroup_holds_the_whole_stack_limit(cgroups: CgroupManager) -> None:
@@ -152,8 +155,9 @@ def test_v2_files_on_a_stand_in_tree(tmp_path: Path) -> None:
     assert api.memory_limit_bytes() == 165 * MIB
     api.add(4242)
     assert api.pids() == [4242]
-    (api.cpu_dir / "cpu.stat").write_text("usage_usec 1500000\nuser_usec 1000000\n")
+    (api.cpu_dir / "cpu.stat").write_text("usage_usec 1500000\nuser_usec 1000000\nthrottled_usec 250000\n")
     assert api.cpu_seconds() == 1.5
+    assert api.throttled_seconds() == 0.25
     assert api.peak_memory_bytes() is None
     (api.memory_dir / "memory.max").write_text("max\n")
     assert api.memory_limit_bytes() is None

@@ -446,7 +446,7 @@ static int frame(const char *data, size_t n, Py_ssize_t max_body, const char **b
         size_t value_len = (size_t)(value_end - value);
         p += 2;
         if (name_is(name, name_len, "content-length")) {
-            if (length >= 0 || value_len == 0 || value_len > 9) return -1;
+            if (length >= 0 || value_len == 0 || value_len > 9 || (value_len > 1 && value[0] == '0')) return -1;
             length = 0;
             for (size_t i = 0; i < value_len; i++) {
                 if (value[i] < '0' || value[i] > '9') return -1;

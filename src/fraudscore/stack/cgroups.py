@@ -240,6 +240,17 @@ class Cgroup:
         usec = _keyed(self.cpu_dir / "cpu.stat", "usage_usec")
         return None if usec is None else usec / 1e6
 
+    def throttled_seconds(self) -> float | None:
+        """How long the CPU quota held this cgroup's processes back, or None if the kernel does not say.
+
+        Throttling shows as latency: a process that spent its quota waits for the next period."""
+        stat = self.cpu_dir / "cpu.stat"
+        if self.version == 1:
+            ns = _keyed(stat, "throttled_time")
+            return None if ns is None else ns / 1e9
+        usec = _keyed(stat, "throttled_usec")
+        return None if usec is None else usec / 1e6
+
     def oom_kills(self) -> int | None:
         """How many processes the kernel killed here for exceeding the memory limit (None: not counted)."""
         if self.version == 1:

@@ -272,6 +272,7 @@ class Stack:
                 "peak_memory_bytes": cg.peak_memory_bytes() if cg else proc.peak_rss_kib * 1024,
                 "memory_limit_bytes": proc.limits.memory_bytes if cg else None,
                 "cpu_seconds": cg.cpu_seconds() if cg else None,
+                "throttled_seconds": cg.throttled_seconds() if cg else None,
                 "restarts": proc.restarts,
             }
         if self.cgroups is not None:
@@ -296,12 +297,14 @@ def run(config: StackConfig) -> dict[str, dict[str, float | int | None]]:
             peak = r["peak_memory_bytes"]
             rss = r["peak_rss_bytes"]
             cpu = r["cpu_seconds"]
+            throttled = r["throttled_seconds"]
             log.info(
-                "%s: peak RSS %s, peak memory %s, CPU %s, restarts %s",
+                "%s: peak RSS %s, peak memory %s, CPU %s (throttled %s), restarts %s",
                 name,
                 f"{rss / 2**20:.1f} MiB" if isinstance(rss, int) else "?",
                 f"{peak / 2**20:.1f} MiB" if isinstance(peak, int) else "?",
                 f"{cpu:.1f} s" if isinstance(cpu, float) else "?",
+                f"{throttled:.2f} s" if isinstance(throttled, float) else "?",
                 r["restarts"],
             )
     return report
