@@ -4,7 +4,7 @@
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS build
-# gcc and the libc headers compile the one C extension (fraudscore.index._knn).
+# gcc and the libc headers compile the C extensions (the search core and the service's fast path).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*

@@ -9,7 +9,7 @@ Starts `fraudscore stack` (each process in its own cgroup with the compose file'
 run out so the ramp reaches its target), and reads the cgroups when the stack stops.  With
 --kill-at S, api1 is killed (SIGKILL) S seconds into the run: the failed requests are counted
 as the run's HTTP errors, and the stack's log says when api1 was back.  With --no-chart, k6 keeps
-no per-request samples (less of its CPU beside the stack, as in a judged run) and draws no chart.
+no per-request samples (less of its CPU beside the stack) and draws no chart.
 """
 
 from __future__ import annotations
