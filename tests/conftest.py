@@ -91,7 +91,10 @@ class Server:
             _, err = self.proc.communicate(timeout=15)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, err = self.proc.communicate()
+            try:
+                _, err = self.proc.communicate(timeout=15)
+            except subprocess.TimeoutExpired:  # fail, not hang: what it started outlived it and holds the pipe
+                raise AssertionError(f"`fraudscore {self.command}` left processes behind") from None
         return self.proc.returncode, err.decode()
 
     def kill(self) -> None:

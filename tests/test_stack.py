@@ -254,6 +254,27 @@ def test_sigterm_finishes_in_flight_requests(
     assert stack.proc.returncode == 0, err.decode()
 
 
+def test_sigterm_while_starting_stops_what_was_started(index_path: Path) -> None:
+    argv = [sys.executable, "-m", "fraudscore.cli", "stack", "--index", str(index_path)]
+    proc = subprocess.Popen([*argv, "--port", str(free_port())], stderr=subprocess.PIPE)
+    try:
+        # the first instance is starting: the balancer is not up yet, let alone "stack up"
+        wait_for(lambda: bool(subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True).stdout))
+        children = [
+            int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True).stdout.split()
+        ]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    log = err.decode()
+    assert proc.returncode == 0, log
+    assert "stack up" not in log and "stopped before" in log
+    assert [pid for pid in children if not gone(pid)] == []
+
+
 @pytest.mark.parametrize("lb", ["nginx", "haproxy"])
 def test_external_balancers(lb: str, start_stack: Any, example_payloads: list[dict[str, Any]]) -> None:
     if (proxies.find_nginx() if lb == "nginx" else proxies.find_haproxy()) is None:

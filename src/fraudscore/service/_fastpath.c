@@ -11,13 +11,15 @@
  * answers to the Python path's on the dev payloads and on thousands of mutations of them.
  *
  * Where it must compute what Python computes, it does the same IEEE operations in the same
- * order: numbers are read with strtod (correctly rounded, as Python's parsers are), and every
+ * order: numbers are read with strtod in the C locale (correctly rounded, as Python's parsers are,
+ * and with '.' as the decimal point whatever locale the process runs in), and every
  * dimension is rounded to 4 decimals exactly as round(x, 4) would (ties to even on the exact
  * binary value).  Build with -ffp-contract=off so no multiply-add is fused.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <locale.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -34,6 +36,7 @@
 #define MAX_MCC 64
 
 static const fs_knn_api *knn;
+static locale_t c_locale; /* numbers are read in it: a process's LC_NUMERIC could say ',' */
 
 /* ---- Reading: every reader returns 0 when it read what it expects, -1 to decline ---------- */
 
@@ -100,7 +103,7 @@ static int read_number(cur_t *c, double *out) {
     char buf[MAX_NUMBER + 1];
     memcpy(buf, start, n);
     buf[n] = '\0';
-    *out = strtod(buf, NULL);
+    *out = strtod_l(buf, NULL, c_locale);
     return isfinite(*out) ? 0 : -1;
 }
 
@@ -660,6 +663,8 @@ static struct PyModuleDef fastpath_module = {
 PyMODINIT_FUNC PyInit__fastpath(void) {
     knn = (const fs_knn_api *)PyCapsule_Import(FS_KNN_CAPSULE, 0);
     if (!knn) return NULL;
+    c_locale = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
+    if (c_locale == (locale_t)0) return PyErr_SetFromErrno(PyExc_OSError);
     if (PyType_Ready(&FastPathType) < 0) return NULL;
     PyObject *m = PyModule_Create(&fastpath_module);
     if (!m) return NULL;

@@ -3,9 +3,9 @@
 Each process runs in its own cgroup with the limits of ``limits.py`` (the numbers the compose
 file is generated from) where cgroups are writable; ``--no-limits`` skips that, for running the
 whole stack inside one outer limit.  The runner waits for every instance's ``/ready``, restarts
-any process that dies, and on SIGINT/SIGTERM stops in order: the balancer first (no new
-connections), then the instances (they finish what they have begun), then removes its cgroups
-and socket files.
+any process that dies, and on SIGINT/SIGTERM (even one that arrives while it is starting)
+stops in order: the balancer first (no new connections), then the instances (they finish what
+they have begun), then removes its cgroups and socket files.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -40,12 +41,23 @@ class StackError(FraudscoreError):
     """The stack could not start: a process failed or never became ready."""
 
 
+class StackStopped(StackError):
+    """A stop was asked for (SIGINT/SIGTERM) while the stack was still starting."""
+
+
 def wait_ready(
-    url: str, *, timeout: float = READY_TIMEOUT, process: subprocess.Popen[bytes] | None = None
+    url: str,
+    *,
+    timeout: float = READY_TIMEOUT,
+    process: subprocess.Popen[bytes] | None = None,
+    stopping: Callable[[], bool] | None = None,
 ) -> float:
-    """Seconds until GET {url}/ready answers 200; StackError if ``process`` exits or time runs out."""
+    """Seconds until GET {url}/ready answers 200; StackError if ``process`` exits or time runs out,
+    StackStopped as soon as ``stopping()`` is true."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
+        if stopping is not None and stopping():
+            raise StackStopped(f"stopped before {url} was ready")
         if process is not None and process.poll() is not None:
             raise StackError(f"the process exited with {process.returncode} before {url} was ready")
         with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/ready", timeout=1) as r:
@@ -195,7 +207,7 @@ class Stack:
         self.balancer.start()
         assert self.balancer.child is not None
         host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
-        wait_ready(f"http://{host}:{cfg.port}", process=self.balancer.child)
+        wait_ready(f"http://{host}:{cfg.port}", process=self.balancer.child, stopping=self.stopping)
         log.info(
             "stack up in %.1f s: %s balancer on :%d, %d instances%s",
             time.monotonic() - started,
@@ -214,6 +226,8 @@ class Stack:
         assert proc.socket is not None and proc.child is not None
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
+            if self._stopping:
+                raise StackStopped(f"stopped before {proc.name} was ready")
             if proc.child.poll() is not None:
                 raise StackError(f"{proc.name} exited with {proc.child.returncode} before it was ready")
             if probe(proc.socket, handoff=self.config.balancer == "builtin"):
@@ -223,14 +237,21 @@ class Stack:
 
     # -- running ----------------------------------------------------------------------------
 
-    def watch(self) -> None:
-        """Restart what dies, until SIGINT or SIGTERM."""
+    def catch_signals(self) -> None:
+        """SIGINT and SIGTERM ask for an orderly stop from now on, start-up included: dying on
+        the default action would leave the children running."""
 
         def stop(signum: int, frame: FrameType | None) -> None:
             self._stopping = True
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def watch(self) -> None:
+        """Restart what dies, until SIGINT or SIGTERM (``catch_signals``)."""
         while not self._stopping:
             for proc in self.processes:
                 proc.sample()
@@ -250,6 +271,8 @@ class Stack:
         if proc.socket is not None:
             try:
                 self._wait_ready(proc)
+            except StackStopped:
+                return
             except StackError as exc:
                 log.error("%s", exc)
                 return
@@ -288,9 +311,12 @@ class Stack:
 
 def run(config: StackConfig) -> dict[str, dict[str, float | int | None]]:
     stack = Stack(config)
+    stack.catch_signals()
     try:
         stack.start()
         stack.watch()
+    except StackStopped as exc:
+        log.info("%s", exc)
     finally:
         report = stack.stop()
         for name, r in report.items():
