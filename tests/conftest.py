@@ -93,7 +93,7 @@ class Server:
             self.proc.kill()
             try:
                 _, err = self.proc.communicate(timeout=15)
-            except subprocess.TimeoutExpired:  # fail, not hang: what it started outlived it and holds the pipe
+            except subprocess.TimeoutExpired:  # fail, not hang: what it started outlived it, holding the pipe
                 raise AssertionError(f"`fraudscore {self.command}` left processes behind") from None
         return self.proc.returncode, err.decode()
 
