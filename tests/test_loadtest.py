@@ -193,23 +193,37 @@ def _parse(*argv: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _run_against(stand_in: tuple[str, Path, StandIn], out: Path, *extra: str) -> dict[str, Any]:
+    """`fraudscore loadtest` against the stand-in: 0.1 -> 90 req/s over 3 s starts ~135
+    iterations, so all 50 entries are sent and the rest of the ramp sends nothing."""
+    _k6_or_skip()
+    url, data, service = stand_in
+    argv = (
+        "--url",
+        url,
+        "--data",
+        str(data),
+        "--rate-multiplier",
+        "0.1",
+        "--duration",
+        "3",
+        "--out",
+        str(out),
+    )
+    assert loadtest.run(_parse(*argv, *extra)) == 0
+    assert set(service.seen) == set(service.answers)
+    assert set(service.seen.values()) == {1}, "each entry is sent exactly once"
+    result: dict[str, Any] = json.loads((out / "result.json").read_text())
+    return result
+
+
 def test_k6_run_counts_every_answer(
     stand_in: tuple[str, Path, StandIn], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _k6_or_skip()
-    url, data, service = stand_in
     out = tmp_path / "out"
-    # 0.1 -> 90 req/s over 3 s starts ~135 iterations: all 50 entries are sent, the rest send nothing.
-    args = _parse(
-        "--url", url, "--data", str(data), "--rate-multiplier", "0.1", "--duration", "3", "--out", str(out)
-    )
+    result = _run_against(stand_in, out)
 
-    assert loadtest.run(args) == 0
-
-    assert set(service.seen) == set(service.answers)
-    assert set(service.seen.values()) == {1}, "each entry is sent exactly once"
-    result = json.loads((out / "result.json").read_text())
-    entries = service.answers.values()
+    entries = stand_in[2].answers.values()
     deny = sum(not e["expected_approved"] for e in entries)
     assert result["counts"] == {
         "tp": deny - 2 - 1,  # less the 2 flipped to approve and the garbage answer
@@ -234,18 +248,9 @@ def test_k6_run_counts_every_answer(
 def test_no_chart_scores_from_the_summary_alone(
     stand_in: tuple[str, Path, StandIn], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _k6_or_skip()
-    url, data, service = stand_in
     out = tmp_path / "out"
-    args = _parse(
-        "--url", url, "--data", str(data), "--rate-multiplier", "0.1", "--duration", "3", "--out", str(out),
-        "--no-chart",
-    )  # fmt: skip
+    result = _run_against(stand_in, out, "--no-chart")
 
-    assert loadtest.run(args) == 0
-
-    result = json.loads((out / "result.json").read_text())
-    assert set(service.seen.values()) == {1}
     assert result["requests"] == 50
     assert result["counts"]["fp"] == 3 and result["counts"]["http_errors"] == 2
     assert result["latency_ms"]["p99"] > 0
