@@ -237,3 +237,19 @@ def test_proxy_does_not_resend_to_the_other_instance(
     # Half fail with the proxy's gateway error, and the live instance saw only its own half.
     assert sorted(statuses) == [200, 200, 502, 502] or sorted(statuses) == [200, 200, 503, 503]
     assert len(instances[0].bodies) == 2
+
+
+@pytest.mark.parametrize("name", ["nginx", "haproxy"])
+def test_proxy_keeps_a_busy_client_connection_open(
+    name: str, instances: list[_Instance], start_proxy: Callable[[str, list[Path]], int]
+) -> None:
+    """More requests on one connection than a contract run sends (~600): none is the last."""
+    port = start_proxy(name, [Path(s.server_address) for s in instances])  # type: ignore[arg-type]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    for i in range(1500):
+        conn.request("POST", "/fraud-score", body=b'{"id": "tx-%d"}' % i)
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+        assert not response.will_close, f"{name} closed the connection after request {i + 1}"
+    conn.close()

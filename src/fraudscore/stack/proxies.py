@@ -84,10 +84,14 @@ http {{
         # round-robin is nginx's default; max_fails=0 keeps an instance in rotation after one error.
 {upstreams}
         keepalive 64;
+        keepalive_requests 1000000;
     }}
 
     server {{
         listen {port} backlog=4096;
+        # nginx closes a keep-alive connection after 1,000 requests by default: a client that
+        # sends on it at that moment gets no answer.  A contract run sends ~600 per connection.
+        keepalive_requests 1000000;
 
         location / {{
             proxy_pass http://api;

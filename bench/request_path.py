@@ -1,0 +1,101 @@
+"""One scoring request through the service's code, in process: the fast path against the Python path.
+
+    python bench/request_path.py [--repeats 5]
+
+Feeds each dev payload, as the bytes of a whole HTTP request, to ``HttpConnection.data_received``
+(the service's own connection class, with an in-memory transport in place of a socket), once with
+the native fast path and once with httptools, orjson and the Python vectorizer.  What this leaves
+out is the socket: the event loop, the system calls and the wake-ups, which ``http_single.py``
+measures with the rest.  Figures are medians over the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import orjson
+
+from _common import DEV_DATA, INDEX, dev_entries, machine
+from fraudscore.contract.vectorize import DEFAULT_CONSTANTS
+from fraudscore.index.search import Index
+from fraudscore.service import responses
+from fraudscore.service.protocol import HttpConnection, fast_path
+from fraudscore.service.server import ServiceConfig, ServiceState
+from fraudscore.tools.loadtest import percentile
+
+
+class MemoryTransport:
+    """Keeps what the connection writes; enough of a transport for data_received."""
+
+    def __init__(self) -> None:
+        self.last = b""
+
+    def write(self, data: bytes) -> None:
+        self.last = data
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def request(payload: Any) -> bytes:
+    body = orjson.dumps(payload)
+    head = (
+        b"POST /fraud-score HTTP/1.1\r\nHost: bench\r\nUser-Agent: k6\r\nContent-Type: application/json\r\n"
+    )
+    return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def time_path(conn: HttpConnection, transport: MemoryTransport, requests: list[bytes]) -> list[float]:
+    times = []
+    for data in requests:
+        t0 = time.perf_counter_ns()
+        conn.data_received(data)
+        times.append((time.perf_counter_ns() - t0) / 1000)
+        assert transport.last in responses.SCORES
+    times.sort()
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--index", default=str(INDEX))
+    args = parser.parse_args()
+
+    requests = [request(e["request"]) for e in dev_entries(DEV_DATA)]
+    index = Index(args.index)
+    index.warm()
+    config = ServiceConfig(index_path=index.path, port=0)
+    paths = {}
+    for name, fast in (("fast path", True), ("Python path", False)):
+        state = ServiceState(config=config, index=index, constants=DEFAULT_CONSTANTS, ready=True)
+        if fast:
+            state.fast = fast_path(index, DEFAULT_CONSTANTS, config.max_body_bytes)
+        transport = MemoryTransport()
+        conn = HttpConnection(state)
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        paths[name] = (conn, transport)
+
+    figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in paths}
+    for _ in range(args.repeats):
+        for name, (conn, transport) in paths.items():
+            times = time_path(conn, transport, requests)
+            figures[name].append((percentile(times, 50), percentile(times, 90), percentile(times, 99)))
+
+    print(f"machine: {machine()}")
+    print(f"requests: {len(requests):,} dev payloads x {args.repeats} repeats (medians over repeats)")
+    for name, rows in figures.items():
+        p50, p90, p99 = (statistics.median(r[i] for r in rows) for i in range(3))
+        print(f"{name:12s} data_received (us): median {p50:.1f}  p90 {p90:.1f}  p99 {p99:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Round trips through the running stack with a plain socket client: how much of k6's latency is ours.
+
+    python bench/roundtrip.py [--requests 2000] [--lb builtin|nginx|haproxy]
+
+Starts `fraudscore stack` (limits as in the compose file), then from this process, one request at
+a time: requests on one keep-alive connection, and requests each on a new connection (connect,
+then the first request, which the balancer hands over).  The client is a blocking socket and
+nothing else runs, so the figures are the stack's own latency plus one loopback round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import subprocess
+import time
+
+from _common import ROOT, fraudscore, free_port, machine
+from fraudscore.stack.runner import wait_ready
+from fraudscore.tools.loadtest import percentile
+
+
+def exchange(sock: socket.socket, request: bytes) -> None:
+    sock.sendall(request)
+    answer = sock.recv(4096)
+    if not answer.startswith(b"HTTP/1.1 200"):
+        raise SystemExit(f"unexpected answer: {answer[:80]!r}")
+
+
+def connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def summary(name: str, micros: list[float]) -> str:
+    micros.sort()
+    p50, p90, p99 = (percentile(micros, q) for q in (50, 90, 99))
+    return f"{name:34s} median {p50:6.0f}  p90 {p90:6.0f}  p99 {p99:6.0f} us"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=2000, help="of each kind")
+    parser.add_argument("--lb", choices=["builtin", "nginx", "haproxy"], default="builtin")
+    args = parser.parse_args()
+
+    payload = json.loads((ROOT / "data" / "example-payloads.json").read_text())[0]
+    body = json.dumps(payload).encode()
+    request = b"POST /fraud-score HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    port = free_port()
+    stack = subprocess.Popen(fraudscore("stack", "--port", str(port), "--lb", args.lb))
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", timeout=60)
+        keep_alive, first = [], []
+        with connect(port) as sock:
+            for _ in range(args.requests):
+                t0 = time.perf_counter_ns()
+                exchange(sock, request)
+                keep_alive.append((time.perf_counter_ns() - t0) / 1000)
+        for _ in range(args.requests):
+            with connect(port) as sock:
+                t0 = time.perf_counter_ns()
+                exchange(sock, request)
+                first.append((time.perf_counter_ns() - t0) / 1000)
+    finally:
+        stack.send_signal(signal.SIGTERM)
+        stack.wait(timeout=60)
+    print(f"machine: {machine()}; balancer {args.lb}; {args.requests} requests of each kind")
+    print(summary("keep-alive connection", keep_alive))
+    print(summary("first request on a new connection", first))
+
+
+if __name__ == "__main__":
+    main()
