@@ -18,6 +18,13 @@ INDEX = ROOT / "data" / "references.fsidx"
 CONTRACT_TARGET = 900.0  # req/s at the end of the contract's ramp
 
 
+def scoring_request(payload: Any) -> bytes:
+    """One whole POST /fraud-score request, compact JSON body, headers as a load tester sends."""
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    head = b"POST /fraud-score HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+    return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
 def dev_entries(path: Path = DEV_DATA) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = json.loads(gzip.decompress(path.read_bytes()))["entries"]
     return entries

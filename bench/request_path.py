@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any
 
-import orjson
-
-from _common import DEV_DATA, INDEX, dev_entries, machine
+from _common import DEV_DATA, INDEX, dev_entries, machine, scoring_request
 from fraudscore.contract.vectorize import DEFAULT_CONSTANTS
 from fraudscore.index.search import Index
 from fraudscore.service import responses
@@ -43,14 +40,6 @@ class MemoryTransport:
         pass
 
 
-def request(payload: Any) -> bytes:
-    body = orjson.dumps(payload)
-    head = (
-        b"POST /fraud-score HTTP/1.1\r\nHost: bench\r\nUser-Agent: k6\r\nContent-Type: application/json\r\n"
-    )
-    return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
-
-
 def time_path(conn: HttpConnection, transport: MemoryTransport, requests: list[bytes]) -> list[float]:
     times = []
     for data in requests:
@@ -70,7 +59,7 @@ def main() -> None:
     parser.add_argument("--index", default=str(INDEX))
     args = parser.parse_args()
 
-    requests = [request(e["request"]) for e in dev_entries(DEV_DATA)]
+    requests = [scoring_request(e["request"]) for e in dev_entries(DEV_DATA)]
     index = Index(args.index)
     index.warm()
     config = ServiceConfig(index_path=index.path, port=0)

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import time
 
-from _common import ROOT, fraudscore, free_port, machine
+from _common import ROOT, fraudscore, free_port, machine, scoring_request
 from fraudscore.stack.runner import wait_ready
 from fraudscore.tools.loadtest import percentile
 
@@ -49,9 +49,7 @@ def main() -> None:
     parser.add_argument("--lb", choices=["builtin", "nginx", "haproxy"], default="builtin")
     args = parser.parse_args()
 
-    payload = json.loads((ROOT / "data" / "example-payloads.json").read_text())[0]
-    body = json.dumps(payload).encode()
-    request = b"POST /fraud-score HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    request = scoring_request(json.loads((ROOT / "data" / "example-payloads.json").read_text())[0])
     port = free_port()
     stack = subprocess.Popen(fraudscore("stack", "--port", str(port), "--lb", args.lb))
     try:
