@@ -17,10 +17,10 @@ import time
 
 from _common import DEV_DATA, INDEX, dev_entries, machine, scoring_request
 from fraudscore.contract.vectorize import DEFAULT_CONSTANTS
-from fraudscore.index.search import Index
+from fraudscore.scorer import KnnScorer
 from fraudscore.service import responses
 from fraudscore.service.protocol import HttpConnection, fast_path
-from fraudscore.service.server import ServiceConfig, ServiceState
+from fraudscore.service.state import ServiceConfig, ServiceState
 from fraudscore.tools.loadtest import percentile
 
 
@@ -60,14 +60,14 @@ def main() -> None:
     args = parser.parse_args()
 
     requests = [scoring_request(e["request"]) for e in dev_entries(DEV_DATA)]
-    index = Index(args.index)
-    index.warm()
-    config = ServiceConfig(index_path=index.path, port=0)
+    scorer = KnnScorer.open(args.index)
+    scorer.index.warm()
+    config = ServiceConfig(index_path=scorer.index.path, port=0)
     paths = {}
     for name, fast in (("fast path", True), ("Python path", False)):
-        state = ServiceState(config=config, index=index, constants=DEFAULT_CONSTANTS, ready=True)
+        state = ServiceState(config=config, scorer=scorer, constants=DEFAULT_CONSTANTS, ready=True)
         if fast:
-            state.fast = fast_path(index, DEFAULT_CONSTANTS, config.max_body_bytes)
+            state.fast = fast_path(scorer, DEFAULT_CONSTANTS, config.max_body_bytes)
         transport = MemoryTransport()
         conn = HttpConnection(state)
         conn.connection_made(transport)  # type: ignore[arg-type]

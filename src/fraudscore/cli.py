@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from fraudscore.errors import FraudscoreError
+from fraudscore.errors import FraudscoreError, UsageError
 
 log = logging.getLogger("fraudscore")
 
@@ -28,10 +28,6 @@ DEFAULT_HOST = os.environ.get("FRAUDSCORE_HOST", "0.0.0.0")
 Command = Callable[[argparse.Namespace], int]
 
 
-class UsageError(FraudscoreError):
-    """A command line that cannot be carried out as given."""
-
-
 def _constants(args: argparse.Namespace) -> Any:
     from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants
 
@@ -40,11 +36,11 @@ def _constants(args: argparse.Namespace) -> Any:
     return Constants.load(args.normalization, args.mcc_risk)
 
 
-def _open_index(args: argparse.Namespace) -> Any:
-    from fraudscore.index.search import Index
+def _open_scorer(args: argparse.Namespace) -> Any:
+    from fraudscore.scorer import KnnScorer
 
     path = ensure_index(args.index, getattr(args, "references", DEFAULT_REFERENCES))
-    return Index(path)
+    return KnnScorer.open(path)
 
 
 def ensure_index(index: Path, references: Path) -> Path:
@@ -94,7 +90,8 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fraudscore.service.server import ServiceConfig, run
+    from fraudscore.service.server import run
+    from fraudscore.service.state import ServiceConfig
 
     port = args.port
     if args.uds is None and args.handoff is None and port is None:
@@ -119,8 +116,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from fraudscore.offline import iter_payloads, score_all
 
     payloads = list(iter_payloads(read_json(args.file)))
-    with _open_index(args) as index:
-        results = score_all(index, payloads, _constants(args))
+    with _open_scorer(args) as scorer:
+        results = score_all(scorer, payloads, _constants(args))
     out = sys.stdout.buffer
     for result in results:
         out.write(orjson.dumps(result.as_json()) + b"\n")
@@ -134,8 +131,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fraudscore.contract.testdata import read_json
     from fraudscore.offline import evaluate
 
-    with _open_index(args) as index:
-        result = evaluate(index, read_json(args.file), _constants(args))
+    with _open_scorer(args) as scorer:
+        result = evaluate(scorer, read_json(args.file), _constants(args))
     summary = result.as_json()
     if not args.all:
         summary["differing"] = summary["differing"][:20]

@@ -13,8 +13,7 @@ from typing import Any
 from fraudscore.contract import testdata
 from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants, vectorize
 from fraudscore.errors import PayloadError
-from fraudscore.index.search import Index
-from fraudscore.scoring import decision
+from fraudscore.scorer import KnnScorer, Scorer
 
 
 def iter_payloads(document: Any) -> Iterator[Any]:
@@ -43,8 +42,8 @@ class Scored:
         return {"id": self.id, "approved": self.approved, "fraud_score": self.fraud_score}
 
 
-def score_all(index: Index, payloads: list[Any], constants: Constants = DEFAULT_CONSTANTS) -> list[Scored]:
-    """Score many payloads: vectorize each, then search them all in one native call."""
+def score_all(scorer: Scorer, payloads: list[Any], constants: Constants = DEFAULT_CONSTANTS) -> list[Scored]:
+    """Score many payloads: vectorize each, then score them all in one call."""
     vectors: list[list[float]] = []
     errors: dict[int, str] = {}
     for i, payload in enumerate(payloads):
@@ -52,15 +51,15 @@ def score_all(index: Index, payloads: list[Any], constants: Constants = DEFAULT_
             vectors.append(vectorize(payload, constants))
         except PayloadError as exc:
             errors[i] = str(exc)
-    counts = iter(index.fraud_counts(vectors))
+    scores = iter(scorer.scores(vectors))
     out = []
     for i, payload in enumerate(payloads):
         ident = payload.get("id") if isinstance(payload, dict) else None
         if i in errors:
             out.append(Scored(ident, None, None, errors[i]))
         else:
-            approved, score = decision(next(counts))
-            out.append(Scored(ident, approved, score))
+            score = next(scores)
+            out.append(Scored(ident, scorer.approves(score), score))
     return out
 
 
@@ -94,15 +93,15 @@ class Evaluation:
         }
 
 
-def evaluate(index: Index, document: Any, constants: Constants = DEFAULT_CONSTANTS) -> Evaluation:
-    """Compare the index's answers with a test-data document's expected ones."""
+def evaluate(scorer: KnnScorer, document: Any, constants: Constants = DEFAULT_CONSTANTS) -> Evaluation:
+    """Compare the kNN's answers with a test-data document's expected ones."""
     entries = testdata.entries(document, "test data")
     result = Evaluation(
         total=len(entries),
         references_sha256=document.get("references_checksum_sha256"),
-        index_sha256=index.sha256,
+        index_sha256=scorer.index.sha256,
     )
-    for scored, entry in zip(score_all(index, [e.request for e in entries], constants), entries, strict=True):
+    for scored, entry in zip(score_all(scorer, [e.request for e in entries], constants), entries, strict=True):
         want_approved, want_score = entry.expected_approved, entry.expected_fraud_score
         if scored.error is not None:
             result.errors += 1

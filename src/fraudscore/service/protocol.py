@@ -16,29 +16,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import httptools
 import orjson
 
 from fraudscore.contract.vectorize import NORMALIZATION_KEYS, Constants, vectorize
 from fraudscore.errors import PayloadError
-from fraudscore.index.search import Index
+from fraudscore.scorer import KnnScorer
 from fraudscore.service import responses
 from fraudscore.service._fastpath import FastPath
-
-if TYPE_CHECKING:
-    from fraudscore.service.server import ServiceState
+from fraudscore.service.state import ServiceState
 
 log = logging.getLogger(__name__)
 
 LINGER_SECONDS = 1.0
 
 
-def fast_path(index: Index, constants: Constants, max_body_bytes: int) -> FastPath:
+def fast_path(scorer: KnnScorer, constants: Constants, max_body_bytes: int) -> FastPath:
     """The native answerer of ordinary scoring requests, with this service's data and answers."""
     divisors = [getattr(constants, key) for key in NORMALIZATION_KEYS]
-    return FastPath(index.native, divisors, constants.mcc_risk, responses.SCORES, max_body_bytes)
+    return FastPath(scorer.index.native, divisors, constants.mcc_risk, responses.SCORES, max_body_bytes)
 
 
 class HttpConnection(asyncio.Protocol):
@@ -165,7 +163,7 @@ class HttpConnection(asyncio.Protocol):
         except orjson.JSONDecodeError as exc:
             return responses.error(400, f"malformed JSON: {exc}")
         try:
-            return responses.SCORES[state.index.fraud_count(vectorize(payload, state.constants))]
+            return responses.SCORES[state.scorer.fraud_count(vectorize(payload, state.constants))]
         except PayloadError as exc:
             return responses.error(400, str(exc))
         except ValueError as exc:  # a vector the index refuses (out of range): still the client's input

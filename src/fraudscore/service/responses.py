@@ -9,7 +9,7 @@ from __future__ import annotations
 import orjson
 
 from fraudscore.index.search import K
-from fraudscore.scoring import decision
+from fraudscore.scorer import decision
 
 _REASONS = {
     200: "OK",

@@ -14,69 +14,23 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants
-from fraudscore.index.search import Index, random_queries
-from fraudscore.service._fastpath import FastPath
+from fraudscore.index.search import random_queries
+from fraudscore.scorer import KnnScorer
 from fraudscore.service.handoff import HandoffListener
 from fraudscore.service.protocol import HttpConnection, fast_path
+from fraudscore.service.state import ServiceConfig, ServiceState
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    """How one instance listens and how patient it is.  Exactly one of port, uds, handoff."""
-
-    index_path: Path
-    host: str = "0.0.0.0"
-    port: int | None = None
-    uds: Path | None = None
-    handoff: Path | None = None
-    constants: Constants = DEFAULT_CONSTANTS
-    max_body_bytes: int = 64 * 1024
-    request_timeout: float = 5.0
-    idle_timeout: float = 75.0
-    shutdown_timeout: float = 10.0
-    warm_queries: int = 256
-    fast_path: bool = True  # answer ordinary scoring requests natively (protocol.py)
-    backlog: int = 4096
-
-    def __post_init__(self) -> None:
-        chosen = [x for x in (self.port, self.uds, self.handoff) if x is not None]
-        if len(chosen) != 1:
-            raise ValueError("listen on exactly one of: a TCP port, a unix socket, a handoff socket")
-
-    @property
-    def address(self) -> str:
-        if self.uds is not None:
-            return f"unix:{self.uds}"
-        if self.handoff is not None:
-            return f"handoff:{self.handoff}"
-        return f"http://{self.host}:{self.port}"
-
-
-@dataclass
-class ServiceState:
-    """What every connection of this process shares."""
-
-    config: ServiceConfig
-    index: Index
-    constants: Constants
-    ready: bool = False
-    draining: bool = False
-    fast: FastPath | None = None  # set while ready and not draining, when config.fast_path
-    connections: set[HttpConnection] = field(default_factory=set)
 
 
 async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
     """Run one instance until SIGINT or SIGTERM."""
     started = time.monotonic() if started is None else started
     loop = asyncio.get_running_loop()
-    index = Index(config.index_path)
-    state = ServiceState(config=config, index=index, constants=config.constants)
+    scorer = KnnScorer.open(config.index_path)
+    index = scorer.index
+    state = ServiceState(config=config, scorer=scorer, constants=config.constants)
 
     def factory() -> HttpConnection:
         return HttpConnection(state)
@@ -102,7 +56,7 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
     gc.collect()
     gc.freeze()  # what exists now lives forever: keep the collector from walking it under load
     if config.fast_path:
-        state.fast = fast_path(index, state.constants, config.max_body_bytes)
+        state.fast = fast_path(scorer, state.constants, config.max_body_bytes)
     state.ready = True
     if config.handoff is not None:
         handoff = HandoffListener(loop, config.handoff, factory)
@@ -153,7 +107,7 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
     if config.uds is not None:
         with contextlib.suppress(FileNotFoundError):
             config.uds.unlink()
-    index.close()
+    scorer.close()
     log.info("stopped")
 
 

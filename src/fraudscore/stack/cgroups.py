@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from fraudscore.errors import FraudscoreError
+from fraudscore.errors import CgroupError
 from fraudscore.stack.limits import ServiceLimits, StackLimits
 
 # Docker's CFS period; a quota of cpus x period gives the same throttling pattern as compose.
@@ -47,10 +47,6 @@ _HINTS = {
 }
 # mkdir fails for other reasons than writes do.
 _MKDIR_HINTS = {**_HINTS, errno.ENOENT: "its parent directory does not exist"}
-
-
-class CgroupError(FraudscoreError):
-    """A cgroup file that could not be read or written; the message names the file and the reason."""
 
 
 def _os_error(action: str, path: Path, exc: OSError, hints: dict[int, str] = _HINTS) -> CgroupError:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fraudscore.errors import FraudscoreError
+from fraudscore.errors import LimitsError
 
 # The contract's ceiling for the whole stack (load balancer plus every API instance).
 CONTRACT_CPUS = 1.0
@@ -22,10 +22,6 @@ CONTRACT_MEMORY_MIB = 350
 # CPUs are handled in thousandths (Docker's "millicpus") so sums and splits are exact.
 _MILLI = 1000
 MIB = 1 << 20
-
-
-class LimitsError(FraudscoreError, ValueError):
-    """Limits that are invalid or exceed the contract's ceiling; the message gives the numbers."""
 
 
 def _millicpus(cpus: float) -> int:
@@ -116,7 +112,7 @@ def scaled(
     >>> scaled(0)
     Traceback (most recent call last):
     ...
-    fraudscore.stack.limits.LimitsError: the stack needs at least one API instance, got 0
+    fraudscore.errors.LimitsError: the stack needs at least one API instance, got 0
     """
     if n_apis < 1:
         raise LimitsError(f"the stack needs at least one API instance, got {n_apis}")
@@ -145,7 +141,7 @@ def check(
     >>> check(StackLimits(DEFAULT_BALANCER, (ServiceLimits("api1", 0.95, 300),)))
     Traceback (most recent call last):
     ...
-    fraudscore.stack.limits.LimitsError: the stack asks for 1.05 CPU and 320 MiB (lb 0.1 CPU/20 MiB, \
+    fraudscore.errors.LimitsError: the stack asks for 1.05 CPU and 320 MiB (lb 0.1 CPU/20 MiB, \
 api1 0.95 CPU/300 MiB), over the ceiling of 1.0 CPU and 350 MiB: CPU is 0.05 over
     """
     names = [s.name for s in stack.services]

@@ -16,17 +16,13 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from fraudscore.errors import FraudscoreError
+from fraudscore.errors import ProxyError
 
 DEFAULT_PORT = 9999
 # sun_path holds 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 # Paths go into the configs unquoted, so keep them to characters neither format treats specially.
 _SAFE_PATH = re.compile(r"[A-Za-z0-9_./@+:,=-]+")
-
-
-class ProxyError(FraudscoreError):
-    """A proxy that cannot be configured or run: missing binary, unusable path."""
 
 
 def _path(path: str | os.PathLike[str], what: str) -> str:

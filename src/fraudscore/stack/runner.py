@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Literal
 
-from fraudscore.errors import FraudscoreError
+from fraudscore.errors import StackError, StackStopped
 from fraudscore.stack import proxies
 from fraudscore.stack.cgroups import Cgroup, CgroupManager
 from fraudscore.stack.limits import ServiceLimits, StackLimits, scaled
@@ -35,14 +35,6 @@ log = logging.getLogger(__name__)
 
 Balancer = Literal["builtin", "nginx", "haproxy"]
 READY_TIMEOUT = 30.0
-
-
-class StackError(FraudscoreError):
-    """The stack could not start: a process failed or never became ready."""
-
-
-class StackStopped(StackError):
-    """A stop was asked for (SIGINT/SIGTERM) while the stack was still starting."""
 
 
 def wait_ready(

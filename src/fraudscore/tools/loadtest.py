@@ -35,7 +35,7 @@ from typing import Any
 
 from fraudscore.contract import testdata
 from fraudscore.contract.testdata import Entry
-from fraudscore.errors import DataFileError, FraudscoreError
+from fraudscore.errors import DataFileError, FraudscoreError, LoadTestError
 from fraudscore.tools.scoring import Counts, detection_score, final_score, p99_score
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,6 @@ LOCAL_DATA = Path("data/dev-data.json.gz")
 START_RATE, TARGET_RATE, MAX_VUS, TIMEOUT_MS = 1, 900, 250, 2001
 # k6 needs time to start its VUs and to let the last requests finish (gracefulStop) after the ramp.
 K6_OVERHEAD_S = 120.0
-
-
-class LoadTestError(FraudscoreError):
-    """The load test could not run or its results could not be read; the message says why, in one line."""
 
 
 @dataclass(frozen=True)
