@@ -20,6 +20,7 @@ from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants, vectoriz
 from fraudscore.contract.vectorize import round4 as python_round4
 from fraudscore.errors import PayloadError
 from fraudscore.index.search import Index
+from fraudscore.scorer import KnnScorer
 from fraudscore.service import responses
 from fraudscore.service._fastpath import FastPath, round4
 from fraudscore.service.protocol import fast_path
@@ -30,7 +31,7 @@ MAX_BODY = 16384
 @pytest.fixture
 def fast(index: Index) -> FastPath:
     # per test: a FastPath keeps the native index, and so the session's mapping, alive
-    return fast_path(index, DEFAULT_CONSTANTS, MAX_BODY)
+    return fast_path(KnnScorer(index), DEFAULT_CONSTANTS, MAX_BODY)
 
 
 def python_vector(body: bytes, constants: Constants = DEFAULT_CONSTANTS) -> list[float] | None:
@@ -78,7 +79,7 @@ def test_constants_are_the_services(index: Index, example_payloads: list[dict[st
     constants = Constants(
         max_amount=5000.0, max_km=250.0, max_minutes=60.0, mcc_risk={"5411": 0.9, "9999": 0.05}
     )
-    native = fast_path(index, constants, MAX_BODY)
+    native = fast_path(KnnScorer(index), constants, MAX_BODY)
     for payload in example_payloads:
         body = orjson.dumps(payload)
         assert bits(native.vectorize(body)) == bits(python_vector(body, constants))
@@ -256,7 +257,7 @@ def test_bodies_over_the_limit_and_bad_lengths_are_declined(
 
 
 def test_counts_what_it_answered_and_declined(index: Index, example_payloads: list[dict[str, Any]]) -> None:
-    native = fast_path(index, DEFAULT_CONSTANTS, MAX_BODY)
+    native = fast_path(KnnScorer(index), DEFAULT_CONSTANTS, MAX_BODY)
     native.answer(request(orjson.dumps(example_payloads[0])))
     native.answer(b"GET /ready HTTP/1.1\r\n\r\n")
     native.answer(b"GET /ready HTTP/1.1\r\n\r\n")
@@ -276,4 +277,4 @@ def test_bad_construction_is_refused(index: Index) -> None:
     with pytest.raises(TypeError, match="keys must be strings"):
         FastPath(index.native, divisors, {5411: 0.1}, responses.SCORES, 10)  # type: ignore[dict-item]
     with pytest.raises(TypeError):
-        fast_path(index, DEFAULT_CONSTANTS, 10).answer("text")  # type: ignore[arg-type]
+        fast_path(KnnScorer(index), DEFAULT_CONSTANTS, 10).answer("text")  # type: ignore[arg-type]
