@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from fraudscore.errors import DataFileError
-from fraudscore.tools import loadtest
-from fraudscore.tools.scoring import Counts, detection_score, final_score, p99_score
+from fraudscore.loadtest import command as loadtest
+from fraudscore.loadtest.contest import Counts, detection_score, final_score, p99_score
 
 DEV_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev-data.json.gz"
 

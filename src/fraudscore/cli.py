@@ -263,8 +263,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def _register_optional(sub: Any) -> None:
-    """Commands of the stack and tools modules."""
-    from fraudscore.tools import loadtest
+    """Commands of the stack and loadtest packages."""
+    from fraudscore.loadtest import command as loadtest
 
     balance = sub.add_parser("balance", help="the built-in load balancer: hands connections to instances")
     balance.add_argument(

@@ -1,5 +1,5 @@
 // The contract's load test: an open-model ramp of POST /fraud-score requests, each judged against the
-// expected answer. Driven by fraudscore/tools/loadtest.py, which passes everything through -e:
+// expected answer. Driven by fraudscore/loadtest/command.py, which passes everything through -e:
 //   LOADTEST_ENTRIES          absolute path of a JSON array [[body, expected_approved, expected_fraud_score], ...]
 //   LOADTEST_URL              base URL of the service (default http://localhost:9999)
 //   LOADTEST_RATE_MULTIPLIER  multiplies the start rate and the target rate (default 1)

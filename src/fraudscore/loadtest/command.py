@@ -36,7 +36,7 @@ from typing import Any
 from fraudscore.contract import testdata
 from fraudscore.contract.testdata import Entry
 from fraudscore.errors import DataFileError, FraudscoreError, LoadTestError
-from fraudscore.tools.scoring import Counts, detection_score, final_score, p99_score
+from fraudscore.loadtest.contest import Counts, detection_score, final_score, p99_score
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ def run_k6(
         "LOADTEST_SUMMARY": summary_file.resolve(),
         "LOADTEST_CYCLE": "1" if cycle else "0",
     }
-    with resources.as_file(resources.files("fraudscore.tools") / "loadtest.js") as script:
+    with resources.as_file(resources.files("fraudscore.loadtest") / "loadtest.js") as script:
         command = [str(k6), "run", "--quiet", "--no-color", "--no-usage-report"]
         for key, value in env_args.items():
             command += ["-e", f"{key}={value}"]
