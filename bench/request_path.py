@@ -17,7 +17,7 @@ import time
 
 from _common import DEV_DATA, INDEX, dev_entries, machine, scoring_request
 from fraudscore.contract.vectorize import DEFAULT_CONSTANTS
-from fraudscore.loadtest.command import percentile
+from fraudscore.loadtest.results import percentile
 from fraudscore.scorer import KnnScorer
 from fraudscore.service import responses
 from fraudscore.service.protocol import HttpConnection, fast_path

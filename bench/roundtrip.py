@@ -18,7 +18,7 @@ import subprocess
 import time
 
 from _common import ROOT, fraudscore, free_port, machine, scoring_request
-from fraudscore.loadtest.command import percentile
+from fraudscore.loadtest.results import percentile
 from fraudscore.stack.runner import wait_ready
 
 

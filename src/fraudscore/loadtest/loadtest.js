@@ -1,65 +1,29 @@
-// The contract's load test: an open-model ramp of POST /fraud-score requests, each judged against the
-// expected answer. Driven by fraudscore/loadtest/command.py, which passes everything through -e:
-//   LOADTEST_ENTRIES          absolute path of a JSON array [[body, expected_approved, expected_fraud_score], ...]
-//   LOADTEST_URL              base URL of the service (default http://localhost:9999)
-//   LOADTEST_RATE_MULTIPLIER  multiplies the start rate and the target rate (default 1)
-//   LOADTEST_DURATION         length of the ramp in seconds (default 120)
-//   LOADTEST_SUMMARY          where handleSummary writes k6's end-of-test data as JSON
-//   LOADTEST_CYCLE            1: start again from the first entry when they run out (default 0: stop sending)
+// The contract's load test: POST /fraud-score requests at the rates of the profile, each answer
+// judged against the expected one. Driven by fraudscore/loadtest/k6.py, which passes one input:
+//   LOADTEST_RUN  absolute path of a JSON object written by k6.py's run_description():
+//     endpoint             the URL requests are posted to
+//     entries              absolute path of a JSON array [[body, expected_approved, expected_fraud_score], ...]
+//     summary              where handleSummary writes k6's end-of-test data as JSON
+//     cycle                true: start again from the first entry when they run out (false: stop sending)
+//     request_timeout      k6's per-request timeout
+//     scenario             the k6 scenario (profile.py owns its rates, durations and VUs)
+//     summary_trend_stats  the statistics results.py reads from the summary
 import http from 'k6/http';
 import exec from 'k6/execution';
 import { SharedArray } from 'k6/data';
 import { Counter } from 'k6/metrics';
 
-const START_RATE = 1; // requests per second at t = 0
-const TARGET_RATE = 900; // requests per second at the end of the ramp
-const MAX_VUS = 250;
-const TIMEOUT = '2001ms';
-
-const multiplier = Number(__ENV.LOADTEST_RATE_MULTIPLIER || '1');
-const durationS = Number(__ENV.LOADTEST_DURATION || '120');
-const endpoint = `${(__ENV.LOADTEST_URL || 'http://localhost:9999').replace(/\/+$/, '')}/fraud-score`;
-const summaryPath = __ENV.LOADTEST_SUMMARY || 'loadtest-summary.json';
-const cycle = __ENV.LOADTEST_CYCLE === '1';
-
-if (!(multiplier > 0) || !(durationS > 0)) {
-  throw new Error('LOADTEST_RATE_MULTIPLIER and LOADTEST_DURATION must be positive numbers');
+if (!__ENV.LOADTEST_RUN) {
+  throw new Error('LOADTEST_RUN must name the JSON file describing the run');
 }
-if (!__ENV.LOADTEST_ENTRIES) {
-  throw new Error('LOADTEST_ENTRIES must name the JSON file of entries');
-}
+const run = JSON.parse(open(__ENV.LOADTEST_RUN));
 
 // One copy for all VUs; open() cannot gunzip, so the driver writes a plain .json of just what k6 needs.
-const entries = new SharedArray('entries', () => JSON.parse(open(__ENV.LOADTEST_ENTRIES)));
-
-// k6 takes whole numbers of iterations per timeUnit: a fractional rate is expressed per 1000 s instead.
-function rates() {
-  const start = START_RATE * multiplier;
-  const target = TARGET_RATE * multiplier;
-  if (Number.isInteger(start) && Number.isInteger(target)) {
-    return { startRate: start, target, timeUnit: '1s' };
-  }
-  return { startRate: Math.round(start * 1000), target: Math.round(target * 1000), timeUnit: '1000s' };
-}
-
-const { startRate, target, timeUnit } = rates();
-const peakPerSecond = TARGET_RATE * multiplier;
+const entries = new SharedArray('entries', () => JSON.parse(open(run.entries)));
 
 export const options = {
-  scenarios: {
-    contract: {
-      executor: 'ramping-arrival-rate',
-      startRate,
-      timeUnit,
-      stages: [{ target, duration: `${Math.round(durationS * 1000)}ms` }],
-      // Enough VUs for the peak at 100 ms per request; k6 adds more, up to maxVUs, when the service is slower.
-      preAllocatedVUs: Math.min(MAX_VUS, Math.max(5, Math.ceil(peakPerSecond * 0.1))),
-      maxVUs: MAX_VUS,
-      // Longer than the request timeout, so requests in flight at the end are still judged.
-      gracefulStop: '5s',
-    },
-  },
-  summaryTrendStats: ['avg', 'min', 'med', 'max', 'p(50)', 'p(90)', 'p(99)'],
+  scenarios: { contract: run.scenario },
+  summaryTrendStats: run.summary_trend_stats,
   // Fewer tags make every sample of --out json smaller; nothing downstream reads the others.
   systemTags: ['status'],
 };
@@ -72,7 +36,7 @@ const falseNegatives = new Counter('fraud_fn');
 const httpErrors = new Counter('fraud_http_errors');
 const scoreMismatches = new Counter('fraud_score_mismatches');
 
-const params = { headers: { 'Content-Type': 'application/json' }, timeout: TIMEOUT };
+const params = { headers: { 'Content-Type': 'application/json' }, timeout: run.request_timeout };
 
 function parse(res) {
   try {
@@ -90,13 +54,13 @@ export default function () {
   // Unique across the scenario, so each entry is sent once whatever VU runs the iteration.
   let i = exec.scenario.iterationInTest;
   if (i >= entries.length) {
-    if (!cycle) {
+    if (!run.cycle) {
       return; // the data is exhausted: the rest of the ramp sends nothing
     }
     i %= entries.length;
   }
   const [body, expectedApproved, expectedScore] = entries[i];
-  const res = http.post(endpoint, body, params);
+  const res = http.post(run.endpoint, body, params);
   const answer = res.status === 200 ? parse(res) : null;
   if (answer === null) {
     httpErrors.add(1); // non-200, timeout (status 0) or a body that is not the contract's answer
@@ -113,5 +77,5 @@ export default function () {
 }
 
 export function handleSummary(data) {
-  return { [summaryPath]: JSON.stringify(data) };
+  return { [run.summary]: JSON.stringify(data) };
 }
