@@ -22,7 +22,7 @@ import pytest
 from fraudscore.contract.testdata import Entry
 from fraudscore.errors import DataFileError, LoadTestError
 from fraudscore.loadtest import command as loadtest
-from fraudscore.loadtest import k6, profile, results
+from fraudscore.loadtest import driver, k6, profile, results
 from fraudscore.loadtest.contest import Counts, detection_score, final_score, p99_score
 
 DEV_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev-data.json.gz"
@@ -109,7 +109,7 @@ def test_load_entries_plain_json(tmp_path: Path) -> None:
     path = tmp_path / "data.json"
     entry = {"request": {"id": "tx-1"}, "expected_approved": False, "expected_fraud_score": 0.8}
     path.write_text(json.dumps({"stats": {}, "entries": [entry]}))
-    assert loadtest.load_entries(path) == [Entry({"id": "tx-1"}, False, 0.8)]
+    assert driver.load_entries(path) == [Entry({"id": "tx-1"}, False, 0.8)]
 
 
 @pytest.mark.parametrize(
@@ -124,7 +124,7 @@ def test_load_entries_rejects_malformed(tmp_path: Path, doc: Any) -> None:
     path = tmp_path / "data.json"
     path.write_text(json.dumps(doc))
     with pytest.raises(DataFileError):
-        loadtest.load_entries(path)
+        driver.load_entries(path)
 
 
 def test_per_second_buckets_and_gaps() -> None:

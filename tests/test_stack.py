@@ -135,6 +135,19 @@ def test_a_dead_instance_is_skipped_at_once(
         c.close()
 
 
+def test_the_balancer_loads_no_scoring_code() -> None:
+    """The balancer's 20 MiB hold no index, no native core, no contract constants, no event loop."""
+    code = "import sys, fraudscore.stack.balancer; print(' '.join(sorted(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    modules = loaded.split()
+    assert "fraudscore.service.handoff" in modules  # the handover message's one definition
+    heavy = [
+        m for m in modules if m.startswith(("fraudscore.index", "fraudscore.contract", "fraudscore.scorer"))
+    ]
+    assert heavy == []
+    assert "asyncio" not in modules and "numpy" not in modules
+
+
 # -- the real stack ---------------------------------------------------------------------------
 
 

@@ -16,13 +16,14 @@ from typing import Any
 
 import orjson
 
+from fraudscore.defaults import PORT
 from fraudscore.errors import FraudscoreError, UsageError
 
 log = logging.getLogger("fraudscore")
 
 DEFAULT_INDEX = Path(os.environ.get("FRAUDSCORE_INDEX", "data/references.fsidx"))
 DEFAULT_REFERENCES = Path(os.environ.get("FRAUDSCORE_REFERENCES", "data/references.json.gz"))
-DEFAULT_PORT = int(os.environ.get("FRAUDSCORE_PORT", "9999"))
+DEFAULT_PORT = int(os.environ.get("FRAUDSCORE_PORT", PORT))
 DEFAULT_HOST = os.environ.get("FRAUDSCORE_HOST", "0.0.0.0")
 
 Command = Callable[[argparse.Namespace], int]

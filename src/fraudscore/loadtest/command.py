@@ -1,9 +1,9 @@
-"""`fraudscore loadtest`: run the contract's k6 load test against a service and score the run.
+"""`fraudscore loadtest`: its options, and the run they ask for (``driver.py`` does the run).
 
 Python does what k6 cannot: it gunzips the test data into the plain JSON that k6's ``open()`` reads,
 finds the binary, and checks that the service answers (``k6.py``).  k6 runs ``loadtest.js`` with the
 profile of ``profile.py``, judges every answer, and hands back its end-of-test summary and, for the
-chart, every latency sample (read by ``results.py``).  From those this command writes the contest's
+chart, every latency sample (read by ``results.py``).  From those the run writes the contest's
 score (``contest.py``) into ``result.json`` and draws ``latency.png`` (``chart.py``).
 
 The score comes from the summary alone.  Writing and compressing every sample costs k6 CPU on the
@@ -14,28 +14,17 @@ the chart out, for a run closer to plain k6 with only its summary.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import sys
-import tempfile
-import urllib.error
-import urllib.request
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-from fraudscore.contract import testdata
-from fraudscore.contract.testdata import Entry
-from fraudscore.errors import DataFileError, FraudscoreError, LoadTestError
-from fraudscore.loadtest import chart, k6, results
-from fraudscore.loadtest.contest import detection_score, final_score, p99_score
-from fraudscore.loadtest.profile import DURATION_S, MAX_VUS, START_RATE, TARGET_RATE, Profile
+from fraudscore.defaults import PORT
+from fraudscore.errors import FraudscoreError
+from fraudscore.loadtest.profile import DURATION_S, START_RATE, TARGET_RATE, Profile
 
-log = logging.getLogger(__name__)
-
-DEFAULT_URL = "http://localhost:9999"
+DEFAULT_URL = f"http://localhost:{PORT}"
 DEFAULT_OUT = "loadtest-results"
 SHARED_DATA = Path("../shared/data/dev-data.json.gz")
 LOCAL_DATA = Path("data/dev-data.json.gz")
@@ -122,6 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the load test as the options say; 0 when it ran (whatever the score), 1 when it could not."""
+    # The run's code is imported here, not with the command: every `fraudscore` command registers
+    # this one, and `fraudscore balance` should not load what reads test data and k6's results.
+    from fraudscore.loadtest.driver import human_summary, load_test
+
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -142,131 +135,3 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print(human_summary(result, Path(args.out)))
     return 0
-
-
-# --- the run ------------------------------------------------------------------------------------------
-
-
-def load_test(
-    *,
-    url: str,
-    data: Path,
-    profile: Profile,
-    out_dir: Path,
-    k6_binary: str | None,
-    cycle: bool = False,
-    draw_chart: bool = True,
-) -> dict[str, Any]:
-    """Run k6 against url with the entries of data; write result.json (and with draw_chart, k6's
-    samples read into per-second figures and latency.png); return the result."""
-    k6_path = k6.find_k6(k6_binary)
-    if draw_chart:
-        chart.check_available()
-    entries = load_entries(data)
-    check_url(url)
-    planned = profile.iterations if cycle else min(len(entries), profile.iterations)
-    with tempfile.TemporaryDirectory(prefix="fraudscore-loadtest-") as tmp:
-        workdir = Path(tmp)
-        log.info(
-            "k6: %g -> %g req/s over %g s against %s; sending %d of %d entries",
-            profile.start_rate,
-            profile.target_rate,
-            profile.duration_s,
-            url,
-            planned,
-            len(entries),
-        )
-        samples = workdir / "samples.json.gz" if draw_chart else None
-        summary = k6.run_k6(
-            k6_path,
-            url=url,
-            entries=entries,
-            profile=profile,
-            workdir=workdir,
-            cycle=cycle,
-            samples_file=samples,
-        )
-        log.info("k6 finished; reading its results")
-        series = results.read_series(samples) if samples is not None else []
-    counts = results.read_counts(summary)
-    if counts.requests == 0:
-        raise LoadTestError("k6 sent no request: is the data file empty or the duration too short?")
-    sent = results.counter(summary, "http_reqs")
-    if counts.requests != sent:
-        log.warning("%d requests judged but k6 sent %d", counts.requests, sent)
-    dropped = results.counter(summary, "dropped_iterations")
-    if dropped:
-        # Dropped iterations take no entry: the entries they would have sent are sent later, or not at all.
-        log.warning("k6 dropped %d iterations: all %d VUs were busy waiting for answers", dropped, MAX_VUS)
-    latency = results.read_latency(summary)
-    result: dict[str, Any] = {
-        "url": url,
-        "data": str(data),
-        "entries": len(entries),
-        "profile": {**profile.describe(), "cycle": cycle},
-        "requests": counts.requests,
-        "counts": asdict(counts),
-        "fraud_score_mismatches": results.counter(summary, "fraud_score_mismatches"),
-        "dropped_iterations": dropped,
-        "latency_ms": asdict(latency),
-        "weighted_errors": counts.weighted_errors,
-        "error_share": counts.error_share,
-        "score": {
-            "p99": p99_score(latency.p99),
-            "detection": detection_score(counts),
-            "final": final_score(latency.p99, counts),
-        },
-        "per_second": [asdict(s) for s in series],
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    if draw_chart:
-        chart.write_chart(series, out_dir / "latency.png", result)
-    return result
-
-
-def load_entries(path: Path) -> list[Entry]:
-    """The test data's entries; each request must be a JSON object, the body k6 posts."""
-    if not path.exists():
-        raise DataFileError(f"test data not found: {path}")
-    entries = testdata.load(path)
-    for i, entry in enumerate(entries):
-        if not isinstance(entry.request, dict):
-            raise DataFileError(f"{path}: entry {i} has a field of the wrong type")
-    return entries
-
-
-def check_url(url: str, timeout_s: float = 3.0) -> None:
-    """Fail early, in one line, when nothing answers HTTP at url; any HTTP status will do."""
-    # No proxy: the service is usually local, and a proxy would answer for it.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=timeout_s):
-            pass
-    except urllib.error.HTTPError:
-        pass
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        raise LoadTestError(f"the service does not answer at {url}: {reason}") from None
-
-
-# --- reporting ----------------------------------------------------------------------------------------
-
-
-def human_summary(result: dict[str, Any], out_dir: Path) -> str:
-    """A few lines for the terminal; result.json has everything."""
-    lat, c, score, prof = result["latency_ms"], result["counts"], result["score"], result["profile"]
-    return "\n".join(
-        [
-            f"requests  {result['requests']} of {result['entries']} entries to {result['url']} "
-            f"({prof['start_rate']:g} -> {prof['target_rate']:g} req/s over {prof['duration_s']:g} s)",
-            f"latency   p50 {lat['p50']:.2f} ms  p90 {lat['p90']:.2f} ms  p99 {lat['p99']:.2f} ms  "
-            f"max {lat['max']:.2f} ms",
-            f"answers   TP {c['tp']}  TN {c['tn']}  FP {c['fp']}  FN {c['fn']}  "
-            f"HTTP errors {c['http_errors']}  (fraud_score mismatches {result['fraud_score_mismatches']}, "
-            f"dropped iterations {result['dropped_iterations']})",
-            f"score     p99 {score['p99']:.2f} + detection {score['detection']:.2f} = {score['final']:.2f}",
-            f"wrote     {out_dir / 'result.json'}"
-            + (f", {out_dir / 'latency.png'}" if result["per_second"] else ""),
-        ]
-    )

@@ -1,7 +1,7 @@
 """The built-in load balancer: accept, then hand the connection itself to an instance.
 
 Each accepted socket goes, round-robin, to the next instance as a file descriptor over a unix
-socket (``SCM_RIGHTS``, one byte of data per message).  The instance then serves that
+socket (``SCM_RIGHTS``; ``service/handoff.py`` defines the message).  The instance then serves that
 keep-alive connection directly; the balancer never reads a byte of a request, never answers,
 and after the handover holds nothing, so it costs almost no CPU or memory.
 
@@ -21,12 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from fraudscore.defaults import PORT
+from fraudscore.service.handoff import send_connection
+
 log = logging.getLogger(__name__)
 
 RECONNECT_SECONDS = 0.05
 # an instance alive but not taking its handovers must not stall every new connection
 SEND_TIMEOUT_SECONDS = 1.0
-HANDOFF_BYTE = b"c"
 
 
 class Upstream:
@@ -58,7 +60,7 @@ class Upstream:
     def hand(self, conn: socket.socket) -> bool:
         assert self.channel is not None
         try:
-            socket.send_fds(self.channel, [HANDOFF_BYTE], [conn.fileno()])
+            send_connection(self.channel, conn)
         except OSError as exc:
             log.warning("instance %s is gone (%s): skipping it", self.path, exc.strerror or exc)
             self.drop()
@@ -75,7 +77,7 @@ class Upstream:
 class Balancer:
     """Round-robin over ``upstreams``; ``serve_forever`` until SIGINT or SIGTERM."""
 
-    def __init__(self, upstreams: Sequence[Path], *, host: str = "0.0.0.0", port: int = 9999) -> None:
+    def __init__(self, upstreams: Sequence[Path], *, host: str = "0.0.0.0", port: int = PORT) -> None:
         if not upstreams:
             raise ValueError("the balancer needs at least one upstream")
         self.upstreams = [Upstream(p) for p in upstreams]

@@ -14,12 +14,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fraudscore.defaults import PORT
 from fraudscore.stack.limits import DEFAULT_STACK, ServiceLimits, StackLimits, check
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 COMPOSE_PATH = REPO_ROOT / "deploy" / "rinha" / "docker-compose.yml"
 
-PORT = 9999
 IMAGE = "fraudscore:local"
 # Where the image keeps the index built at image build time (see the Dockerfile).
 INDEX_PATH = "/app/data/references.fsidx"

@@ -16,9 +16,9 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from fraudscore.defaults import PORT
 from fraudscore.errors import ProxyError
 
-DEFAULT_PORT = 9999
 # sun_path holds 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 # Paths go into the configs unquoted, so keep them to characters neither format treats specially.
@@ -46,7 +46,7 @@ def render_nginx(
     sockets: Sequence[str | os.PathLike[str]],
     directory: str | os.PathLike[str],
     *,
-    port: int = DEFAULT_PORT,
+    port: int = PORT,
     user: str | None = None,
 ) -> str:
     """nginx.conf text; ``directory`` holds its pid file, error log and temp files.
@@ -105,7 +105,7 @@ http {{
 """
 
 
-def render_haproxy(sockets: Sequence[str | os.PathLike[str]], *, port: int = DEFAULT_PORT) -> str:
+def render_haproxy(sockets: Sequence[str | os.PathLike[str]], *, port: int = PORT) -> str:
     """haproxy.cfg text (haproxy needs no working directory when run in the foreground)."""
     servers = "\n".join(f"    server api{i} {s}" for i, s in enumerate(_sockets(sockets), start=1))
     return f"""\
@@ -157,7 +157,7 @@ def nginx_command(
     directory: str | os.PathLike[str],
     sockets: Sequence[str | os.PathLike[str]],
     *,
-    port: int = DEFAULT_PORT,
+    port: int = PORT,
     check: bool = False,
     binary: str | None = None,
 ) -> list[str]:
@@ -182,7 +182,7 @@ def haproxy_command(
     directory: str | os.PathLike[str],
     sockets: Sequence[str | os.PathLike[str]],
     *,
-    port: int = DEFAULT_PORT,
+    port: int = PORT,
     check: bool = False,
     binary: str | None = None,
 ) -> list[str]:
