@@ -44,7 +44,7 @@ V1_UNLIMITED_BYTES = 1 << 62
 # The name ``detect`` gives this process's own cgroup, the root of the ones made here.
 OWN = "(own)"
 
-_HINTS = {
+_ERRNO_HINTS = {
     errno.EACCES: "not permitted: root is needed, or the hierarchy is delegated to another user",
     errno.EPERM: "not permitted: root is needed, or the hierarchy is delegated to another user",
     errno.EROFS: "the cgroup filesystem is mounted read-only",
@@ -54,10 +54,10 @@ _HINTS = {
     errno.EINVAL: "the kernel refused the value",
 }
 # mkdir fails for other reasons than writes do.
-_MKDIR_HINTS = {**_HINTS, errno.ENOENT: "its parent directory does not exist"}
+_MKDIR_ERRNO_HINTS = {**_ERRNO_HINTS, errno.ENOENT: "its parent directory does not exist"}
 
 
-def _os_error(action: str, path: Path, exc: OSError, hints: dict[int, str] = _HINTS) -> CgroupError:
+def _os_error(action: str, path: Path, exc: OSError, hints: dict[int, str] = _ERRNO_HINTS) -> CgroupError:
     why = exc.strerror or str(exc)
     hint = hints.get(exc.errno or 0)
     return CgroupError(f"cannot {action} {path}: {why}" + (f" ({hint})" if hint else ""))
@@ -78,7 +78,7 @@ def _read(path: Path) -> str:
         raise _os_error("read", path, exc) from exc
 
 
-def _keyed(path: Path, key: str) -> int | None:
+def _flat_keyed_value(path: Path, key: str) -> int | None:
     """The value of ``key`` in a flat-keyed file (``cpu.stat``, ``memory.events``), if present."""
     if not path.exists():
         return None
@@ -89,7 +89,7 @@ def _keyed(path: Path, key: str) -> int | None:
     return None
 
 
-def _own_paths(proc_cgroup: str) -> dict[str, str]:
+def _own_cgroup_paths(proc_cgroup: str) -> dict[str, str]:
     """Controller (or "" for the v2 line) to this process's cgroup path, from /proc/self/cgroup."""
     paths: dict[str, str] = {}
     for line in proc_cgroup.splitlines():
@@ -100,7 +100,7 @@ def _own_paths(proc_cgroup: str) -> dict[str, str]:
     return paths
 
 
-def _join(mountpoint: str, mount_root: str, own: str) -> Path:
+def _own_directory(mountpoint: str, mount_root: str, own: str) -> Path:
     # With a bind-mounted sub-hierarchy the mount root is not "/": strip it from our own path.
     if mount_root != "/" and (own == mount_root or own.startswith(mount_root + "/")):
         own = own[len(mount_root) :]
@@ -109,7 +109,7 @@ def _join(mountpoint: str, mount_root: str, own: str) -> Path:
 
 def parse_hierarchies(mountinfo: str, proc_cgroup: str) -> tuple[dict[str, Path], Path | None]:
     """Our own cgroup's directory per v1 controller, and on the v2 mount (None if not mounted)."""
-    own = _own_paths(proc_cgroup)
+    own = _own_cgroup_paths(proc_cgroup)
     v1: dict[str, Path] = {}
     v2: Path | None = None
     for line in mountinfo.splitlines():
@@ -119,11 +119,11 @@ def parse_hierarchies(mountinfo: str, proc_cgroup: str) -> tuple[dict[str, Path]
             continue
         mount_root, mountpoint = fields[3], fields[4].replace("\\040", " ")
         if tail[0] == "cgroup2" and "" in own:
-            v2 = _join(mountpoint, mount_root, own[""])
+            v2 = _own_directory(mountpoint, mount_root, own[""])
         elif tail[0] == "cgroup":
             for controller in tail[2].split(","):
                 if controller in ("cpu", "cpuacct", "memory") and controller in own:
-                    v1[controller] = _join(mountpoint, mount_root, own[controller])
+                    v1[controller] = _own_directory(mountpoint, mount_root, own[controller])
     return v1, v2
 
 
@@ -205,7 +205,7 @@ class Cgroup(ABC):
                     m.rmdir()  # just made and still empty, so this cannot be busy
                 if exc.errno == errno.EEXIST:
                     raise CgroupError(f"cannot create {d}: it already exists (a leftover? rmdir it)") from exc
-                raise _os_error("create", d, exc, _MKDIR_HINTS) from exc
+                raise _os_error("create", d, exc, _MKDIR_ERRNO_HINTS) from exc
             made.append(d)
 
     def add(self, pid: int) -> None:
@@ -297,11 +297,11 @@ class V1Cgroup(Cgroup):
         return int(_read(self.cpuacct_dir / "cpuacct.usage")) / 1e9
 
     def throttled_seconds(self) -> float | None:
-        ns = _keyed(self.cpu_dir / "cpu.stat", "throttled_time")
+        ns = _flat_keyed_value(self.cpu_dir / "cpu.stat", "throttled_time")
         return None if ns is None else ns / 1e9
 
     def oom_kills(self) -> int | None:
-        return _keyed(self.memory_dir / "memory.oom_control", "oom_kill")
+        return _flat_keyed_value(self.memory_dir / "memory.oom_control", "oom_kill")
 
 
 class V2Cgroup(Cgroup):
@@ -350,15 +350,15 @@ class V2Cgroup(Cgroup):
         return int(_read(path)) if path.exists() else None
 
     def cpu_seconds(self) -> float | None:
-        usec = _keyed(self.directory / "cpu.stat", "usage_usec")
+        usec = _flat_keyed_value(self.directory / "cpu.stat", "usage_usec")
         return None if usec is None else usec / 1e6
 
     def throttled_seconds(self) -> float | None:
-        usec = _keyed(self.directory / "cpu.stat", "throttled_usec")
+        usec = _flat_keyed_value(self.directory / "cpu.stat", "throttled_usec")
         return None if usec is None else usec / 1e6
 
     def oom_kills(self) -> int | None:
-        return _keyed(self.directory / "memory.events", "oom_kill")
+        return _flat_keyed_value(self.directory / "memory.events", "oom_kill")
 
     def kill(self) -> None:
         # cgroup.kill (Linux 5.14) kills everything inside at once, even processes forking meanwhile.
