@@ -4,7 +4,7 @@ The balancer accepts on the public port and passes each accepted socket to an in
 unix socket (``SCM_RIGHTS``); the instance then serves that connection itself.  The balancer
 never reads a byte of a request.  Each handover is one message of one byte carrying one or
 more descriptors: ``send_connection`` writes it, and this module is its one definition.  The
-balancer imports it, so the module loads nothing at run time beyond the standard library's socket.
+balancer imports it, so this module loads no event loop and no scoring code.
 """
 
 from __future__ import annotations
