@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fraudscore.loadtest.profile import TARGET_RATE
+
 ROOT = Path(__file__).resolve().parent.parent
 DEV_DATA = Path(os.environ.get("FRAUDSCORE_TEST_DATA", ROOT.parent / "shared" / "data" / "dev-data.json.gz"))
 INDEX = ROOT / "data" / "references.fsidx"
-CONTRACT_TARGET = 900.0  # req/s at the end of the contract's ramp
 
 
 def scoring_request(payload: Any) -> bytes:
@@ -93,7 +94,7 @@ def loadtest(url: str, target: float, duration: float, out: Path, *, chart: bool
             "--data",
             str(DEV_DATA),
             "--rate-multiplier",
-            f"{target / CONTRACT_TARGET:.6f}",
+            f"{target / TARGET_RATE:.6f}",
             "--duration",
             str(duration),
             "--cycle",

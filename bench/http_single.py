@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from _common import ROOT, cpu_seconds, fraudscore, free_port, loadtest, machine, proc_status
+from fraudscore.loadtest.profile import DURATION_S
 from fraudscore.stack.runner import wait_ready
 
 
@@ -23,7 +24,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--target", type=float, default=1000.0, help="req/s at the end of the ramp")
-    parser.add_argument("--duration", type=float, default=120.0)
+    parser.add_argument("--duration", type=float, default=DURATION_S)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "http-single")
     parser.add_argument(
         "--no-fast-path", action="store_true", help="serve every request through httptools and Python"

@@ -17,11 +17,11 @@ import time
 
 from _common import DEV_DATA, INDEX, dev_entries, machine, scoring_request
 from fraudscore.contract.vectorize import DEFAULT_CONSTANTS
+from fraudscore.loadtest.results import percentile
 from fraudscore.scorer import KnnScorer
 from fraudscore.service import responses
 from fraudscore.service.protocol import HttpConnection, fast_path
 from fraudscore.service.state import ServiceConfig, ServiceState
-from fraudscore.tools.loadtest import percentile
 
 
 class MemoryTransport:

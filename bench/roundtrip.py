@@ -18,8 +18,8 @@ import subprocess
 import time
 
 from _common import ROOT, fraudscore, free_port, machine, scoring_request
+from fraudscore.loadtest.results import percentile
 from fraudscore.stack.runner import wait_ready
-from fraudscore.tools.loadtest import percentile
 
 
 def exchange(sock: socket.socket, request: bytes) -> None:

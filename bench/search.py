@@ -14,7 +14,7 @@ import time
 
 from _common import DEV_DATA, INDEX, dev_entries, machine
 from fraudscore import Index, vectorize
-from fraudscore.tools.loadtest import percentile  # k6's definition, as every other figure here
+from fraudscore.loadtest.results import percentile  # k6's definition, as every other figure here
 
 
 def main() -> None:

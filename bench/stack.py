@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import ROOT, fraudscore, free_port, loadtest, machine
+from fraudscore.loadtest.profile import DURATION_S, TARGET_RATE
 from fraudscore.stack.cgroups import Cgroup, CgroupManager
 from fraudscore.stack.limits import DEFAULT_STACK
 from fraudscore.stack.runner import wait_ready
@@ -99,8 +100,8 @@ def main() -> None:
     )
     parser.add_argument("--lb", choices=["builtin", "nginx", "haproxy"], default="builtin")
     parser.add_argument("--outer", action="store_true", help="--no-limits inside one 1 CPU / 350 MB cgroup")
-    parser.add_argument("--target", type=float, default=900.0, help="req/s at the end of the ramp")
-    parser.add_argument("--duration", type=float, default=120.0)
+    parser.add_argument("--target", type=float, default=TARGET_RATE, help="req/s at the end of the ramp")
+    parser.add_argument("--duration", type=float, default=DURATION_S)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--kill-at", type=float, metavar="S", help="SIGKILL api1 S seconds into the run")
     parser.add_argument("--no-chart", action="store_true", help="k6 without per-request samples")

@@ -1,4 +1,4 @@
-"""`fraudscore loadtest`: the contract's score, and one real k6 run against a stand-in service."""
+"""`fraudscore loadtest`: the contest's score, the k6 profile, and real k6 runs against a stand-in service."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import gzip
 import json
 import math
+import re
 import socket
 import subprocess
 import threading
@@ -18,14 +19,16 @@ from typing import Any
 
 import pytest
 
-from fraudscore.errors import DataFileError
-from fraudscore.tools import loadtest
-from fraudscore.tools.scoring import Counts, detection_score, final_score, p99_score
+from fraudscore.contract.testdata import Entry
+from fraudscore.errors import DataFileError, LoadTestError
+from fraudscore.loadtest import command as loadtest
+from fraudscore.loadtest import driver, k6, profile, results
+from fraudscore.loadtest.contest import Counts, detection_score, final_score, p99_score
 
 DEV_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev-data.json.gz"
 
 
-# --- the score ----------------------------------------------------------------------------------------
+# --- the contest's score -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -72,6 +75,33 @@ def test_no_request_is_an_error() -> None:
         detection_score(Counts(tp=0, tn=0, fp=0, fn=0, http_errors=0))
 
 
+# --- the k6 profile: Python owns it, the script only reads it ---------------------------------------
+
+
+def test_the_contract_profile_in_k6_terms() -> None:
+    scenario = profile.Profile().k6_scenario()
+    assert scenario["executor"] == "ramping-arrival-rate"
+    assert (scenario["startRate"], scenario["timeUnit"]) == (1, "1s")
+    assert scenario["stages"] == [{"target": 900, "duration": "120000ms"}]
+    assert (scenario["preAllocatedVUs"], scenario["maxVUs"]) == (90, 250)
+
+
+def test_a_fractional_rate_is_counted_per_1000_seconds() -> None:
+    scenario = profile.Profile(rate_multiplier=0.0015, duration_s=10).k6_scenario()
+    assert (scenario["startRate"], scenario["timeUnit"]) == (2, "1000s")  # 1.5 per 1000 s, half up
+    assert scenario["stages"] == [{"target": 1350, "duration": "10000ms"}]
+    assert scenario["preAllocatedVUs"] == 5  # never fewer
+
+
+def test_the_script_repeats_nothing_of_the_profile() -> None:
+    script = (Path(k6.__file__).parent / k6.SCRIPT).read_text()
+    numbers = [profile.TARGET_RATE, profile.DURATION_S, profile.MAX_VUS, profile.REQUEST_TIMEOUT_MS, 9999]
+    assert [n for n in numbers if re.search(rf"\b{n:g}\b", script)] == []
+    # the scenario's settings are written in profile.py only
+    keys = ("startRate", "timeUnit", "stages", "preAllocatedVUs", "maxVUs", "gracefulStop", "p(99)")
+    assert [k for k in keys if k in script] == []
+
+
 # --- reading data and samples -------------------------------------------------------------------------
 
 
@@ -79,7 +109,7 @@ def test_load_entries_plain_json(tmp_path: Path) -> None:
     path = tmp_path / "data.json"
     entry = {"request": {"id": "tx-1"}, "expected_approved": False, "expected_fraud_score": 0.8}
     path.write_text(json.dumps({"stats": {}, "entries": [entry]}))
-    assert loadtest.load_entries(path) == [loadtest.Entry({"id": "tx-1"}, False, 0.8)]
+    assert driver.load_entries(path) == [Entry({"id": "tx-1"}, False, 0.8)]
 
 
 @pytest.mark.parametrize(
@@ -94,13 +124,13 @@ def test_load_entries_rejects_malformed(tmp_path: Path, doc: Any) -> None:
     path = tmp_path / "data.json"
     path.write_text(json.dumps(doc))
     with pytest.raises(DataFileError):
-        loadtest.load_entries(path)
+        driver.load_entries(path)
 
 
 def test_per_second_buckets_and_gaps() -> None:
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     samples = [(t0 + timedelta(seconds=s), ms) for s, ms in [(0.1, 1.0), (0.9, 3.0), (2.5, 7.0)]]
-    series = loadtest.per_second(iter(samples))
+    series = results.per_second(iter(samples))
     assert [(s.t_s, s.requests, s.p50_ms) for s in series] == [(0, 2, 2.0), (1, 0, None), (2, 1, 7.0)]
 
 
@@ -109,11 +139,11 @@ def test_per_second_buckets_and_gaps() -> None:
 
 def _k6_or_skip() -> Path:
     try:
-        k6 = loadtest.find_k6(None)
-        subprocess.run([str(k6), "version"], check=True, capture_output=True, timeout=30)
-    except (loadtest.LoadTestError, OSError, subprocess.SubprocessError) as exc:
+        binary = k6.find_k6(None)
+        subprocess.run([str(binary), "version"], check=True, capture_output=True, timeout=30)
+    except (LoadTestError, OSError, subprocess.SubprocessError) as exc:
         pytest.skip(f"k6 cannot run here: {exc}")
-    return k6
+    return binary
 
 
 class StandIn:

@@ -30,6 +30,8 @@ class FakeInstance:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.received: list[socket.socket] = []
+        self.channel_open = threading.Event()
+        self._channel: socket.socket | None = None
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(path))
         self._listener.listen()
@@ -38,6 +40,8 @@ class FakeInstance:
 
     def _run(self) -> None:
         channel, _ = self._listener.accept()
+        self._channel = channel
+        self.channel_open.set()
         while True:
             try:
                 data, fds, _, _ = socket.recv_fds(channel, 16, 16)
@@ -46,6 +50,19 @@ class FakeInstance:
             if not data:
                 return
             self.received += [socket.socket(fileno=fd) for fd in fds]
+
+    def die(self) -> None:
+        """Go away as a killed instance does: the channel to the balancer and the listener close
+        (the socket file stays behind, so reconnecting is refused)."""
+        assert self.channel_open.wait(5), "the balancer never connected"
+        assert self._channel is not None
+        # shutdown, not only close: the thread blocked in recv_fds keeps a closed descriptor's
+        # socket alive, and the balancer would go on handing connections to it
+        self._channel.shutdown(socket.SHUT_RDWR)
+        self._thread.join(5)
+        assert not self._thread.is_alive()
+        self._channel.close()
+        self._listener.close()
 
 
 @pytest.fixture
@@ -118,21 +135,39 @@ def test_balancer_never_reads_the_payload(
 
 
 def test_a_dead_instance_is_skipped_at_once(
-    tmp_path: Path, balancer: tuple[int, list[FakeInstance], subprocess.Popen[bytes]]
+    balancer: tuple[int, list[FakeInstance], subprocess.Popen[bytes]],
 ) -> None:
-    port, instances, _ = balancer
-    # the second instance goes away: its channel closes
-    instances[1]._listener.close()
-    for s in instances[1].received:
-        s.close()
+    port, (live, dead), _ = balancer
+    wait_for(lambda: len(live.received) + len(dead.received) == 1)  # the fixture's own probe
+    assert len(live.received) == 1  # round-robin: the next connection is the dead one's turn
+    dead.die()
     clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
-    before = len(instances[0].received)
-    wait_for(lambda: len(instances[0].received) >= before)
-    time.sleep(0.3)
-    # every connection was handed to a live instance or, for the first after the death, retried on it
-    assert len(instances[0].received) + len(instances[1].received) >= 10
+    # none is lost: the first, handed to the dead instance first, goes on to the live one
+    wait_for(lambda: len(live.received) == 11)
+    assert dead.received == []
+    # and each handed socket is its client's connection
+    for i, client in enumerate(clients):
+        client.sendall(b"client %d" % i)
+    got = []
+    for handed in live.received[1:]:
+        handed.settimeout(5)
+        got.append(handed.recv(100))
+    assert sorted(got) == sorted(b"client %d" % i for i in range(10))
     for c in clients:
         c.close()
+
+
+def test_the_balancer_loads_no_scoring_code() -> None:
+    """The balancer's 20 MiB hold no index, no native core, no contract constants, no event loop."""
+    code = "import sys, fraudscore.stack.balancer; print(' '.join(sorted(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    modules = loaded.split()
+    assert "fraudscore.service.handoff" in modules  # the handover message's one definition
+    heavy = [
+        m for m in modules if m.startswith(("fraudscore.index", "fraudscore.contract", "fraudscore.scorer"))
+    ]
+    assert heavy == []
+    assert "asyncio" not in modules and "numpy" not in modules
 
 
 # -- the real stack ---------------------------------------------------------------------------

@@ -16,13 +16,14 @@ from typing import Any
 
 import orjson
 
+from fraudscore.defaults import PORT
 from fraudscore.errors import FraudscoreError, UsageError
 
 log = logging.getLogger("fraudscore")
 
 DEFAULT_INDEX = Path(os.environ.get("FRAUDSCORE_INDEX", "data/references.fsidx"))
 DEFAULT_REFERENCES = Path(os.environ.get("FRAUDSCORE_REFERENCES", "data/references.json.gz"))
-DEFAULT_PORT = int(os.environ.get("FRAUDSCORE_PORT", "9999"))
+DEFAULT_PORT = int(os.environ.get("FRAUDSCORE_PORT", PORT))
 DEFAULT_HOST = os.environ.get("FRAUDSCORE_HOST", "0.0.0.0")
 
 Command = Callable[[argparse.Namespace], int]
@@ -263,8 +264,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def _register_optional(sub: Any) -> None:
-    """Commands of the stack and tools modules."""
-    from fraudscore.tools import loadtest
+    """Commands of the stack and loadtest packages."""
+    from fraudscore.loadtest import command as loadtest
 
     balance = sub.add_parser("balance", help="the built-in load balancer: hands connections to instances")
     balance.add_argument(

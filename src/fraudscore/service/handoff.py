@@ -3,22 +3,33 @@
 The balancer accepts on the public port and passes each accepted socket to an instance over a
 unix socket (``SCM_RIGHTS``); the instance then serves that connection itself.  The balancer
 never reads a byte of a request.  Each handover is one message of one byte carrying one or
-more descriptors.
+more descriptors: ``send_connection`` writes it, and this module is its one definition.  The
+balancer imports it, so this module loads no event loop and no scoring code.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only in annotations: the balancer imports this module and runs no event loop
+    import asyncio
 
 log = logging.getLogger(__name__)
 
+HANDOFF_BYTE = b"c"
+"""The data of each handover message; the descriptors travel as its SCM_RIGHTS."""
 MAX_FDS_PER_MESSAGE = 64
+
+
+def send_connection(channel: socket.socket, conn: socket.socket) -> None:
+    """Hand ``conn`` to the instance at the other end of ``channel``; OSError when it is gone."""
+    socket.send_fds(channel, [HANDOFF_BYTE], [conn.fileno()])
 
 
 class HandoffListener:

@@ -1,7 +1,7 @@
 """The built-in load balancer: accept, then hand the connection itself to an instance.
 
 Each accepted socket goes, round-robin, to the next instance as a file descriptor over a unix
-socket (``SCM_RIGHTS``, one byte of data per message).  The instance then serves that
+socket (``SCM_RIGHTS``; ``service/handoff.py`` defines the message).  The instance then serves that
 keep-alive connection directly; the balancer never reads a byte of a request, never answers,
 and after the handover holds nothing, so it costs almost no CPU or memory.
 
@@ -21,12 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from fraudscore.defaults import PORT
+from fraudscore.service.handoff import send_connection
+
 log = logging.getLogger(__name__)
 
 RECONNECT_SECONDS = 0.05
 # an instance alive but not taking its handovers must not stall every new connection
 SEND_TIMEOUT_SECONDS = 1.0
-HANDOFF_BYTE = b"c"
 
 
 class Upstream:
@@ -35,15 +37,16 @@ class Upstream:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.channel: socket.socket | None = None
-        self.next_try = 0.0
-        self.handed = 0
+        self.next_connect_at = 0.0
+        self.handed_count = 0
 
     def connect(self, now: float) -> bool:
+        """True when the channel is open, opening it if the last try was long enough ago."""
         if self.channel is not None:
             return True
-        if now < self.next_try:
+        if now < self.next_connect_at:
             return False
-        self.next_try = now + RECONNECT_SECONDS
+        self.next_connect_at = now + RECONNECT_SECONDS
         ch = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             ch.connect(str(self.path))
@@ -55,18 +58,20 @@ class Upstream:
         log.info("connected to instance %s", self.path)
         return True
 
-    def hand(self, conn: socket.socket) -> bool:
+    def send(self, conn: socket.socket) -> bool:
+        """Hand ``conn`` over the open channel; False (and the channel dropped) when the instance is gone."""
         assert self.channel is not None
         try:
-            socket.send_fds(self.channel, [HANDOFF_BYTE], [conn.fileno()])
+            send_connection(self.channel, conn)
         except OSError as exc:
             log.warning("instance %s is gone (%s): skipping it", self.path, exc.strerror or exc)
             self.drop()
             return False
-        self.handed += 1
+        self.handed_count += 1
         return True
 
     def drop(self) -> None:
+        """Close the channel; ``connect`` opens a new one once the instance is back."""
         if self.channel is not None:
             self.channel.close()
             self.channel = None
@@ -75,13 +80,13 @@ class Upstream:
 class Balancer:
     """Round-robin over ``upstreams``; ``serve_forever`` until SIGINT or SIGTERM."""
 
-    def __init__(self, upstreams: Sequence[Path], *, host: str = "0.0.0.0", port: int = 9999) -> None:
+    def __init__(self, upstreams: Sequence[Path], *, host: str = "0.0.0.0", port: int = PORT) -> None:
         if not upstreams:
             raise ValueError("the balancer needs at least one upstream")
         self.upstreams = [Upstream(p) for p in upstreams]
         self.host, self.port = host, port
         self._turn = 0
-        self.refused = 0
+        self.refused_count = 0
 
     def hand_over(self, conn: socket.socket) -> bool:
         """Give ``conn`` to the next instance that takes it; False when none does."""
@@ -90,9 +95,9 @@ class Balancer:
         for _ in range(n):
             upstream = self.upstreams[self._turn]
             self._turn = (self._turn + 1) % n
-            if upstream.connect(now) and upstream.hand(conn):
+            if upstream.connect(now) and upstream.send(conn):
                 return True
-        self.refused += 1
+        self.refused_count += 1
         return False
 
     def serve_forever(self, listener: socket.socket | None = None) -> None:
@@ -122,8 +127,8 @@ class Balancer:
             listener.close()
             for upstream in self.upstreams:
                 upstream.drop()
-            handed = ", ".join(f"{u.path.name} {u.handed}" for u in self.upstreams)
-            log.info("balancer stopped: handed %s; refused %d", handed, self.refused)
+            handed = ", ".join(f"{u.path.name} {u.handed_count}" for u in self.upstreams)
+            log.info("balancer stopped: handed %s; refused %d", handed, self.refused_count)
 
 
 def run(upstreams: Sequence[Path], *, host: str, port: int) -> None:

@@ -5,6 +5,8 @@ The local runner uses this so benchmarks run under the same numbers as ``deploy/
     <own cgroup>/<stack name>-<pid>/<service>     (in each of the cpu, cpuacct and memory hierarchies on v1)
 
 New cgroups go under the cgroup this process is already in, so any limit above it still applies.
+``detect`` finds that cgroup once, as a ``V1Cgroup`` or a ``V2Cgroup``: each knows its version's
+files, and every cgroup made below it is of the same kind.
 
     with CgroupManager() as cgroups:
         api = cgroups.create(ServiceLimits("api1", 0.45, 165))
@@ -23,10 +25,10 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import ClassVar, Literal
 
 from fraudscore.errors import CgroupError
 from fraudscore.stack.limits import ServiceLimits, StackLimits
@@ -35,8 +37,14 @@ from fraudscore.stack.limits import ServiceLimits, StackLimits
 CPU_PERIOD_US = 100_000
 MOUNTINFO = Path("/proc/self/mountinfo")
 PROC_CGROUP = Path("/proc/self/cgroup")
+# The controllers a service's limits need.
+LIMITED_CONTROLLERS = ("cpu", "memory")
+# v1 says "no memory limit" with a huge page-aligned number near 2**63.
+V1_UNLIMITED_BYTES = 1 << 62
+# The name ``detect`` gives this process's own cgroup, the root of the ones made here.
+OWN = "(own)"
 
-_HINTS = {
+_ERRNO_HINTS = {
     errno.EACCES: "not permitted: root is needed, or the hierarchy is delegated to another user",
     errno.EPERM: "not permitted: root is needed, or the hierarchy is delegated to another user",
     errno.EROFS: "the cgroup filesystem is mounted read-only",
@@ -46,10 +54,10 @@ _HINTS = {
     errno.EINVAL: "the kernel refused the value",
 }
 # mkdir fails for other reasons than writes do.
-_MKDIR_HINTS = {**_HINTS, errno.ENOENT: "its parent directory does not exist"}
+_MKDIR_ERRNO_HINTS = {**_ERRNO_HINTS, errno.ENOENT: "its parent directory does not exist"}
 
 
-def _os_error(action: str, path: Path, exc: OSError, hints: dict[int, str] = _HINTS) -> CgroupError:
+def _os_error(action: str, path: Path, exc: OSError, hints: dict[int, str] = _ERRNO_HINTS) -> CgroupError:
     why = exc.strerror or str(exc)
     hint = hints.get(exc.errno or 0)
     return CgroupError(f"cannot {action} {path}: {why}" + (f" ({hint})" if hint else ""))
@@ -70,7 +78,7 @@ def _read(path: Path) -> str:
         raise _os_error("read", path, exc) from exc
 
 
-def _keyed(path: Path, key: str) -> int | None:
+def _flat_keyed_value(path: Path, key: str) -> int | None:
     """The value of ``key`` in a flat-keyed file (``cpu.stat``, ``memory.events``), if present."""
     if not path.exists():
         return None
@@ -81,21 +89,7 @@ def _keyed(path: Path, key: str) -> int | None:
     return None
 
 
-@dataclass(frozen=True)
-class Hierarchy:
-    """Where new cgroups go: a directory per controller on v1 (equal when co-mounted), one on v2."""
-
-    version: Literal[1, 2]
-    cpu: Path
-    memory: Path
-    cpuacct: Path | None = None
-
-    @property
-    def roots(self) -> tuple[Path, ...]:
-        return tuple(dict.fromkeys(p for p in (self.cpu, self.cpuacct, self.memory) if p is not None))
-
-
-def _own_paths(proc_cgroup: str) -> dict[str, str]:
+def _own_cgroup_paths(proc_cgroup: str) -> dict[str, str]:
     """Controller (or "" for the v2 line) to this process's cgroup path, from /proc/self/cgroup."""
     paths: dict[str, str] = {}
     for line in proc_cgroup.splitlines():
@@ -106,7 +100,7 @@ def _own_paths(proc_cgroup: str) -> dict[str, str]:
     return paths
 
 
-def _join(mountpoint: str, mount_root: str, own: str) -> Path:
+def _own_directory(mountpoint: str, mount_root: str, own: str) -> Path:
     # With a bind-mounted sub-hierarchy the mount root is not "/": strip it from our own path.
     if mount_root != "/" and (own == mount_root or own.startswith(mount_root + "/")):
         own = own[len(mount_root) :]
@@ -115,7 +109,7 @@ def _join(mountpoint: str, mount_root: str, own: str) -> Path:
 
 def parse_hierarchies(mountinfo: str, proc_cgroup: str) -> tuple[dict[str, Path], Path | None]:
     """Our own cgroup's directory per v1 controller, and on the v2 mount (None if not mounted)."""
-    own = _own_paths(proc_cgroup)
+    own = _own_cgroup_paths(proc_cgroup)
     v1: dict[str, Path] = {}
     v2: Path | None = None
     for line in mountinfo.splitlines():
@@ -125,64 +119,94 @@ def parse_hierarchies(mountinfo: str, proc_cgroup: str) -> tuple[dict[str, Path]
             continue
         mount_root, mountpoint = fields[3], fields[4].replace("\\040", " ")
         if tail[0] == "cgroup2" and "" in own:
-            v2 = _join(mountpoint, mount_root, own[""])
+            v2 = _own_directory(mountpoint, mount_root, own[""])
         elif tail[0] == "cgroup":
             for controller in tail[2].split(","):
                 if controller in ("cpu", "cpuacct", "memory") and controller in own:
-                    v1[controller] = _join(mountpoint, mount_root, own[controller])
+                    v1[controller] = _own_directory(mountpoint, mount_root, own[controller])
     return v1, v2
 
 
-def detect(mountinfo: Path = MOUNTINFO, proc_cgroup: Path = PROC_CGROUP) -> Hierarchy:
-    """The hierarchy that can limit CPU and memory: v2 if its controllers are there, else v1."""
-    if not sys.platform.startswith("linux"):
-        raise CgroupError(f"cgroups are a Linux feature; this is {sys.platform}")
-    v1, v2 = parse_hierarchies(_read(mountinfo), _read(proc_cgroup))
-    # On a hybrid system the v2 mount exists but cpu and memory stay bound to v1; then it cannot limit.
-    controllers = v2 / "cgroup.controllers" if v2 is not None else None
-    if (
-        controllers is not None
-        and controllers.exists()
-        and {"cpu", "memory"} <= set(_read(controllers).split())
-    ):
-        return Hierarchy(2, cpu=controllers.parent, memory=controllers.parent)
-    if "cpu" in v1 and "memory" in v1:
-        return Hierarchy(1, cpu=v1["cpu"], memory=v1["memory"], cpuacct=v1.get("cpuacct"))
-    raise CgroupError(
-        f"no cgroup hierarchy with both the cpu and memory controllers is mounted (see {mountinfo})"
-    )
+class Cgroup(ABC):
+    """One cgroup: its directories and the files that limit and account for what runs inside.
 
+    ``V1Cgroup`` and ``V2Cgroup`` each know one version's files; ``detect`` picks the version once,
+    and every cgroup made under the one it returns is of the same kind.  Making a ``Cgroup`` object
+    makes no directory: ``make`` does.
+    """
 
-class Cgroup:
-    """One cgroup (spread over the v1 hierarchies, or one v2 directory) with the limits it was made with."""
+    version: ClassVar[Literal[1, 2]]
 
-    def __init__(self, name: str, version: Literal[1, 2], cpu: Path, memory: Path, cpuacct: Path | None):
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.version = version
-        self.cpu_dir, self.memory_dir, self.cpuacct_dir = cpu, memory, cpuacct
 
     def __repr__(self) -> str:
-        return f"Cgroup({self.name!r}, v{self.version}, {self.dirs[0]})"
+        return f"{type(self).__name__}({self.name!r}, {self.dirs[0]})"
+
+    # -- what each version defines ------------------------------------------------------------
 
     @property
+    @abstractmethod
     def dirs(self) -> tuple[Path, ...]:
-        return tuple(dict.fromkeys(p for p in (self.cpu_dir, self.cpuacct_dir, self.memory_dir) if p))
+        """Every directory of this cgroup (one per mounted hierarchy on v1, one on v2)."""
 
+    @abstractmethod
+    def child(self, name: str) -> Cgroup:
+        """The cgroup ``name`` below this one, of the same version (not made yet)."""
+
+    @abstractmethod
+    def delegate(self) -> None:
+        """Let the children of this cgroup have CPU and memory limits."""
+
+    @abstractmethod
     def apply(self, limits: ServiceLimits) -> None:
         """Set the CPU quota and the memory ceiling (swap included, so the ceiling is not dodged)."""
-        quota = max(1000, round(limits.cpus * CPU_PERIOD_US))  # the kernel's minimum quota is 1 ms
-        if self.version == 1:
-            _write(self.cpu_dir / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-            _write(self.cpu_dir / "cpu.cfs_quota_us", str(quota))
-            # memsw may not be below the memory limit, so the memory limit is set first.
-            _write(self.memory_dir / "memory.limit_in_bytes", str(limits.memory_bytes))
-            if (self.memory_dir / "memory.memsw.limit_in_bytes").exists():
-                _write(self.memory_dir / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
-        else:
-            _write(self.cpu_dir / "cpu.max", f"{quota} {CPU_PERIOD_US}")
-            _write(self.memory_dir / "memory.max", str(limits.memory_bytes))
-            if (self.memory_dir / "memory.swap.max").exists():
-                _write(self.memory_dir / "memory.swap.max", "0")
+
+    @abstractmethod
+    def cpu_limit(self) -> float | None:
+        """The CPU quota in CPUs as the kernel holds it, or None when unlimited."""
+
+    @abstractmethod
+    def memory_limit_bytes(self) -> int | None:
+        """The memory ceiling as the kernel holds it (rounded to pages), or None when unlimited."""
+
+    @abstractmethod
+    def memory_bytes(self) -> int:
+        """Memory charged now (anonymous plus page cache first touched from inside)."""
+
+    @abstractmethod
+    def peak_memory_bytes(self) -> int | None:
+        """The highest charge since creation, or None where the kernel does not keep it."""
+
+    @abstractmethod
+    def cpu_seconds(self) -> float | None:
+        """CPU time used by everything that ran inside, or None if the kernel does not count it here."""
+
+    @abstractmethod
+    def throttled_seconds(self) -> float | None:
+        """How long the CPU quota held this cgroup's processes back, or None if the kernel does not say.
+
+        Throttling shows as latency: a process that spent its quota waits for the next period."""
+
+    @abstractmethod
+    def oom_kills(self) -> int | None:
+        """How many processes the kernel killed here for exceeding the memory limit (None: not counted)."""
+
+    # -- the same on both ---------------------------------------------------------------------
+
+    def make(self) -> None:
+        """Create the directories; on failure, remove the ones just made and raise CgroupError."""
+        made: list[Path] = []
+        for d in self.dirs:
+            try:
+                d.mkdir()
+            except OSError as exc:
+                for m in reversed(made):
+                    m.rmdir()  # just made and still empty, so this cannot be busy
+                if exc.errno == errno.EEXIST:
+                    raise CgroupError(f"cannot create {d}: it already exists (a leftover? rmdir it)") from exc
+                raise _os_error("create", d, exc, _MKDIR_ERRNO_HINTS) from exc
+            made.append(d)
 
     def add(self, pid: int) -> None:
         """Move a process (all its threads) in. Its children, forked later, stay in too."""
@@ -200,64 +224,8 @@ class Cgroup:
                 found.update(int(x) for x in _read(d / "cgroup.procs").split())
         return sorted(found)
 
-    def cpu_limit(self) -> float | None:
-        """The CPU quota in CPUs as the kernel holds it, or None when unlimited."""
-        if self.version == 1:
-            quota = int(_read(self.cpu_dir / "cpu.cfs_quota_us"))
-            period = int(_read(self.cpu_dir / "cpu.cfs_period_us"))
-        else:
-            text_quota, text_period = _read(self.cpu_dir / "cpu.max").split()
-            if text_quota == "max":
-                return None
-            quota, period = int(text_quota), int(text_period)
-        return None if quota < 0 else quota / period
-
-    def memory_limit_bytes(self) -> int | None:
-        """The memory ceiling as the kernel holds it (rounded to pages), or None when unlimited."""
-        name = "memory.limit_in_bytes" if self.version == 1 else "memory.max"
-        text = _read(self.memory_dir / name).strip()
-        # v1 says "unlimited" with a huge page-aligned number near 2**63.
-        return None if text == "max" or int(text) >= 1 << 62 else int(text)
-
-    def memory_bytes(self) -> int:
-        """Memory charged now (anonymous plus page cache first touched from inside)."""
-        name = "memory.usage_in_bytes" if self.version == 1 else "memory.current"
-        return int(_read(self.memory_dir / name))
-
-    def peak_memory_bytes(self) -> int | None:
-        """The highest charge since creation; None on v2 kernels older than 5.19 (no memory.peak)."""
-        path = self.memory_dir / ("memory.max_usage_in_bytes" if self.version == 1 else "memory.peak")
-        return int(_read(path)) if path.exists() else None
-
-    def cpu_seconds(self) -> float | None:
-        """CPU time used by everything that ran inside, or None if the kernel does not count it here."""
-        if self.version == 1 and self.cpuacct_dir is not None:
-            return int(_read(self.cpuacct_dir / "cpuacct.usage")) / 1e9
-        usec = _keyed(self.cpu_dir / "cpu.stat", "usage_usec")
-        return None if usec is None else usec / 1e6
-
-    def throttled_seconds(self) -> float | None:
-        """How long the CPU quota held this cgroup's processes back, or None if the kernel does not say.
-
-        Throttling shows as latency: a process that spent its quota waits for the next period."""
-        stat = self.cpu_dir / "cpu.stat"
-        if self.version == 1:
-            ns = _keyed(stat, "throttled_time")
-            return None if ns is None else ns / 1e9
-        usec = _keyed(stat, "throttled_usec")
-        return None if usec is None else usec / 1e6
-
-    def oom_kills(self) -> int | None:
-        """How many processes the kernel killed here for exceeding the memory limit (None: not counted)."""
-        if self.version == 1:
-            return _keyed(self.memory_dir / "memory.oom_control", "oom_kill")
-        return _keyed(self.memory_dir / "memory.events", "oom_kill")
-
     def kill(self) -> None:
         """SIGKILL every process inside (the caller still reaps its own children)."""
-        if self.version == 2 and (self.cpu_dir / "cgroup.kill").exists():
-            _write(self.cpu_dir / "cgroup.kill", "1")
-            return
         for pid in self.pids():
             with contextlib.suppress(ProcessLookupError):  # exited meanwhile
                 os.kill(pid, signal.SIGKILL)
@@ -279,11 +247,161 @@ class Cgroup:
                     time.sleep(0.01)
 
 
-class CgroupManager:
-    """Makes the stack's cgroups under one parent (default name ``fraudscore-<pid>``), and removes them."""
+class V1Cgroup(Cgroup):
+    """A cgroup v1: a directory in each of the cpu, cpuacct and memory hierarchies (equal when co-mounted)."""
 
-    def __init__(self, name: str | None = None, *, hierarchy: Hierarchy | None = None):
-        self.hierarchy = hierarchy if hierarchy is not None else detect()
+    version = 1
+
+    def __init__(self, name: str, cpu: Path, memory: Path, cpuacct: Path | None = None) -> None:
+        super().__init__(name)
+        self.cpu_dir, self.memory_dir, self.cpuacct_dir = cpu, memory, cpuacct
+
+    @property
+    def dirs(self) -> tuple[Path, ...]:
+        return tuple(dict.fromkeys(p for p in (self.cpu_dir, self.cpuacct_dir, self.memory_dir) if p))
+
+    def child(self, name: str) -> V1Cgroup:
+        cpuacct = None if self.cpuacct_dir is None else self.cpuacct_dir / name
+        return V1Cgroup(name, self.cpu_dir / name, self.memory_dir / name, cpuacct)
+
+    def delegate(self) -> None:
+        pass  # on v1, every cgroup of a controller's hierarchy may be limited: nothing to enable
+
+    def apply(self, limits: ServiceLimits) -> None:
+        _write(self.cpu_dir / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+        _write(self.cpu_dir / "cpu.cfs_quota_us", str(_quota_us(limits)))
+        # memsw may not be below the memory limit, so the memory limit is set first.
+        _write(self.memory_dir / "memory.limit_in_bytes", str(limits.memory_bytes))
+        if (self.memory_dir / "memory.memsw.limit_in_bytes").exists():
+            _write(self.memory_dir / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+
+    def cpu_limit(self) -> float | None:
+        quota = int(_read(self.cpu_dir / "cpu.cfs_quota_us"))
+        period = int(_read(self.cpu_dir / "cpu.cfs_period_us"))
+        return None if quota < 0 else quota / period  # -1: unlimited
+
+    def memory_limit_bytes(self) -> int | None:
+        value = int(_read(self.memory_dir / "memory.limit_in_bytes"))
+        # "Unlimited" is a huge page-aligned number near 2**63.
+        return None if value >= V1_UNLIMITED_BYTES else value
+
+    def memory_bytes(self) -> int:
+        return int(_read(self.memory_dir / "memory.usage_in_bytes"))
+
+    def peak_memory_bytes(self) -> int | None:
+        return int(_read(self.memory_dir / "memory.max_usage_in_bytes"))
+
+    def cpu_seconds(self) -> float | None:
+        if self.cpuacct_dir is None:
+            return None
+        return int(_read(self.cpuacct_dir / "cpuacct.usage")) / 1e9
+
+    def throttled_seconds(self) -> float | None:
+        ns = _flat_keyed_value(self.cpu_dir / "cpu.stat", "throttled_time")
+        return None if ns is None else ns / 1e9
+
+    def oom_kills(self) -> int | None:
+        return _flat_keyed_value(self.memory_dir / "memory.oom_control", "oom_kill")
+
+
+class V2Cgroup(Cgroup):
+    """A cgroup v2: one directory in the unified hierarchy."""
+
+    version = 2
+
+    def __init__(self, name: str, directory: Path) -> None:
+        super().__init__(name)
+        self.directory = directory
+
+    @property
+    def dirs(self) -> tuple[Path, ...]:
+        return (self.directory,)
+
+    def child(self, name: str) -> V2Cgroup:
+        return V2Cgroup(name, self.directory / name)
+
+    def delegate(self) -> None:
+        control = self.directory / "cgroup.subtree_control"
+        enabled = set(_read(control).split()) if control.exists() else set()
+        missing = set(LIMITED_CONTROLLERS) - enabled
+        if missing:
+            _write(control, " ".join(f"+{c}" for c in sorted(missing)))
+
+    def apply(self, limits: ServiceLimits) -> None:
+        _write(self.directory / "cpu.max", f"{_quota_us(limits)} {CPU_PERIOD_US}")
+        _write(self.directory / "memory.max", str(limits.memory_bytes))
+        if (self.directory / "memory.swap.max").exists():
+            _write(self.directory / "memory.swap.max", "0")
+
+    def cpu_limit(self) -> float | None:
+        quota, period = _read(self.directory / "cpu.max").split()
+        return None if quota == "max" else int(quota) / int(period)
+
+    def memory_limit_bytes(self) -> int | None:
+        text = _read(self.directory / "memory.max").strip()
+        return None if text == "max" else int(text)
+
+    def memory_bytes(self) -> int:
+        return int(_read(self.directory / "memory.current"))
+
+    def peak_memory_bytes(self) -> int | None:
+        # memory.peak came with Linux 5.19
+        path = self.directory / "memory.peak"
+        return int(_read(path)) if path.exists() else None
+
+    def cpu_seconds(self) -> float | None:
+        usec = _flat_keyed_value(self.directory / "cpu.stat", "usage_usec")
+        return None if usec is None else usec / 1e6
+
+    def throttled_seconds(self) -> float | None:
+        usec = _flat_keyed_value(self.directory / "cpu.stat", "throttled_usec")
+        return None if usec is None else usec / 1e6
+
+    def oom_kills(self) -> int | None:
+        return _flat_keyed_value(self.directory / "memory.events", "oom_kill")
+
+    def kill(self) -> None:
+        # cgroup.kill (Linux 5.14) kills everything inside at once, even processes forking meanwhile.
+        if (self.directory / "cgroup.kill").exists():
+            _write(self.directory / "cgroup.kill", "1")
+        else:
+            super().kill()
+
+
+def _quota_us(limits: ServiceLimits) -> int:
+    """The CFS quota per ``CPU_PERIOD_US`` for the service's CPUs; the kernel's minimum is 1 ms."""
+    return max(1000, round(limits.cpus * CPU_PERIOD_US))
+
+
+def detect(mountinfo: Path = MOUNTINFO, proc_cgroup: Path = PROC_CGROUP) -> Cgroup:
+    """This process's own cgroup in the hierarchy that can limit CPU and memory: v2 if its
+    controllers are there, else v1.  New cgroups go below it."""
+    if not sys.platform.startswith("linux"):
+        raise CgroupError(f"cgroups are a Linux feature; this is {sys.platform}")
+    v1, v2 = parse_hierarchies(_read(mountinfo), _read(proc_cgroup))
+    # On a hybrid system the v2 mount exists but cpu and memory stay bound to v1; then it cannot limit.
+    controllers = v2 / "cgroup.controllers" if v2 is not None else None
+    if (
+        controllers is not None
+        and controllers.exists()
+        and set(LIMITED_CONTROLLERS) <= set(_read(controllers).split())
+    ):
+        return V2Cgroup(OWN, controllers.parent)
+    if "cpu" in v1 and "memory" in v1:
+        return V1Cgroup(OWN, cpu=v1["cpu"], memory=v1["memory"], cpuacct=v1.get("cpuacct"))
+    raise CgroupError(
+        f"no cgroup hierarchy with both the cpu and memory controllers is mounted (see {mountinfo})"
+    )
+
+
+class CgroupManager:
+    """Makes the stack's cgroups under one parent (default name ``fraudscore-<pid>``), and removes them.
+
+    ``root`` is where the parent goes: by default this process's own cgroup, as ``detect`` finds it.
+    """
+
+    def __init__(self, name: str | None = None, *, root: Cgroup | None = None):
+        self.root = root if root is not None else detect()
         self.name = name or f"fraudscore-{os.getpid()}"
         self._parent: Cgroup | None = None
         self._children: list[Cgroup] = []
@@ -292,16 +410,11 @@ class CgroupManager:
     def unavailable_reason() -> str | None:
         """Why cgroups cannot be used here, or None if a cgroup can be made (checked by making one)."""
         try:
-            hierarchy = detect()
-            for root in hierarchy.roots:
-                probe = root / f"fraudscore-probe-{os.getpid()}"
-                try:
-                    probe.mkdir()
-                except OSError as exc:
-                    raise _os_error("create a cgroup in", root, exc, _MKDIR_HINTS) from exc
-                probe.rmdir()
-            if hierarchy.version == 2:
-                _enable_controllers(hierarchy.cpu)
+            root = detect()
+            probe = root.child(f"fraudscore-probe-{os.getpid()}")
+            probe.make()
+            probe.remove(timeout=0)
+            root.delegate()
         except CgroupError as exc:
             return str(exc)
         return None
@@ -310,39 +423,20 @@ class CgroupManager:
     def available(cls) -> bool:
         return cls.unavailable_reason() is None
 
-    def _make(
-        self, name: str, version: Literal[1, 2], cpu: Path, memory: Path, cpuacct: Path | None
-    ) -> Cgroup:
-        cgroup = Cgroup(name, version, cpu / name, memory / name, None if cpuacct is None else cpuacct / name)
-        made: list[Path] = []
-        for d in cgroup.dirs:
-            try:
-                d.mkdir()
-            except OSError as exc:
-                for m in reversed(made):
-                    m.rmdir()  # just made and still empty, so this cannot be busy
-                if exc.errno == errno.EEXIST:
-                    raise CgroupError(f"cannot create {d}: it already exists (a leftover? rmdir it)") from exc
-                raise _os_error("create", d, exc, _MKDIR_HINTS) from exc
-            made.append(d)
-        return cgroup
-
     def parent(self) -> Cgroup:
         """The stack's own cgroup, made on first use; it has no limits of its own."""
         if self._parent is None:
-            h = self.hierarchy
-            if h.version == 2:
-                _enable_controllers(h.cpu)
-            parent = self._make(self.name, h.version, h.cpu, h.memory, h.cpuacct)
-            if h.version == 2:
-                _enable_controllers(parent.cpu_dir)
+            self.root.delegate()
+            parent = self.root.child(self.name)
+            parent.make()
+            parent.delegate()
             self._parent = parent
         return self._parent
 
     def create(self, limits: ServiceLimits) -> Cgroup:
         """A cgroup named after the service, under the stack's parent, with its limits applied."""
-        p = self.parent()
-        child = self._make(limits.name, p.version, p.cpu_dir, p.memory_dir, p.cpuacct_dir)
+        child = self.parent().child(limits.name)
+        child.make()
         try:
             child.apply(limits)
         except CgroupError:
@@ -388,12 +482,3 @@ class CgroupManager:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.cleanup(kill=True)
-
-
-def _enable_controllers(directory: Path) -> None:
-    """On v2, let the children of ``directory`` have cpu and memory limits."""
-    control = directory / "cgroup.subtree_control"
-    enabled = set(_read(control).split()) if control.exists() else set()
-    missing = {"cpu", "memory"} - enabled
-    if missing:
-        _write(control, " ".join(f"+{c}" for c in sorted(missing)))

@@ -14,12 +14,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fraudscore.defaults import PORT
 from fraudscore.stack.limits import DEFAULT_STACK, ServiceLimits, StackLimits, check
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 COMPOSE_PATH = REPO_ROOT / "deploy" / "rinha" / "docker-compose.yml"
 
-PORT = 9999
 IMAGE = "fraudscore:local"
 # Where the image keeps the index built at image build time (see the Dockerfile).
 INDEX_PATH = "/app/data/references.fsidx"
@@ -44,12 +44,12 @@ def balancer_command(stack: StackLimits) -> list[str]:
     return argv
 
 
-def _flow(items: Sequence[str]) -> str:
+def _yaml_flow_list(items: Sequence[str]) -> str:
     # JSON strings and arrays are valid YAML flow scalars/sequences, and json quotes safely.
     return "[" + ", ".join(json.dumps(item) for item in items) + "]"
 
 
-def _service(
+def _service_lines(
     service: ServiceLimits,
     command: list[str],
     *,
@@ -60,7 +60,7 @@ def _service(
     if build_context is not None:
         lines += ["    build:", f"      context: {build_context}", "      dockerfile: Dockerfile"]
     lines += [
-        f"    command: {_flow(command)}",
+        f"    command: {_yaml_flow_list(command)}",
         # tini as PID 1, so SIGTERM from `docker compose down` reaches Python and stops it at once.
         "    init: true",
         *extra,
@@ -94,9 +94,11 @@ def render(stack: StackLimits = DEFAULT_STACK, *, build_context: str | None = ".
         "    depends_on:",
         *(f"      - {api.name}" for api in stack.apis),
     ]
-    lines += _service(stack.balancer, balancer_command(stack), build_context=build_context, extra=lb_extra)
+    lines += _service_lines(
+        stack.balancer, balancer_command(stack), build_context=build_context, extra=lb_extra
+    )
     for api in stack.apis:
-        lines += _service(api, api_command(api), build_context=build_context)
+        lines += _service_lines(api, api_command(api), build_context=build_context)
     lines += [
         "networks:",
         f"  {NETWORK}:",

@@ -16,26 +16,26 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from fraudscore.defaults import PORT
 from fraudscore.errors import ProxyError
 
-DEFAULT_PORT = 9999
 # sun_path holds 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 # Paths go into the configs unquoted, so keep them to characters neither format treats specially.
-_SAFE_PATH = re.compile(r"[A-Za-z0-9_./@+:,=-]+")
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9_./@+:,=-]+")
 
 
-def _path(path: str | os.PathLike[str], what: str) -> str:
+def _plain_absolute_path(path: str | os.PathLike[str], what: str) -> str:
     text = os.fspath(path)
-    if not os.path.isabs(text) or not _SAFE_PATH.fullmatch(text):
+    if not os.path.isabs(text) or not _PLAIN_PATH.fullmatch(text):
         raise ProxyError(f"{what} must be an absolute path of plain characters, got {text!r}")
     return text
 
 
-def _sockets(sockets: Sequence[str | os.PathLike[str]]) -> list[str]:
+def _socket_paths(sockets: Sequence[str | os.PathLike[str]]) -> list[str]:
     if not sockets:
         raise ProxyError("at least one API socket is needed")
-    paths = [_path(s, "an API socket") for s in sockets]
+    paths = [_plain_absolute_path(s, "an API socket") for s in sockets]
     for p in paths:
         if len(p.encode()) > _MAX_SOCKET_PATH:
             raise ProxyError(f"unix socket path longer than {_MAX_SOCKET_PATH} bytes: {p}")
@@ -46,7 +46,7 @@ def render_nginx(
     sockets: Sequence[str | os.PathLike[str]],
     directory: str | os.PathLike[str],
     *,
-    port: int = DEFAULT_PORT,
+    port: int = PORT,
     user: str | None = None,
 ) -> str:
     """nginx.conf text; ``directory`` holds its pid file, error log and temp files.
@@ -54,8 +54,8 @@ def render_nginx(
     ``user`` matters only when nginx starts as root: its workers then switch to that user, who must be
     able to connect to the sockets (nginx's default, nobody, usually cannot).
     """
-    work = _path(directory, "the working directory")
-    upstreams = "\n".join(f"        server unix:{s} max_fails=0;" for s in _sockets(sockets))
+    work = _plain_absolute_path(directory, "the working directory")
+    upstreams = "\n".join(f"        server unix:{s} max_fails=0;" for s in _socket_paths(sockets))
     user_line = f"user {user};\n" if user else ""
     temp = "\n".join(
         f"    {kind}_temp_path {work}/tmp/{kind};"
@@ -105,9 +105,9 @@ http {{
 """
 
 
-def render_haproxy(sockets: Sequence[str | os.PathLike[str]], *, port: int = DEFAULT_PORT) -> str:
+def render_haproxy(sockets: Sequence[str | os.PathLike[str]], *, port: int = PORT) -> str:
     """haproxy.cfg text (haproxy needs no working directory when run in the foreground)."""
-    servers = "\n".join(f"    server api{i} {s}" for i, s in enumerate(_sockets(sockets), start=1))
+    servers = "\n".join(f"    server api{i} {s}" for i, s in enumerate(_socket_paths(sockets), start=1))
     return f"""\
 # Rendered by fraudscore.stack.proxies; run with haproxy -db -f <this file>.
 global
@@ -146,7 +146,7 @@ def find_haproxy() -> str | None:
     return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
 
 
-def _binary(found: str | None, name: str, given: str | None) -> str:
+def _binary_or_error(found: str | None, name: str, given: str | None) -> str:
     binary = given or found
     if binary is None:
         raise ProxyError(f"{name} is not installed (not on PATH nor in /usr/sbin): apt-get install {name}")
@@ -157,7 +157,7 @@ def nginx_command(
     directory: str | os.PathLike[str],
     sockets: Sequence[str | os.PathLike[str]],
     *,
-    port: int = DEFAULT_PORT,
+    port: int = PORT,
     check: bool = False,
     binary: str | None = None,
 ) -> list[str]:
@@ -165,8 +165,8 @@ def nginx_command(
 
     With ``check``, the argv only tests the configuration (``nginx -t``) and exits.
     """
-    nginx = _binary(find_nginx(), "nginx", binary)
-    work = Path(_path(Path(directory).resolve(), "the working directory"))
+    nginx = _binary_or_error(find_nginx(), "nginx", binary)
+    work = Path(_plain_absolute_path(Path(directory).resolve(), "the working directory"))
     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (work / "tmp" / kind).mkdir(parents=True, exist_ok=True)
     # As root, keep the workers as the current user so they can reach sockets the APIs made.
@@ -182,7 +182,7 @@ def haproxy_command(
     directory: str | os.PathLike[str],
     sockets: Sequence[str | os.PathLike[str]],
     *,
-    port: int = DEFAULT_PORT,
+    port: int = PORT,
     check: bool = False,
     binary: str | None = None,
 ) -> list[str]:
@@ -190,7 +190,7 @@ def haproxy_command(
 
     With ``check``, the argv only checks the configuration (``haproxy -c``) and exits.
     """
-    haproxy = _binary(find_haproxy(), "haproxy", binary)
+    haproxy = _binary_or_error(find_haproxy(), "haproxy", binary)
     work = Path(directory).resolve()
     work.mkdir(parents=True, exist_ok=True)
     config = work / "haproxy.cfg"

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Literal
 
+from fraudscore.defaults import PORT
 from fraudscore.errors import StackError, StackStopped
 from fraudscore.stack import proxies
 from fraudscore.stack.cgroups import Cgroup, CgroupManager
@@ -130,7 +131,7 @@ class Process:
 @dataclass
 class StackConfig:
     index: Path
-    port: int = 9999
+    port: int = PORT
     instances: int = 2
     balancer: Balancer = "builtin"
     limits: bool = True

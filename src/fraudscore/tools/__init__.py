@@ -1,1 +1,0 @@
-"""Tools around the service: the load test and its score."""
