@@ -17,9 +17,10 @@ through the capsule that ``index._knn`` exports (``knn_api.h``), not through Pyt
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants, vectorize
 from fraudscore.index.search import Index, K
@@ -62,7 +63,7 @@ class Scorer(abc.ABC):
     def close(self) -> None:  # noqa: B027 - most scorers hold nothing to release
         """Release what the scorer holds; it must not be used after."""
 
-    def __enter__(self) -> Scorer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -79,7 +80,7 @@ class KnnScorer(Scorer):
         self.id = ScorerId("knn", "knn", index.sha256[:12])
 
     @classmethod
-    def open(cls, path: Any) -> KnnScorer:
+    def open(cls, path: str | os.PathLike[str]) -> KnnScorer:
         return cls(Index(path))
 
     # the counts are the scorer's own currency: the score is count / K, exactly
