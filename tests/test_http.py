@@ -216,6 +216,56 @@ def test_garbage_bytes_get_400_and_close(server: Server) -> None:
     assert b"Connection: close" in out
 
 
+def error_of(answer: bytes) -> str:
+    """The JSON error of a whole answer (head and body), checking it says it closes."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Connection: close" in head, head
+    assert b"Content-Type: application/json" in head, head
+    message: str = json.loads(body)["error"]
+    return message
+
+
+def test_long_url_gets_414(server: Server) -> None:
+    out = raw_exchange(server, b"GET /ready?" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 414 URI Too Long")
+    assert "URL is longer than 8192 bytes" in error_of(out)
+
+
+def test_url_within_the_limit_is_answered(server: Server) -> None:
+    out = raw_exchange(server, b"GET /ready?" + b"a" * 8000 + b" HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 OK")
+
+
+def test_too_many_headers_get_431(server: Server) -> None:
+    headers = b"".join(b"X-%d: a\r\n" % i for i in range(101))
+    out = raw_exchange(server, b"GET /ready HTTP/1.1\r\n" + headers + b"\r\n")
+    assert out.startswith(b"HTTP/1.1 431 Request Header Fields Too Large")
+    assert "more than 100 header fields" in error_of(out)
+
+
+def test_header_section_over_the_limit_gets_431(server: Server) -> None:
+    headers = b"".join(b"X-%d: %s\r\n" % (i, b"a" * 1000) for i in range(17))
+    out = raw_exchange(server, b"GET /ready HTTP/1.1\r\n" + headers + b"\r\n")
+    assert out.startswith(b"HTTP/1.1 431")
+    assert "header section is larger than 16384 bytes" in error_of(out)
+
+
+def test_a_one_mebibyte_header_gets_431(server: Server, example_payloads: list[dict[str, Any]]) -> None:
+    body = json.dumps(example_payloads[0]).encode()
+    out = raw_exchange(
+        server,
+        b"POST /fraud-score HTTP/1.1\r\nX-Big: %s\r\nContent-Length: %d\r\n\r\n%s"
+        % (b"a" * (1 << 20), len(body), body),
+    )
+    assert out.startswith(b"HTTP/1.1 431")
+
+
+def test_headers_within_the_limits_are_answered(server: Server) -> None:
+    headers = b"".join(b"X-%d: %s\r\n" % (i, b"a" * 100) for i in range(99))
+    out = raw_exchange(server, b"GET /ready HTTP/1.1\r\n" + headers + b"Connection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 OK")
+
+
 def test_unknown_path_and_method(server: Server) -> None:
     c = conn(server)
     c.request("GET", "/fraud-score")

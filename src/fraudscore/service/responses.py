@@ -18,6 +18,8 @@ _REASONS = {
     405: "Method Not Allowed",
     408: "Request Timeout",
     413: "Content Too Large",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
@@ -52,5 +54,6 @@ NOT_FOUND = error(404, "not found: the endpoints are POST /fraud-score and GET /
 FRAUD_SCORE_METHOD = response(405, {"error": "use POST for /fraud-score"}, extra="Allow: POST\r\n")
 READY_METHOD = response(405, {"error": "use GET for /ready"}, extra="Allow: GET\r\n")
 TOO_LARGE = error(413, "request body too large", close=True)
+INTERNAL_ERROR = error(500, "internal error", close=True)
 TIMEOUT = error(408, "request not completed in time", close=True)
 SHUTTING_DOWN = error(503, "shutting down", close=True)

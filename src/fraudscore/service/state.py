@@ -35,6 +35,9 @@ class ServiceConfig:
     handoff: Path | None = None
     constants: Constants = DEFAULT_CONSTANTS
     max_body_bytes: int = 64 * 1024
+    max_url_bytes: int = 8 * 1024  # longer URLs get 414
+    max_header_bytes: int = 16 * 1024  # a larger header section gets 431
+    max_headers: int = 100  # more header fields get 431
     request_timeout: float = 5.0
     idle_timeout: float = 75.0
     shutdown_timeout: float = 10.0
