@@ -153,6 +153,8 @@ def payload_with(example: dict[str, Any], section: str, key: str, value: Any) ->
         ("transaction", "amount", "12", "transaction.amount must be a number"),
         ("transaction", "amount", KeyError, "transaction.amount is missing"),
         ("transaction", "requested_at", "2026-13-45T99:00:00Z", "not an ISO 8601 timestamp"),
+        ("transaction", "requested_at", "9999-12-31T23:00:00-03:00", "transaction.requested_at is outside"),
+        ("transaction", "requested_at", "0001-01-01T00:00:00+03:00", "transaction.requested_at is outside"),
         ("terminal", "is_online", "yes", "terminal.is_online must be true or false"),
         ("customer", "known_merchants", None, "customer.known_merchants must be an array"),
     ],
@@ -163,6 +165,16 @@ def test_bad_fields_get_400(
     status, answer = post(server, payload_with(example_payloads[0], section, key, value))
     assert status == 400
     assert message in answer["error"]
+
+
+def test_last_timestamp_past_the_calendar_gets_400(
+    server: Server, example_payloads: list[dict[str, Any]]
+) -> None:
+    payload = json.loads(json.dumps(example_payloads[0]))
+    payload["last_transaction"] = {"timestamp": "0001-01-01T00:00:00+03:00", "km_from_current": 1.0}
+    status, answer = post(server, json.dumps(payload))
+    assert status == 400
+    assert "last_transaction.timestamp is outside the years 1 to 9999" in answer["error"]
 
 
 def test_odd_but_valid_values_are_scored(server: Server, example_payloads: list[dict[str, Any]]) -> None:
