@@ -62,7 +62,7 @@ def main() -> None:
     requests = [scoring_request(e["request"]) for e in dev_entries(DEV_DATA)]
     scorer = KnnScorer.open(args.index)
     scorer.index.warm()
-    config = ServiceConfig(index_path=scorer.index.path, port=0)
+    config = ServiceConfig(index_path=scorer.index.path, port=9999)  # never listens
     paths = {}
     for name, fast in (("fast path", True), ("Python path", False)):
         state = ServiceState(config=config, scorer=scorer, constants=DEFAULT_CONSTANTS, ready=True)

@@ -1,0 +1,76 @@
+"""ServiceConfig refuses settings that cannot work, naming the flag; the CLI says so in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fraudscore.errors import ConfigError
+from fraudscore.service.state import ServiceConfig
+
+INDEX = Path("unused.fsidx")  # the config only names the index; nothing here opens it
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"port": 70000}, "--port must be between 1 and 65535, got 70000"),
+        ({"port": 0}, "--port must be between 1 and 65535, got 0"),
+        ({"port": -1}, "--port must be between 1 and 65535, got -1"),
+        (
+            {"port": 9999, "request_timeout": 0},
+            "--request-timeout must be a positive number of seconds, got 0",
+        ),
+        ({"port": 9999, "request_timeout": -1.5}, "--request-timeout must be a positive"),
+        ({"port": 9999, "request_timeout": float("nan")}, "--request-timeout must be a positive"),
+        ({"port": 9999, "idle_timeout": 0.0}, "idle_timeout must be a positive number of seconds"),
+        ({"port": 9999, "shutdown_timeout": -1}, "shutdown_timeout must be a positive"),
+        ({"port": 9999, "max_body_bytes": 0}, "--max-body-bytes must be a positive whole number, got 0"),
+        ({"port": 9999, "max_url_bytes": -5}, "--max-url-bytes must be a positive whole number, got -5"),
+        ({"port": 9999, "max_header_bytes": 0}, "--max-header-bytes must be a positive whole number"),
+        ({"port": 9999, "max_headers": 0}, "--max-headers must be a positive whole number"),
+        ({"port": 9999, "backlog": 0}, "backlog must be a positive whole number"),
+        ({"port": 9999, "warm_queries": -1}, "warm_queries must not be negative"),
+        ({}, "listen on exactly one of --port, --uds, --handoff"),
+        ({"port": 9999, "uds": Path("x.sock")}, "listen on exactly one of"),
+    ],
+)
+def test_bad_settings_are_refused_naming_them(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        ServiceConfig(index_path=INDEX, **settings)
+
+
+def test_good_settings_are_kept() -> None:
+    config = ServiceConfig(index_path=INDEX, port=65535, request_timeout=0.5, max_headers=1, warm_queries=0)
+    assert (config.port, config.request_timeout, config.max_headers) == (65535, 0.5, 1)
+    assert ServiceConfig(index_path=INDEX, port=1).port == 1
+    assert ServiceConfig(index_path=INDEX, uds=Path("x.sock")).address == "unix:x.sock"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "70000"], "--port must be between 1 and 65535, got 70000"),
+        (
+            ["--port", "9999", "--request-timeout", "0"],
+            "--request-timeout must be a positive number of seconds, got 0.0",
+        ),
+        (
+            ["--port", "9999", "--max-body-bytes", "-1"],
+            "--max-body-bytes must be a positive whole number, got -1",
+        ),
+    ],
+)
+def test_serve_refuses_them_in_one_line(index_path: Path, flags: list[str], message: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "fraudscore.cli", "serve", "--index", str(index_path), *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.splitlines() == [f"fraudscore serve: {message}"]
