@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +76,50 @@ def test_serve_refuses_them_in_one_line(index_path: Path, flags: list[str], mess
     )
     assert run.returncode == 2, run.stderr
     assert run.stderr.splitlines() == [f"fraudscore serve: {message}"]
+
+
+@pytest.mark.parametrize("flag", ["--uds", "--handoff"])
+def test_a_regular_file_at_the_socket_path_is_refused_and_kept(
+    index_path: Path, tmp_path: Path, flag: str
+) -> None:
+    precious = tmp_path / "notes.txt"
+    precious.write_text("not a socket")
+    run = subprocess.run(
+        [sys.executable, "-m", "fraudscore.cli", "serve", "--index", str(index_path), flag, str(precious)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.splitlines() == [
+        f"fraudscore serve: {flag} {precious}: something that is not a socket is there; not removing it"
+    ]
+    assert precious.read_text() == "not a socket"
+
+
+def test_a_stale_socket_is_replaced(index_path: Path, tmp_path: Path) -> None:
+    path = tmp_path / "api.sock"
+    with socket.socket(socket.AF_UNIX) as stale:  # bound, then closed: its file stays behind
+        stale.bind(str(path))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fraudscore.cli", "serve", "--index", str(index_path), "--uds", str(path)],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        answer = b""
+        while time.monotonic() < deadline and not answer.startswith(b"HTTP/1.1 200"):
+            time.sleep(0.05)
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(path))
+                    s.sendall(b"GET /ready HTTP/1.1\r\nConnection: close\r\n\r\n")
+                    answer = s.recv(4096)
+            except OSError:
+                pass
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert not path.exists()  # removed at shutdown

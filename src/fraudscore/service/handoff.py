@@ -13,12 +13,31 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 from collections.abc import Callable
 from pathlib import Path
+
+from fraudscore.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 MAX_FDS_PER_MESSAGE = 64
+
+
+def remove_socket_file(path: Path, flag: str) -> None:
+    """Remove the unix socket an earlier run left at ``path``, so a new one can be bound there.
+
+    Anything else at ``path`` (a regular file, a directory, a symbolic link) is not ours to remove:
+    ``ConfigError`` naming ``flag`` and the path, and the file is left as it is.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{flag} {path}: something that is not a socket is there; not removing it")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 class HandoffListener:
@@ -36,8 +55,7 @@ class HandoffListener:
         self._channels: set[socket.socket] = set()
         # the loop holds tasks weakly: keep each handover's task until it is done
         self._connecting: set[asyncio.Task[None]] = set()
-        with contextlib.suppress(FileNotFoundError):
-            self._path.unlink()
+        remove_socket_file(self._path, "--handoff")
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(self._path))
         self._listener.listen(16)
@@ -99,5 +117,5 @@ class HandoffListener:
         self._listener.close()
         for channel in list(self._channels):
             self._drop(channel)
-        with contextlib.suppress(FileNotFoundError):
-            self._path.unlink()
+        with contextlib.suppress(ConfigError):  # whatever replaced our socket meanwhile stays
+            remove_socket_file(self._path, "--handoff")
