@@ -104,15 +104,49 @@ def test_connection_close_is_honoured(server: Server, example_payloads: list[dic
     assert out.startswith(b"HTTP/1.1 200 OK")  # and the read ended: the server closed
 
 
-def test_ready_is_get_only_and_head_gets_no_body(server: Server) -> None:
+def test_head_ready_gets_the_head_only(server: Server) -> None:
     # two requests on one connection: the HEAD answer must carry no body, or the next answer is garbled
     out = raw_exchange(
         server, b"HEAD /ready HTTP/1.1\r\n\r\nGET /ready HTTP/1.1\r\nConnection: close\r\n\r\n"
     )
     head, _, rest = out.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 405")
-    assert b"Allow: GET" in head
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert b"Content-Length: 18" in head  # the GET answer's length (RFC 9110 9.3.2), without its body
     assert rest.startswith(b"HTTP/1.1 200 OK")
+    assert rest.endswith(b'{"status":"ready"}')
+
+
+def test_ready_is_get_or_head_only(server: Server) -> None:
+    out = raw_exchange(server, b"POST /ready HTTP/1.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 405")
+    assert b"Allow: GET, HEAD\r\n" in out
+
+
+def scoring_head(body: bytes, expect: bytes = b"100-continue") -> bytes:
+    return b"POST /fraud-score HTTP/1.1\r\nHost: x\r\nExpect: %s\r\nContent-Length: %d\r\n\r\n" % (
+        expect,
+        len(body),
+    )
+
+
+def test_expect_100_continue_is_answered(server: Server, example_payloads: list[dict[str, Any]]) -> None:
+    body = json.dumps(example_payloads[0]).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(scoring_head(body))
+        assert s.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"  # before any of the body is sent
+        s.sendall(body)
+        answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200 OK")
+        assert set(json.loads(answer.partition(b"\r\n\r\n")[2])) == {"approved", "fraud_score"}
+        # the connection stays usable: a second request with its body sent at once gets no 100
+        s.sendall(scoring_head(body) + body)
+        assert s.recv(4096).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_unknown_expectation_gets_417(server: Server) -> None:
+    out = raw_exchange(server, scoring_head(b"{}", b"something-else"))
+    assert out.startswith(b"HTTP/1.1 417 Expectation Failed")
+    assert "100-continue" in error_of(out)
 
 
 def test_http_1_0_closes(server: Server) -> None:

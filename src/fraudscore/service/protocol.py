@@ -59,7 +59,9 @@ class HttpConnection(asyncio.Protocol):
         "_body_size",
         "_budget",
         "_closing",
+        "_continue",
         "_counting",
+        "_expect",
         "_header_bytes",
         "_headers",
         "_in_request",
@@ -90,6 +92,8 @@ class HttpConnection(asyncio.Protocol):
         self._method = b""
         self._headers = 0
         self._header_bytes = 0
+        self._expect: bytes | None = None
+        self._continue = False  # answer "100 Continue" once this read is parsed
         self._body: list[bytes] = []
         self._body_size = 0
         # the non-body bytes this request may still take; they are counted from its second read
@@ -137,13 +141,18 @@ class HttpConnection(asyncio.Protocol):
             self._after_partial_read(len(data) - (self._body_size - body_before))
 
     def _after_partial_read(self, overhead: int) -> None:
-        """A read ended inside a request: bound the non-body bytes it may take."""
+        """A read ended inside a request: bound its head, and invite its body if it expects that."""
         if self._counting:
             self._budget -= overhead
             if self._budget < 0:
                 self._fail(self._headers_too_large())
+                return
         else:
             self._counting = True  # the request began in this read: count from the next one
+        if self._continue:
+            self._continue = False
+            if self._body_size == 0 and self._transport is not None:
+                self._transport.write(responses.CONTINUE)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -156,6 +165,8 @@ class HttpConnection(asyncio.Protocol):
         self._url_size = 0
         self._headers = 0
         self._header_bytes = 0
+        self._expect = None
+        self._continue = False
         self._body = []
         self._body_size = 0
         config = self._state.config
@@ -178,9 +189,16 @@ class HttpConnection(asyncio.Protocol):
         config = self._state.config
         if self._headers > config.max_headers or self._header_bytes > config.max_header_bytes:
             self._refuse(self._headers_too_large())
+        if len(name) == 6 and name.lower() == b"expect":
+            self._expect = value
 
     def on_headers_complete(self) -> None:
         self._method = self._parser.get_method()
+        if self._expect is not None and self._parser.get_http_version() != "1.0":
+            # RFC 9110 10.1.1: the one expectation is 100-continue (and HTTP/1.0 clients get none)
+            if self._expect.strip().lower() != b"100-continue":
+                self._refuse(responses.EXPECTATION_FAILED)
+            self._continue = True
 
     def on_chunk_header(self) -> None:
         self._budget += CHUNK_FRAMING_BYTES  # each chunk's size line and CRLFs are not body
@@ -214,7 +232,7 @@ class HttpConnection(asyncio.Protocol):
                 return responses.FRAUD_SCORE_METHOD
             return self._score()
         if path == b"/ready":
-            if self._method != b"GET":
+            if self._method != b"GET" and self._method != b"HEAD":
                 return responses.READY_METHOD
             return responses.READY if self._state.ready else responses.WARMING
         return responses.NOT_FOUND
