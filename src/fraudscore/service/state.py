@@ -45,7 +45,12 @@ def _setting(name: str) -> str:
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """How one instance listens and how patient it is.  Exactly one of port, uds, handoff."""
+    """How one instance listens and how patient it is.  Exactly one of port, uds, handoff.
+
+    A request whose URL is longer than ``max_url_bytes`` gets 414; one with more than
+    ``max_headers`` header fields, or a header section over ``max_header_bytes`` (each field
+    counted as ``name: value`` and its line end), gets 431 (``protocol.HttpConnection``).
+    """
 
     index_path: Path
     host: str = "0.0.0.0"
@@ -54,9 +59,9 @@ class ServiceConfig:
     handoff: Path | None = None
     constants: Constants = DEFAULT_CONSTANTS
     max_body_bytes: int = 64 * 1024
-    max_url_bytes: int = 8 * 1024  # longer URLs get 414
-    max_header_bytes: int = 16 * 1024  # a larger header section gets 431
-    max_headers: int = 100  # more header fields get 431
+    max_url_bytes: int = 8192
+    max_header_bytes: int = 16384
+    max_headers: int = 100
     request_timeout: float = 5.0
     idle_timeout: float = 75.0
     shutdown_timeout: float = 10.0
