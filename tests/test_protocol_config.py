@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from fraudscore.errors import ConfigError
-from fraudscore.service.handoff import remove_socket_file
+from fraudscore.service.sockets import remove_socket_file
 from fraudscore.service.state import ServiceConfig
 
 INDEX = Path("unused.fsidx")  # the config only names the index; nothing here opens it

@@ -13,31 +13,12 @@ import contextlib
 import logging
 import os
 import socket
-import stat
 from collections.abc import Callable
 from pathlib import Path
-
-from fraudscore.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 MAX_FDS_PER_MESSAGE = 64
-
-
-def remove_socket_file(path: Path, flag: str) -> None:
-    """Remove the unix socket an earlier run left at ``path``, so a new one can be bound there.
-
-    Anything else at ``path`` (a regular file, a directory, a symbolic link) is not ours to remove:
-    ``ConfigError`` naming ``flag`` and the path, and the file is left as it is.
-    """
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ConfigError(f"{flag} {path}: something that is not a socket is there; not removing it")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 class HandoffListener:
@@ -55,7 +36,10 @@ class HandoffListener:
         self._channels: set[socket.socket] = set()
         # the loop holds tasks weakly: keep each handover's task until it is done
         self._connecting: set[asyncio.Task[None]] = set()
-        remove_socket_file(self._path, "--handoff")
+        # imported here, not above: the balancer imports this module and needs none of the listener
+        from fraudscore.service.sockets import remove_socket_file
+
+        remove_socket_file(self._path, "--handoff")  # an earlier run's socket, and nothing else
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(self._path))
         self._listener.listen(16)
@@ -117,5 +101,8 @@ class HandoffListener:
         self._listener.close()
         for channel in list(self._channels):
             self._drop(channel)
+        from fraudscore.errors import ConfigError
+        from fraudscore.service.sockets import remove_socket_file
+
         with contextlib.suppress(ConfigError):  # whatever replaced our socket meanwhile stays
             remove_socket_file(self._path, "--handoff")

@@ -7,7 +7,6 @@ close idle keep-alive connections; after ``shutdown_timeout`` close what is left
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -15,11 +14,11 @@ import signal
 import socket
 import time
 
-from fraudscore.errors import ConfigError
 from fraudscore.index.search import random_queries
 from fraudscore.scorer import KnnScorer
-from fraudscore.service.handoff import HandoffListener, remove_socket_file
+from fraudscore.service.handoff import HandoffListener
 from fraudscore.service.protocol import HttpConnection, fast_path
+from fraudscore.service.sockets import remove_own_socket, remove_socket_file
 from fraudscore.service.state import ServiceConfig, ServiceState
 
 log = logging.getLogger(__name__)
@@ -109,8 +108,7 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
     if server is not None:
         await server.wait_closed()
     if config.uds is not None:
-        with contextlib.suppress(ConfigError):  # whatever replaced our socket meanwhile stays
-            remove_socket_file(config.uds, "--uds")
+        remove_own_socket(config.uds)
     scorer.close()
     log.info("stopped")
 
