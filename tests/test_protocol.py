@@ -341,3 +341,43 @@ async def test_garbage_gets_400_and_close(scorer: KnnScorer) -> None:
     out = client.send(b"\x16\x03\x01\x02\x00garbage")
     assert out.startswith(b"HTTP/1.1 400") and b"Connection: close" in out
     assert client.transport.eof_written
+
+
+@pytest.mark.parametrize(
+    "fast",
+    [
+        pytest.param(
+            True,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="the native fast path applies no header limits yet: it answers a whole ordinary "
+                "request in one read whatever its header count or size (a change to _fastpath.c's frame())",
+            ),
+        ),
+        False,
+    ],
+    ids=["fast path", "python path"],
+)
+@in_loop
+async def test_a_whole_request_over_the_header_limits_in_one_read(
+    scorer: KnnScorer, payloads: list[bytes], fast: bool
+) -> None:
+    client = Client(scorer, fast=fast)
+    eleven = b"".join(b"X-%d: a\r\n" % i for i in range(11))
+    assert client.send(scoring(payloads[0], eleven)).startswith(b"HTTP/1.1 431")
+
+
+class BrokenScorer(KnnScorer):
+    """A scorer with a bug: what a client gets must say so, not blame the request."""
+
+    def fraud_count(self, vector: Any) -> int:
+        raise RuntimeError("a bug")
+
+
+@in_loop
+async def test_a_bug_while_answering_is_a_500(scorer: KnnScorer, payloads: list[bytes]) -> None:
+    client = Client(scorer)
+    client.state.scorer = BrokenScorer(scorer.index)
+    out = client.send(scoring(payloads[0]))
+    assert out == responses.INTERNAL_ERROR
+    assert client.transport.eof_written
