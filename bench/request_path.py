@@ -3,8 +3,9 @@
     python bench/request_path.py [--repeats 5]
 
 Feeds each dev payload, as the bytes of a whole HTTP request, to ``HttpConnection.data_received``
-(the service's own connection class, with an in-memory transport in place of a socket), once with
-the native fast path and once with httptools, orjson and the Python vectorizer.  What this leaves
+(the service's own connection class, over the in-memory transport of ``service/memory.py`` that
+the protocol tests also use), once with the native fast path and once with httptools, orjson and
+the Python vectorizer.  What this leaves
 out is the socket: the event loop, the system calls and the wake-ups, which ``http_single.py``
 measures with the rest.  Figures are medians over the repeats.
 """
@@ -20,24 +21,9 @@ from fraudscore.contract.vectorize import DEFAULT_CONSTANTS
 from fraudscore.loadtest.results import percentile
 from fraudscore.scorer import KnnScorer
 from fraudscore.service import responses
+from fraudscore.service.memory import MemoryTransport, memory_connection
 from fraudscore.service.protocol import HttpConnection, fast_path
 from fraudscore.service.state import ServiceConfig, ServiceState
-
-
-class MemoryTransport:
-    """Keeps what the connection writes; enough of a transport for data_received."""
-
-    def __init__(self) -> None:
-        self.last = b""
-
-    def write(self, data: bytes) -> None:
-        self.last = data
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
 
 
 def time_path(conn: HttpConnection, transport: MemoryTransport, requests: list[bytes]) -> list[float]:
@@ -62,16 +48,13 @@ def main() -> None:
     requests = [scoring_request(e["request"]) for e in dev_entries(DEV_DATA)]
     scorer = KnnScorer.open(args.index)
     scorer.index.warm()
-    config = ServiceConfig(index_path=scorer.index.path, port=0)
+    config = ServiceConfig(index_path=scorer.index.path, port=9999)  # never listens
     paths = {}
     for name, fast in (("fast path", True), ("Python path", False)):
         state = ServiceState(config=config, scorer=scorer, constants=DEFAULT_CONSTANTS, ready=True)
         if fast:
             state.fast = fast_path(scorer, DEFAULT_CONSTANTS, config.max_body_bytes)
-        transport = MemoryTransport()
-        conn = HttpConnection(state)
-        conn.connection_made(transport)  # type: ignore[arg-type]
-        paths[name] = (conn, transport)
+        paths[name] = memory_connection(state, keep=False)
 
     figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in paths}
     for _ in range(args.repeats):

@@ -111,11 +111,29 @@ def server(index_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]
     extra = () if fast else ("--no-fast-path",)
     srv = Server(index_path, "--request-timeout", "1", "--max-body-bytes", "16384", *extra)
     yield srv
+    # one ordinary scoring request, whatever tests were selected: the fast-path server must answer
+    # it the fast way, so a fast path that declines everything cannot pass unnoticed
+    answer = ordinary_exchange(srv.port)
     code, log = srv.stop()
+    assert answer.startswith(b"HTTP/1.1 200 OK") and b'"fraud_score"' in answer, (answer, log)
     assert code == 0, log
     assert "Traceback" not in log, log
     answered = re.search(r"the fast path answered (\d+) requests", log)
-    if fast:  # the module's scoring requests really went the fast way
+    if fast:
         assert answered is not None and int(answered.group(1)) > 0, log
     else:
         assert answered is None and "fast path off" in log, log
+
+
+def ordinary_exchange(port: int) -> bytes:
+    """A scoring request as a load tester sends it (compact JSON, one write), and its answer."""
+    payload = json.loads((DATA / "example-payloads.json").read_text())[0]
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    request = b"POST /fraud-score HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    request += b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        answer = b""
+        while b"}" not in answer and (chunk := s.recv(4096)):
+            answer += chunk
+    return answer

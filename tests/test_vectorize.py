@@ -159,3 +159,18 @@ def test_payload_must_be_an_object() -> None:
     for bad in ([], "x", 1, None):
         with pytest.raises(PayloadError):
             vectorize(bad)
+
+
+@pytest.mark.parametrize("stamp", ["9999-12-31T23:00:00-03:00", "0001-01-01T00:00:00+03:00"])
+def test_timestamps_past_the_calendar_in_utc_name_the_field(stamp: str) -> None:
+    # valid ISO 8601, but their UTC moment is after 9999 or before year 1: no datetime holds it
+    with pytest.raises(PayloadError, match=r"transaction\.requested_at is outside the years 1 to 9999"):
+        vectorize(with_("transaction.requested_at", stamp))
+    last = {"timestamp": stamp, "km_from_current": 1}
+    with pytest.raises(PayloadError, match=r"last_transaction\.timestamp is outside the years 1 to 9999"):
+        vectorize(with_("last_transaction", last))
+
+
+def test_timestamps_at_the_calendar_edges_in_utc_are_scored() -> None:
+    for stamp in ("9999-12-31T23:59:59Z", "0001-01-01T00:00:00Z", "9999-12-31T23:00:00+03:00"):
+        assert len(vectorize(with_("transaction.requested_at", stamp))) == 14

@@ -178,7 +178,10 @@ def parse_timestamp(value: Any, where: str) -> datetime:
         raise PayloadError(f"{where} is not an ISO 8601 timestamp: {value[:40]!r}") from None
     if moment.tzinfo is None:
         return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # a moment that is in UTC before year 1 or after year 9999
+        raise PayloadError(f"{where} is outside the years 1 to 9999 in UTC: {value[:40]!r}") from None
 
 
 def vectorize(payload: Any, constants: Constants = DEFAULT_CONSTANTS) -> list[float]:

@@ -47,8 +47,10 @@ class HandoffListener:
         self._channels: set[socket.socket] = set()
         # the loop holds tasks weakly: keep each handover's task until it is done
         self._connecting: set[asyncio.Task[None]] = set()
-        with contextlib.suppress(FileNotFoundError):
-            self._path.unlink()
+        # imported here, not above: the balancer imports this module and needs none of the listener
+        from fraudscore.service.sockets import remove_socket_file
+
+        remove_socket_file(self._path, "--handoff")  # an earlier run's socket, and nothing else
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(self._path))
         self._listener.listen(16)
@@ -110,5 +112,8 @@ class HandoffListener:
         self._listener.close()
         for channel in list(self._channels):
             self._drop(channel)
-        with contextlib.suppress(FileNotFoundError):
-            self._path.unlink()
+        from fraudscore.errors import ConfigError
+        from fraudscore.service.sockets import remove_socket_file
+
+        with contextlib.suppress(ConfigError):  # whatever replaced our socket meanwhile stays
+            remove_socket_file(self._path, "--handoff")

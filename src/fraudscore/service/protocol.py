@@ -9,6 +9,12 @@ Two paths answer.  A read that is exactly one ordinary scoring request, arriving
 parser is between requests, is answered by the native fast path (``_fastpath.c``) in one call;
 for everything else that path declines and httptools with ``vectorize`` answer, as they define
 what the answer is.  Both give the same bytes for what both accept (tests/test_fastpath.py).
+
+No client can make a request's head cost more than a bounded amount of memory or time: the URL,
+the header section and the number of headers have limits (``ServiceConfig``), answered with 414
+or 431 and a close.  httptools reports the URL in pieces as they arrive, but keeps an unfinished
+header to itself until it ends; so every read that falls wholly inside one request also counts
+its non-body bytes, and a head that never ends reaches the limit instead of growing memory.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import cast
+from typing import NoReturn, cast
 
 import httptools
 import orjson
@@ -31,6 +37,14 @@ from fraudscore.service.state import ServiceState
 log = logging.getLogger(__name__)
 
 LINGER_SECONDS = 1.0
+# what a request may spend outside its body beyond the URL and header limits: the request line's
+# method and version, the blank line, and per chunk of a chunked body its size line and CRLFs
+HEAD_SLACK_BYTES = 1024
+CHUNK_FRAMING_BYTES = 64
+
+
+class _Refused(Exception):
+    """Raised from a parser callback once the request is refused, so httptools stops parsing it."""
 
 
 def fast_path(scorer: KnnScorer, constants: Constants, max_body_bytes: int) -> FastPath:
@@ -43,7 +57,13 @@ class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_body",
         "_body_size",
+        "_budget",
         "_closing",
+        "_continue",
+        "_counting",
+        "_expect",
+        "_header_bytes",
+        "_headers",
         "_in_request",
         "_last_active",
         "_linger",
@@ -53,6 +73,7 @@ class HttpConnection(asyncio.Protocol):
         "_state",
         "_transport",
         "_url",
+        "_url_size",
     )
 
     def __init__(self, state: ServiceState) -> None:
@@ -66,10 +87,19 @@ class HttpConnection(asyncio.Protocol):
         self._request_started = 0.0
         # per request
         self._in_request = False
-        self._url = b""
+        self._url: list[bytes] = []  # pieces, joined once: a URL may arrive a byte at a time
+        self._url_size = 0
         self._method = b""
+        self._headers = 0
+        self._header_bytes = 0
+        self._expect: bytes | None = None
+        self._continue = False  # answer "100 Continue" once this read is parsed
         self._body: list[bytes] = []
         self._body_size = 0
+        # the non-body bytes this request may still take; they are counted from its second read
+        # on (the first is bounded by the read size, and may hold earlier requests)
+        self._budget = 0
+        self._counting = False
 
     # -- connection lifetime --------------------------------------------------------------
 
@@ -93,12 +123,36 @@ class HttpConnection(asyncio.Protocol):
             if answer is not None:
                 self._transport.write(answer)
                 return
+        body_before = self._body_size
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(responses.error(400, "protocol upgrades are not supported", close=True))
+            return
+        except httptools.HttpParserCallbackError:
+            if not self._closing:  # not a refusal (_Refused) but a bug in a callback
+                log.exception("failed to answer a request")
+                self._fail(responses.INTERNAL_ERROR)
+            return
         except httptools.HttpParserError as exc:
             self._fail(responses.error(400, f"malformed HTTP request: {exc}", close=True))
+            return
+        if self._in_request and not self._closing:
+            self._after_partial_read(len(data) - (self._body_size - body_before))
+
+    def _after_partial_read(self, overhead: int) -> None:
+        """A read ended inside a request: bound its head, and invite its body if it expects that."""
+        if self._counting:
+            self._budget -= overhead
+            if self._budget < 0:
+                self._fail(self._headers_too_large())
+                return
+        else:
+            self._counting = True  # the request began in this read: count from the next one
+        if self._continue:
+            self._continue = False
+            if self._body_size == 0 and self._transport is not None:
+                self._transport.write(responses.CONTINUE)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -107,23 +161,52 @@ class HttpConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._in_request = True
-        self._url = b""
+        self._url = []
+        self._url_size = 0
+        self._headers = 0
+        self._header_bytes = 0
+        self._expect = None
+        self._continue = False
         self._body = []
         self._body_size = 0
+        config = self._state.config
+        self._budget = config.max_url_bytes + config.max_header_bytes + HEAD_SLACK_BYTES
+        self._counting = False
         # a request, once begun, must finish in time: a client that stalls its body is cut off
         self._request_started = self._last_active
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        self._url_size += len(url)
+        limit = self._state.config.max_url_bytes
+        if self._url_size > limit:
+            self._refuse(responses.error(414, f"the URL is longer than {limit} bytes", close=True))
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # also called for a chunked body's trailers: they count against the same limits
+        self._headers += 1
+        self._header_bytes += len(name) + len(value) + 4  # "name: value\r\n"
+        config = self._state.config
+        if self._headers > config.max_headers or self._header_bytes > config.max_header_bytes:
+            self._refuse(self._headers_too_large())
+        if len(name) == 6 and name.lower() == b"expect":
+            self._expect = value
 
     def on_headers_complete(self) -> None:
         self._method = self._parser.get_method()
+        if self._expect is not None and self._parser.get_http_version() != "1.0":
+            # RFC 9110 10.1.1: the one expectation is 100-continue (and HTTP/1.0 clients get none)
+            if self._expect.strip().lower() != b"100-continue":
+                self._refuse(responses.EXPECTATION_FAILED)
+            self._continue = True
+
+    def on_chunk_header(self) -> None:
+        self._budget += CHUNK_FRAMING_BYTES  # each chunk's size line and CRLFs are not body
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
         if self._body_size > self._state.config.max_body_bytes:
-            self._fail(responses.TOO_LARGE)
-            return
+            self._refuse(responses.TOO_LARGE)
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -142,13 +225,14 @@ class HttpConnection(asyncio.Protocol):
     # -- answering ----------------------------------------------------------------------------
 
     def _respond(self) -> bytes:
-        path = self._url.split(b"?", 1)[0]
+        url = self._url[0] if len(self._url) == 1 else b"".join(self._url)
+        path = url.split(b"?", 1)[0]
         if path == b"/fraud-score":
             if self._method != b"POST":
                 return responses.FRAUD_SCORE_METHOD
             return self._score()
         if path == b"/ready":
-            if self._method != b"GET":
+            if self._method != b"GET" and self._method != b"HEAD":
                 return responses.READY_METHOD
             return responses.READY if self._state.ready else responses.WARMING
         return responses.NOT_FOUND
@@ -169,7 +253,20 @@ class HttpConnection(asyncio.Protocol):
         except ValueError as exc:  # a vector the index refuses (out of range): still the client's input
             return responses.error(400, f"cannot score this transaction: {exc}")
 
+    def _headers_too_large(self) -> bytes:
+        config = self._state.config
+        if self._headers > config.max_headers:
+            message = f"more than {config.max_headers} header fields"
+        else:
+            message = f"the header section is larger than {config.max_header_bytes} bytes"
+        return responses.error(431, message, close=True)
+
     # -- closing ----------------------------------------------------------------------------
+
+    def _refuse(self, response: bytes) -> NoReturn:
+        """Answer ``response``, close, and stop the parser: nothing more of this request is read."""
+        self._fail(response)
+        raise _Refused
 
     def _fail(self, response: bytes) -> None:
         """Answer an error and close, lingering: closing with unread input would reset the

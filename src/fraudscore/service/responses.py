@@ -18,6 +18,9 @@ _REASONS = {
     405: "Method Not Allowed",
     408: "Request Timeout",
     413: "Content Too Large",
+    414: "URI Too Long",
+    417: "Expectation Failed",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
@@ -50,7 +53,10 @@ READY = response(200, {"status": "ready"})
 WARMING = response(503, {"status": "warming up"})
 NOT_FOUND = error(404, "not found: the endpoints are POST /fraud-score and GET /ready")
 FRAUD_SCORE_METHOD = response(405, {"error": "use POST for /fraud-score"}, extra="Allow: POST\r\n")
-READY_METHOD = response(405, {"error": "use GET for /ready"}, extra="Allow: GET\r\n")
+READY_METHOD = response(405, {"error": "use GET or HEAD for /ready"}, extra="Allow: GET, HEAD\r\n")
 TOO_LARGE = error(413, "request body too large", close=True)
+EXPECTATION_FAILED = error(417, "the only expectation supported is 100-continue", close=True)
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # an interim answer: the final one follows
+INTERNAL_ERROR = error(500, "internal error", close=True)
 TIMEOUT = error(408, "request not completed in time", close=True)
 SHUTTING_DOWN = error(503, "shutting down", close=True)

@@ -7,7 +7,6 @@ close idle keep-alive connections; after ``shutdown_timeout`` close what is left
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -19,6 +18,7 @@ from fraudscore.index.search import random_queries
 from fraudscore.scorer import KnnScorer
 from fraudscore.service.handoff import HandoffListener
 from fraudscore.service.protocol import HttpConnection, fast_path
+from fraudscore.service.sockets import remove_own_socket, remove_socket_file
 from fraudscore.service.state import ServiceConfig, ServiceState
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,11 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
     """Run one instance until SIGINT or SIGTERM."""
     started = time.monotonic() if started is None else started
     loop = asyncio.get_running_loop()
+    # an earlier run's socket files go now, before the index is opened; anything else is refused
+    if config.uds is not None:
+        remove_socket_file(config.uds, "--uds")
+    if config.handoff is not None:
+        remove_socket_file(config.handoff, "--handoff")
     scorer = KnnScorer.open(config.index_path)
     index = scorer.index
     state = ServiceState(config=config, scorer=scorer, constants=config.constants)
@@ -40,8 +45,6 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
     server: asyncio.AbstractServer | None = None
     handoff: HandoffListener | None = None
     if config.uds is not None:
-        with contextlib.suppress(FileNotFoundError):
-            config.uds.unlink()
         server = await loop.create_unix_server(factory, str(config.uds), backlog=config.backlog)
     elif config.port is not None:
         server = await loop.create_server(
@@ -105,8 +108,7 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
     if server is not None:
         await server.wait_closed()
     if config.uds is not None:
-        with contextlib.suppress(FileNotFoundError):
-            config.uds.unlink()
+        remove_own_socket(config.uds)
     scorer.close()
     log.info("stopped")
 

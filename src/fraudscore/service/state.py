@@ -7,11 +7,13 @@ protocol and the server both import this one and not each other.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants
+from fraudscore.errors import ConfigError
 from fraudscore.scorer import KnnScorer
 from fraudscore.service._fastpath import FastPath
 
@@ -24,9 +26,31 @@ class Connection(Protocol):
     def abort(self) -> None: ...
 
 
+MIN_PORT, MAX_PORT = 1, 65535
+
+# the command-line flag of each setting that has one (cli.py), so an error names what to change
+FLAGS = {
+    "port": "--port",
+    "max_body_bytes": "--max-body-bytes",
+    "request_timeout": "--request-timeout",
+    "max_url_bytes": "--max-url-bytes",
+    "max_header_bytes": "--max-header-bytes",
+    "max_headers": "--max-headers",
+}
+
+
+def _setting(name: str) -> str:
+    return FLAGS.get(name, f"the service setting {name}")
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
-    """How one instance listens and how patient it is.  Exactly one of port, uds, handoff."""
+    """How one instance listens and how patient it is.  Exactly one of port, uds, handoff.
+
+    A request whose URL is longer than ``max_url_bytes`` gets 414; one with more than
+    ``max_headers`` header fields, or a header section over ``max_header_bytes`` (each field
+    counted as ``name: value`` and its line end), gets 431 (``protocol.HttpConnection``).
+    """
 
     index_path: Path
     host: str = "0.0.0.0"
@@ -35,6 +59,9 @@ class ServiceConfig:
     handoff: Path | None = None
     constants: Constants = DEFAULT_CONSTANTS
     max_body_bytes: int = 64 * 1024
+    max_url_bytes: int = 8192
+    max_header_bytes: int = 16384
+    max_headers: int = 100
     request_timeout: float = 5.0
     idle_timeout: float = 75.0
     shutdown_timeout: float = 10.0
@@ -43,9 +70,23 @@ class ServiceConfig:
     backlog: int = 4096
 
     def __post_init__(self) -> None:
+        """Refuse settings that cannot work, naming the flag that sets each (ConfigError)."""
         chosen = [x for x in (self.port, self.uds, self.handoff) if x is not None]
         if len(chosen) != 1:
-            raise ValueError("listen on exactly one of: a TCP port, a unix socket, a handoff socket")
+            raise ConfigError("listen on exactly one of --port, --uds, --handoff")
+        if self.port is not None and not (isinstance(self.port, int) and MIN_PORT <= self.port <= MAX_PORT):
+            raise ConfigError(f"--port must be between {MIN_PORT} and {MAX_PORT}, got {self.port}")
+        for name in ("request_timeout", "idle_timeout", "shutdown_timeout"):
+            seconds = getattr(self, name)
+            # 0 would also make the deadline sweep (every request_timeout / 4) spin without pause
+            if not (isinstance(seconds, int | float) and 0 < seconds < math.inf):
+                raise ConfigError(f"{_setting(name)} must be a positive number of seconds, got {seconds}")
+        for name in ("max_body_bytes", "max_url_bytes", "max_header_bytes", "max_headers", "backlog"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value > 0):
+                raise ConfigError(f"{_setting(name)} must be a positive whole number, got {value}")
+        if not (isinstance(self.warm_queries, int) and self.warm_queries >= 0):
+            raise ConfigError(f"{_setting('warm_queries')} must not be negative, got {self.warm_queries}")
 
     @property
     def address(self) -> str:
