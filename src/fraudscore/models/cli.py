@@ -197,7 +197,7 @@ def register(subparsers: Any) -> None:
     train.add_argument("--references", type=Path, default=DEFAULT_REFERENCES, help="default: %(default)s")
     train.add_argument("--name", default="gbt", help="the model's name, its versions' prefix (default: gbt)")
     train.add_argument("--seed", type=int, default=1, help="seed of the split and of LightGBM (default: 1)")
-    train.add_argument("--rounds", type=int, default=None, help="most boosting rounds (default: 200)")
+    train.add_argument("--rounds", type=int, default=None, help="most boosting rounds (default: 150)")
     train.add_argument("--threads", type=int, default=2, help="LightGBM threads, fixed for repeatability")
     train.add_argument(
         "--index",

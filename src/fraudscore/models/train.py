@@ -44,14 +44,16 @@ DRIFT_SAMPLE = 500_000  # rows the reference distribution is measured on (a seed
 @dataclass(frozen=True)
 class TrainConfig:
     """What a training run does.  The defaults train on all 3M references in a few minutes and
-    keep the forest small enough (≤ 200 trees of ≤ 31 leaves) for microsecond inference."""
+    keep the forest small (≤ 150 trees of ≤ 31 leaves, ≤ 8 splits deep) for microsecond
+    inference with reasons.  Measured on 700k references: 63 leaves, depth 10 or 200 rounds gave
+    the same held-out cost and AUC (0.9993), early stopping ended every run near 50-60 rounds."""
 
     seed: int = 1
     holdout: float = 0.1
-    num_boost_round: int = 200
+    num_boost_round: int = 150
     learning_rate: float = 0.15
     num_leaves: int = 31
-    max_depth: int = 10
+    max_depth: int = 8
     min_data_in_leaf: int = 50
     early_stopping_rounds: int = 20
     num_threads: int = 2
