@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from fraudscore.contract.vectorize import FEATURES
@@ -34,12 +33,6 @@ class ModelScorer(Scorer):
         meta = registry.validate(version)
         _, forest = load_forest(registry.version_dir(version) / MODEL_FILE)
         return cls(forest, meta)
-
-    @classmethod
-    def open(cls, version_dir: Path) -> ModelScorer:
-        """The version stored in ``version_dir`` (a registry's ``versions/<version>``)."""
-        version_dir = Path(version_dir)
-        return cls.from_registry(Registry(version_dir.parent.parent), version_dir.name)
 
     def score(self, vector: Sequence[float]) -> float:
         return self.forest.predict(vector)
