@@ -13,11 +13,14 @@ predictions; ``validate`` checks all three before a version is promoted or opene
 
 The production pointer is replaced atomically (a temporary file, fsync, ``os.replace``, fsync
 of the directory), so a crash at any point leaves either the old pointer or the new one.  It
-carries its own history, so ``rollback`` is one more atomic replace.
+carries its own history, so ``rollback`` is one more atomic replace.  A lock file (``flock``)
+keeps concurrent promotions from losing each other's history.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -26,7 +29,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -264,6 +267,14 @@ class Registry:
             raise ModelFormatError(f"{path}: not a production pointer")
         return pointer
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Promotions and rollbacks one at a time (they read the pointer, then replace it)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
     def production(self) -> str | None:
         """The version in production, if any."""
         version = self._pointer().get("production")
@@ -276,24 +287,25 @@ class Registry:
     def promote(self, version: str) -> dict[str, Any]:
         """Validate ``version`` and make it production; the previous one joins the history."""
         self.validate(version)
-        pointer = self._pointer()
-        current = pointer.get("production")
-        if current == version:
-            return pointer
-        history = [*pointer["history"], current] if current else list(pointer["history"])
-        new = {"production": version, "history": history, "promoted": datetime.now(UTC).isoformat()}
-        self.root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.root / POINTER, new)
+        with self._locked():
+            pointer = self._pointer()
+            current = pointer.get("production")
+            if current == version:
+                return pointer
+            history = [*pointer["history"], current] if current else list(pointer["history"])
+            new = {"production": version, "history": history, "promoted": datetime.now(UTC).isoformat()}
+            write_json_atomic(self.root / POINTER, new)
         return new
 
     def rollback(self) -> dict[str, Any]:
         """Put the previous production version back (validated first)."""
-        pointer = self._pointer()
-        history = list(pointer["history"])
-        if not history:
-            raise UsageError(f"{self.root}: no earlier production version to roll back to")
-        previous = history.pop()
-        self.validate(previous)
-        new = {"production": previous, "history": history, "promoted": datetime.now(UTC).isoformat()}
-        write_json_atomic(self.root / POINTER, new)
+        with self._locked():
+            pointer = self._pointer()
+            history = list(pointer["history"])
+            if not history:
+                raise UsageError(f"{self.root}: no earlier production version to roll back to")
+            previous = history.pop()
+            self.validate(previous)
+            new = {"production": previous, "history": history, "promoted": datetime.now(UTC).isoformat()}
+            write_json_atomic(self.root / POINTER, new)
         return new
