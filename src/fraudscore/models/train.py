@@ -15,6 +15,7 @@ version is either complete or absent (``registry.Registry.create``).
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -155,8 +156,9 @@ def _metrics(p: Floats, y: npt.NDArray[np.uint8], threshold: float, cost: int) -
     eps = 1e-15
     clipped = np.clip(p, eps, 1 - eps)
     logloss = float(-np.mean(fraud * np.log(clipped) + (~fraud) * np.log(1 - clipped)))
+    auc = _auc(p, y)
     return {
-        "auc": _auc(p, y),
+        "auc": None if math.isnan(auc) else auc,  # None: the held-out rows hold one class only
         "log_loss": logloss,
         "precision": tp / (tp + fp) if tp + fp else 1.0,
         "recall": tp / (tp + fn) if tp + fn else 1.0,
@@ -281,6 +283,7 @@ def train(
     p_hold = np.asarray(model.predict(x[hold]), dtype=np.float64)
     threshold, cost = best_threshold(p_hold, y[hold])
     metrics = _metrics(p_hold, y[hold], threshold, cost)
+    auc = math.nan if metrics["auc"] is None else float(metrics["auc"])
 
     sample = rng.choice(len(hold), size=min(config.agreement_queries, len(hold)), replace=False)
     agreement = knn_agreement(index_path, x[hold][sample], p_hold[sample] >= threshold, sha)
@@ -331,9 +334,9 @@ def train(
     log.info(
         "%s: AUC %.5f, threshold %.4f, %d trees, %.1f s",
         version,
-        metrics["auc"],
+        auc,
         threshold,
         best,
         train_seconds,
     )
-    return TrainReport(version, path, metrics["auc"], threshold, train_seconds, best, meta)
+    return TrainReport(version, path, auc, threshold, train_seconds, best, meta)
