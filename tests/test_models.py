@@ -26,7 +26,8 @@ TINY = TrainConfig(num_boost_round=15, num_threads=1, agreement_queries=0, check
 
 
 @pytest.fixture(scope="module")
-def trained() -> tuple[Registry, str]:
+def trained(index_path: Path) -> tuple[Registry, str]:
+    """The small model (its kNN agreement needs the index: the fixture builds it if missing)."""
     registry, report = small_model()
     return registry, report.version
 
@@ -234,7 +235,7 @@ def test_an_unknown_version_is_a_usage_error(trained: tuple[Registry, str]) -> N
         registry.validate("../escape")
 
 
-def test_a_knn_version_whose_index_changed_is_refused(tmp_path: Path) -> None:
+def test_a_knn_version_whose_index_changed_is_refused(index_path: Path, tmp_path: Path) -> None:
     registry = Registry(tmp_path)
     knn = registry.register_knn(INDEX)
     path = registry.version_dir(knn)

@@ -43,7 +43,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def version(registry: Path) -> str:
+def version(registry: Path, index_path: Path) -> str:
     proc = run(
         "train",
         "--references",
@@ -53,7 +53,7 @@ def version(registry: Path) -> str:
         "--threads",
         "1",
         "--index",
-        str(INDEX),
+        str(index_path),
         "--json",
         registry=registry,
     )

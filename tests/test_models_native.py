@@ -26,7 +26,7 @@ ROWS = 10_000
 
 
 @pytest.fixture(scope="module")
-def model_path() -> Path:
+def model_path(index_path: Path) -> Path:
     registry, report = small_model()
     return registry.version_dir(report.version) / MODEL_FILE
 
