@@ -17,6 +17,7 @@ import pytest
 from fraudscore.contract.vectorize import vectorize
 from fraudscore.errors import ModelFormatError
 from fraudscore.index.search import random_queries
+from fraudscore.models import _trees
 from fraudscore.models.registry import MODEL_FILE
 from fraudscore.models.trees import load_forest, parse_model
 from tests.conftest import DEV_DATA
@@ -173,3 +174,54 @@ def test_a_cycle_is_refused_natively(model_path: Path) -> None:
     left[first_internal] = first_internal  # a node that is its own child
     with pytest.raises(ValueError, match="children must lie after it"):
         type(parsed)(**{**parsed.__dict__, "left": left}).forest()
+
+
+def _stump(**change: Any) -> dict[str, Any]:
+    """The arrays of one tree with one split (node 0) and two leaves (nodes 1, 2), changed."""
+    arrays: dict[str, Any] = {
+        "feature": array("i", [0, -1, -1]),
+        "threshold": array("d", [0.5, 0.0, 0.0]),
+        "decision": bytes([2, 0, 0]),
+        "left": array("i", [1, 0, 0]),
+        "right": array("i", [2, 0, 0]),
+        "value": array("d", [0.0, -1.0, 1.0]),
+        "roots": array("i", [0]),
+        "n_features": 2,
+        "sigmoid": 1.0,
+    }
+    return {**arrays, **change}
+
+
+def test_a_stump() -> None:
+    forest = _trees.Forest(**_stump())
+    assert (forest.raw([0.5, 9.0]), forest.raw([0.6, 9.0])) == (-1.0, 1.0)  # <= goes left
+    assert forest.explain([0.6, 0.0]) == (1 / (1 + math.exp(-1.0)), [1.0, 0.0])
+    assert forest.bias == 0.0
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"left": array("i", [5, 0, 0])}, "children must lie after it"),
+        ({"right": array("i", [0, 0, 0])}, "children must lie after it"),
+        ({"right": array("i", [1, 0, 0])}, "two parents"),
+        ({"feature": array("i", [2, -1, -1])}, "feature 2 of 2"),
+        ({"decision": bytes([1, 0, 0])}, "categorical"),
+        ({"decision": bytes([12, 0, 0])}, "missing type"),
+        ({"roots": array("i", [3])}, "bad root"),
+        ({"roots": array("i", [0, 0])}, "root reached twice"),
+        ({"roots": array("i", [1])}, "two parents|no tree"),
+        ({"value": array("d", [0.0, 1.0])}, "expected 3"),
+        ({"threshold": b"\0" * 7}, "whole number"),
+        ({"n_features": 0}, "n_features"),
+    ],
+)
+def test_malformed_arrays_are_refused_natively(change: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _trees.Forest(**_stump(**change))
+
+
+def test_an_uninitialised_forest_refuses_to_score() -> None:
+    forest = _trees.Forest.__new__(_trees.Forest)
+    with pytest.raises(ValueError, match="not initialised"):
+        forest.predict([0.0, 0.0])
