@@ -22,5 +22,11 @@ setup(
             # the vector must round exactly as the Python vectorizer's does: no fused multiply-add either
             extra_compile_args=CFLAGS,
         ),
+        Extension(
+            "fraudscore.models._trees",
+            sources=["src/fraudscore/models/_trees.c"],
+            # the leaf sums must round like LightGBM's: no fused multiply-add
+            extra_compile_args=CFLAGS,
+        ),
     ],
 )

@@ -15,9 +15,11 @@ import pytest
 from fraudscore.contract.vectorize import vectorize
 from fraudscore.index.search import random_queries
 from fraudscore.scorer import KnnScorer, Scorer, score_payload
+from tests.models_support import small_model_scorer
 
 SCORERS: dict[str, Callable[[Path], Scorer]] = {
     "knn": KnnScorer.open,
+    "model": small_model_scorer,
 }
 
 

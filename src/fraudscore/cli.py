@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     _register_optional(sub)
+    __import__("fraudscore.models.cli", fromlist=["register"]).register(sub)  # the models helper's group
     return parser
 
 

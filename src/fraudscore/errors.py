@@ -10,6 +10,7 @@ score) and retries ``TRANSIENT`` (the next try may work)::
     │   ├── ReferenceDataError          the reference file is malformed
     │   ├── IndexFormatError            an index file that is damaged, truncated or of another version
     │   ├── DataFileError               a data file (constants, test data, payloads) missing or malformed
+    │   ├── ModelFormatError            a model or registry version that is damaged or fails validation
     │   └── LoadTestError               k6's results cannot be read
     ├── ConfigError                     BAD_CONFIG: a flag, variable or setting that cannot work
     │   ├── UsageError                  a command line that cannot be carried out as given
@@ -84,6 +85,11 @@ class IndexFormatError(BadInputError):
 
 class DataFileError(BadInputError):
     """A data file (normalization, MCC risk, test data, payloads) that is missing or malformed."""
+
+
+class ModelFormatError(BadInputError):
+    """A model file or registry version that cannot be used: unreadable, of another schema, or one
+    whose files or stored predictions do not check out."""
 
 
 class LoadTestError(BadInputError):

@@ -46,6 +46,23 @@ from typing import Any
 from fraudscore.errors import DataFileError, PayloadError
 
 UNKNOWN_MCC_RISK = 0.5
+FEATURES = (
+    "amount",
+    "installments",
+    "amount_vs_avg",
+    "hour",
+    "weekday",
+    "minutes_since_last_tx",
+    "km_from_last_tx",
+    "km_from_home",
+    "tx_count_24h",
+    "is_online",
+    "card_present",
+    "unknown_merchant",
+    "mcc_risk",
+    "merchant_avg_amount",
+)
+"""The names of the vector's dimensions, in order (the table above): for models and their reasons."""
 NORMALIZATION_KEYS = (
     "max_amount",
     "max_installments",

@@ -1,0 +1,246 @@
+"""``fraudscore model …``: train, list, show, promote, roll back and explain registry versions.
+
+``register(subparsers)`` adds the command group to the main parser (``fraudscore.cli``).  Every
+action takes ``--registry`` (default ``data/registry``, env ``FRAUDSCORE_REGISTRY``) and prints
+JSON with ``--json``.  Errors are the main parser's: one line on stderr, a non-zero status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from fraudscore.models.registry import DEFAULT_REGISTRY, Registry
+
+DEFAULT_TOP = 3
+
+
+def _print_json(document: Any) -> None:
+    sys.stdout.buffer.write(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+def _summary(registry: Registry, version: str) -> dict[str, Any]:
+    meta = registry.meta(version)
+    holdout = (meta.get("metrics") or {}).get("holdout") or {}
+    return {
+        "version": version,
+        "kind": meta.get("kind"),
+        "created": meta.get("created"),
+        "threshold": meta.get("threshold"),
+        "auc": holdout.get("auc"),
+        "production": version == registry.production(),
+    }
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fraudscore.errors import UsageError
+    from fraudscore.models.train import TrainConfig, train
+
+    if not args.references.exists():
+        raise UsageError(f"--references {args.references}: no such file")
+    if args.threads < 1 or (args.rounds is not None and args.rounds < 1):
+        raise UsageError("--threads and --rounds must be at least 1")
+    rounds = {} if args.rounds is None else {"num_boost_round": args.rounds}
+    config = TrainConfig(seed=args.seed, num_threads=args.threads, **rounds)
+    report = train(
+        args.references,
+        Registry(args.registry),
+        name=args.name,
+        config=config,
+        index_path=args.index,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    holdout = report.meta["metrics"]["holdout"]
+    agreement = report.meta["metrics"]["knn_agreement"]
+    result = {
+        "version": report.version,
+        "path": str(report.path),
+        "auc": report.auc,
+        "log_loss": holdout["log_loss"],
+        "threshold": report.threshold,
+        "precision": holdout["precision"],
+        "recall": holdout["recall"],
+        "trees": report.best_iteration,
+        "train_seconds": round(report.train_seconds, 1),
+        "knn_agreement": agreement["agreement"] if agreement else None,
+    }
+    if args.json:
+        _print_json(result)
+    else:
+        print(
+            f"{report.version}: AUC {report.auc:.5f}, threshold {report.threshold:.4f} "
+            f"(precision {holdout['precision']:.4f}, recall {holdout['recall']:.4f}), "
+            f"{report.best_iteration} trees, trained in {report.train_seconds:.1f} s"
+            + (f", agrees with the kNN on {agreement['agreement']:.2%}" if agreement else "")
+        )
+        print(f"promote it with: fraudscore model promote {report.version}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    registry = Registry(args.registry)
+    rows = [_summary(registry, v) for v in registry.versions()]
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print(f"no versions in {registry.root} (see: fraudscore model train --help)")
+    for row in rows:
+        auc = f"AUC {row['auc']:.5f}" if isinstance(row["auc"], float) else "exact kNN"
+        mark = "*" if row["production"] else " "
+        print(f"{mark} {row['version']:<36} {row['kind']:<6} {auc:<12} threshold {row['threshold']}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    registry = Registry(args.registry)
+    meta = registry.meta(args.version)
+    if args.json:
+        _print_json(meta)
+        return 0
+    brief = {k: v for k, v in meta.items() if k not in ("drift", "check_rows")}
+    brief["production"] = args.version == registry.production()
+    _print_json(brief)
+    return 0
+
+
+def _pointer_out(args: argparse.Namespace, pointer: dict[str, Any], verb: str) -> int:
+    if args.json:
+        _print_json(pointer)
+    else:
+        print(f"{verb} {pointer['production']} (history: {', '.join(pointer['history']) or 'none'})")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    return _pointer_out(args, Registry(args.registry).promote(args.version), "in production:")
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    return _pointer_out(args, Registry(args.registry).rollback(), "rolled back to")
+
+
+def cmd_add_knn(args: argparse.Namespace) -> int:
+    version = Registry(args.registry).register_knn(args.index)
+    if args.json:
+        _print_json({"version": version})
+    else:
+        print(version)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from fraudscore.contract.testdata import read_json
+    from fraudscore.contract.vectorize import vectorize
+    from fraudscore.errors import PayloadError, UsageError
+    from fraudscore.models.scorer import ModelScorer
+    from fraudscore.offline import iter_payloads
+
+    if args.top < 1:
+        raise UsageError(f"--top must be at least 1, got {args.top}")
+    registry = Registry(args.registry)
+    version = args.version or registry.production()
+    if version is None:
+        raise UsageError(f"{registry.root}: no version in production; name one with --version")
+    if registry.meta(version).get("kind") != "model":
+        raise UsageError(f"{version} is not a model version: only models give reasons (see --version)")
+    scorer = ModelScorer.from_registry(registry, version)
+    out = sys.stdout.buffer
+    bad = total = 0
+    for payload in iter_payloads(read_json(args.file)):
+        total += 1
+        ident = payload.get("id") if isinstance(payload, dict) else None
+        try:
+            vector = vectorize(payload)
+        except PayloadError as exc:
+            bad += 1
+            out.write(orjson.dumps({"id": ident, "error": str(exc)}) + b"\n")
+            continue
+        probability, reasons = scorer.reasons(vector, args.top)
+        line = {
+            "id": ident,
+            "approved": scorer.approves(probability),
+            "probability": probability,
+            "reasons": reasons,
+        }
+        out.write(orjson.dumps(line) + b"\n")
+    if bad:
+        print(f"fraudscore model explain: {bad} of {total} payloads could not be scored", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _registry_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--registry",
+        type=Path,
+        default=DEFAULT_REGISTRY,
+        help="registry directory (default: %(default)s, env FRAUDSCORE_REGISTRY)",
+    )
+
+
+def _json_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``model`` and its actions to the main parser's subcommands."""
+    from fraudscore.cli import DEFAULT_INDEX, DEFAULT_REFERENCES
+
+    model = subparsers.add_parser("model", help="train, register, promote and explain fraud models")
+    sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+
+    train = sub.add_parser("train", help="train a gradient-boosted tree model on the references")
+    train.add_argument("--references", type=Path, default=DEFAULT_REFERENCES, help="default: %(default)s")
+    train.add_argument("--name", default="gbt", help="the model's name, its versions' prefix (default: gbt)")
+    train.add_argument("--seed", type=int, default=1, help="seed of the split and of LightGBM (default: 1)")
+    train.add_argument("--rounds", type=int, default=None, help="most boosting rounds (default: 150)")
+    train.add_argument("--threads", type=int, default=2, help="LightGBM threads, fixed for repeatability")
+    train.add_argument(
+        "--index",
+        type=Path,
+        default=DEFAULT_INDEX,
+        help="index of the exact kNN to measure agreement with (default: %(default)s; skipped if absent)",
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _registry_option(train)
+    _json_option(train)
+    train.set_defaults(func=cmd_train)
+
+    lst = sub.add_parser("list", help="the registry's versions (* marks production)")
+    _registry_option(lst)
+    _json_option(lst)
+    lst.set_defaults(func=cmd_list)
+
+    show = sub.add_parser("show", help="a version's meta.json (metrics, threshold, schema, training)")
+    show.add_argument("version")
+    _registry_option(show)
+    _json_option(show)
+    show.set_defaults(func=cmd_show)
+
+    promote = sub.add_parser("promote", help="validate a version and put it in production (atomically)")
+    promote.add_argument("version")
+    _registry_option(promote)
+    _json_option(promote)
+    promote.set_defaults(func=cmd_promote)
+
+    rollback = sub.add_parser("rollback", help="put the previous production version back")
+    _registry_option(rollback)
+    _json_option(rollback)
+    rollback.set_defaults(func=cmd_rollback)
+
+    knn = sub.add_parser("add-knn", help="register the exact kNN over an index as a version")
+    knn.add_argument("--index", type=Path, default=DEFAULT_INDEX, help="default: %(default)s")
+    _registry_option(knn)
+    _json_option(knn)
+    knn.set_defaults(func=cmd_add_knn)
+
+    explain = sub.add_parser("explain", help="score payloads with a model, with the top reasons of each")
+    explain.add_argument("file", help="payloads: JSON array, JSON lines or test data; - for stdin")
+    explain.add_argument("--version", help="model version (default: the one in production)")
+    explain.add_argument("--top", type=int, default=DEFAULT_TOP, help="reasons per payload (default: 3)")
+    _registry_option(explain)
+    explain.set_defaults(func=cmd_explain)
