@@ -23,9 +23,9 @@ import numpy as np
 
 from _common import DEV_DATA, dev_entries, machine
 from fraudscore.contract.vectorize import vectorize
+from fraudscore.loadtest.results import percentile
 from fraudscore.models.registry import DEFAULT_REGISTRY, MODEL_FILE, Registry
 from fraudscore.models.trees import load_forest
-from fraudscore.tools.loadtest import percentile
 
 
 def per_row(call: Callable[[Any], Any], rows: list[Any], repeats: int) -> tuple[float, float, float]:

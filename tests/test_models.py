@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fraudscore.contract.costs import FN_WEIGHT, FP_WEIGHT
 from fraudscore.contract.vectorize import FEATURES, vectorize
 from fraudscore.errors import ModelFormatError, UsageError
 from fraudscore.models.registry import MODEL_FILE, POINTER, Registry
 from fraudscore.models.scorer import ModelScorer, open_version
 from fraudscore.models.train import TrainConfig, best_threshold, train
 from fraudscore.scorer import KnnScorer
-from fraudscore.tools.scoring import FN_WEIGHT, FP_WEIGHT
 from tests.models_support import INDEX, SMALL_CONFIG, small_model, small_references
 
 TINY = TrainConfig(num_boost_round=15, num_threads=1, agreement_queries=0, check_rows=30)

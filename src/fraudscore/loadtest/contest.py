@@ -20,12 +20,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fraudscore.contract.costs import FN_WEIGHT, FP_WEIGHT, HTTP_ERROR_WEIGHT
+
 FAILED = -3000.0
 """What either part scores when its limit is crossed."""
 P99_LIMIT_MS = 2000.0
 ERROR_SHARE_LIMIT = 0.15
-FP_WEIGHT, FN_WEIGHT, HTTP_ERROR_WEIGHT = 1, 3, 5
-"""A missed fraud costs three false alarms; a request with no usable answer costs five."""
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fraudscore.contract.costs import FN_WEIGHT, FP_WEIGHT
 from fraudscore.contract.vectorize import FEATURES
 from fraudscore.errors import ReferenceDataError, UsageError
 from fraudscore.index import _knn
 from fraudscore.index.build import read_references
 from fraudscore.index.search import random_queries
 from fraudscore.models.registry import Registry
-from fraudscore.tools.scoring import FN_WEIGHT, FP_WEIGHT
 
 log = logging.getLogger(__name__)
 
