@@ -6,6 +6,8 @@ import gzip
 import itertools
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from fraudscore import Index, IndexFormatError, ReferenceDataError, vectorize
 from fraudscore.index import _knn
 from fraudscore.index.build import build_index, read_references
 from fraudscore.index.search import random_queries
+from fraudscore.scorer import KnnScorer
 
 from .conftest import REFERENCES
 
@@ -193,3 +196,17 @@ def test_worked_example_neighbours(index: Index, example_payloads: list[dict[str
     assert nearest[0].position == 2_120_963
     assert round(nearest[0].distance ** 0.5, 4) == 0.0058
     assert not any(n.is_fraud for n in nearest)
+
+
+def test_checksum_names_the_file(index: Index, index_path: Path) -> None:
+    data = index_path.read_bytes()
+    stored = int.from_bytes(data[_knn.CHECKSUM_OFFSET : _knn.CHECKSUM_OFFSET + 8], "little")
+    assert index.checksum == f"{stored:016x}" == f"{_knn.checksum(data[_knn.CHECKSUM_OFFSET + 8 :]):016x}"
+    assert index.describe()["checksum"] == f"xxh64:{index.checksum}"
+    assert KnnScorer(index).id.version == index.checksum
+    info = subprocess.run(
+        [sys.executable, "-m", "fraudscore.cli", "index", "info", "--index", str(index_path)],
+        capture_output=True,
+        check=True,
+    )
+    assert orjson.loads(info.stdout)["checksum"] == f"xxh64:{index.checksum}"

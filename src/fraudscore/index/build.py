@@ -91,6 +91,16 @@ def read_references(path: Path, *, progress: bool = True) -> tuple[bytearray, by
     return vectors, labels, digest.digest()
 
 
+def seal(data: bytearray) -> None:
+    """Write into an index file's bytes the checksum of what they hold now.
+
+    ``build_index`` seals what it writes; this is for tools and tests that change a file on
+    purpose, so that what refuses the change is the structural checks, not the checksum.
+    """
+    at = _knn.CHECKSUM_OFFSET
+    data[at : at + 8] = _knn.checksum(memoryview(data)[at + 8 :]).to_bytes(8, "little")
+
+
 def build_index(
     references: Path,
     out: Path,
