@@ -210,3 +210,22 @@ def test_checksum_names_the_file(index: Index, index_path: Path) -> None:
         check=True,
     )
     assert orjson.loads(info.stdout)["checksum"] == f"xxh64:{index.checksum}"
+
+
+def test_queries_from_any_iterable(index: Index) -> None:
+    """A query may be any iterable of 14 numbers; a wrong count is a ValueError that counts what
+    was given (the native code once sized the caller's object instead: a generator aborted)."""
+    q = random_queries(1, seed=3)[0]
+    want = index.knn(q)
+    assert index.fraud_count(x for x in q) == index.fraud_count(q)
+    assert index.knn(iter(q)) == index.knn(tuple(q)) == want
+    assert index.brute_force(x for x in q) == want
+    assert index.search_stats(x for x in q) == index.search_stats(q)
+    makers = [lambda v: (x for x in v), iter, tuple, list]
+    for wrong in (q[:13], [*q, 0.0], []):
+        for make in makers:
+            for method in (index.fraud_count, index.knn, index.search_stats, index.brute_force):
+                with pytest.raises(ValueError, match=f"14 numbers, got {len(wrong)}$"):
+                    method(make(wrong))
+    with pytest.raises(TypeError, match="sequence of 14 numbers"):
+        index.fraud_count(5)  # type: ignore[arg-type]

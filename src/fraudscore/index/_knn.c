@@ -1188,9 +1188,11 @@ static int ready(IndexObject *self) {
 static int read_query(PyObject *obj, double *q) {
     PyObject *seq = PySequence_Fast(obj, "the query must be a sequence of 14 numbers");
     if (!seq) return -1;
-    if (PySequence_Fast_GET_SIZE(seq) != DIMS) {
+    /* the size of seq, the list or tuple PySequence_Fast made: obj may be any iterable (a generator) */
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n != DIMS) {
         Py_DECREF(seq);
-        PyErr_Format(PyExc_ValueError, "the query must have 14 numbers, got %zd", PySequence_Fast_GET_SIZE(obj));
+        PyErr_Format(PyExc_ValueError, "the query must have 14 numbers, got %zd", n);
         return -1;
     }
     PyObject **items = PySequence_Fast_ITEMS(seq);
