@@ -16,10 +16,17 @@ from typing import Any
 import orjson
 import pytest
 
-from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants, vectorize
+from fraudscore.contract.vectorize import (
+    DEFAULT_CONSTANTS,
+    NORMALIZATION_KEYS,
+    UNKNOWN_MCC_RISK,
+    Constants,
+    vectorize,
+)
 from fraudscore.contract.vectorize import round4 as python_round4
 from fraudscore.errors import PayloadError
 from fraudscore.index.search import Index
+from fraudscore.scorer import KnnScorer
 from fraudscore.service import responses
 from fraudscore.service._fastpath import FastPath, round4
 from fraudscore.service.protocol import fast_path
@@ -30,7 +37,7 @@ MAX_BODY = 16384
 @pytest.fixture
 def fast(index: Index) -> FastPath:
     # per test: a FastPath keeps the native index, and so the session's mapping, alive
-    return fast_path(index, DEFAULT_CONSTANTS, MAX_BODY)
+    return fast_path(KnnScorer(index), DEFAULT_CONSTANTS, MAX_BODY)
 
 
 def python_vector(body: bytes, constants: Constants = DEFAULT_CONSTANTS) -> list[float] | None:
@@ -78,7 +85,7 @@ def test_constants_are_the_services(index: Index, example_payloads: list[dict[st
     constants = Constants(
         max_amount=5000.0, max_km=250.0, max_minutes=60.0, mcc_risk={"5411": 0.9, "9999": 0.05}
     )
-    native = fast_path(index, constants, MAX_BODY)
+    native = fast_path(KnnScorer(index), constants, MAX_BODY)
     for payload in example_payloads:
         body = orjson.dumps(payload)
         assert bits(native.vectorize(body)) == bits(python_vector(body, constants))
@@ -256,24 +263,66 @@ def test_bodies_over_the_limit_and_bad_lengths_are_declined(
 
 
 def test_counts_what_it_answered_and_declined(index: Index, example_payloads: list[dict[str, Any]]) -> None:
-    native = fast_path(index, DEFAULT_CONSTANTS, MAX_BODY)
+    native = fast_path(KnnScorer(index), DEFAULT_CONSTANTS, MAX_BODY)
     native.answer(request(orjson.dumps(example_payloads[0])))
     native.answer(b"GET /ready HTTP/1.1\r\n\r\n")
     native.answer(b"GET /ready HTTP/1.1\r\n\r\n")
     assert (native.answered, native.declined) == (1, 2)
 
 
+DIVISORS = {key: getattr(DEFAULT_CONSTANTS, key) for key in NORMALIZATION_KEYS}
+
+
+def construct(index: Index, **change: Any) -> FastPath:
+    """A FastPath with the service's arguments, some changed."""
+    args: dict[str, Any] = {
+        "divisors": DIVISORS,
+        "mcc_risk": {},
+        "unknown_mcc_risk": UNKNOWN_MCC_RISK,
+        "answers": responses.SCORES,
+        "max_body": 10,
+    }
+    return FastPath(index.native, **{**args, **change})
+
+
 def test_bad_construction_is_refused(index: Index) -> None:
-    divisors = [1.0] * 7
     with pytest.raises(TypeError):
-        FastPath("not an index", divisors, {}, responses.SCORES, 10)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="7 numbers"):
-        FastPath(index.native, [1.0] * 6, {}, responses.SCORES, 10)
-    with pytest.raises(ValueError, match="positive"):
-        FastPath(index.native, [1.0] * 6 + [0.0], {}, responses.SCORES, 10)
-    with pytest.raises(ValueError, match="6 bytes"):
-        FastPath(index.native, divisors, {}, responses.SCORES[:5], 10)
+        FastPath("not an index", DIVISORS, {}, 0.5, responses.SCORES, 10)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="dict"):
+        construct(index, divisors=list(DIVISORS.values()))
+    with pytest.raises(ValueError, match="7 divisors"):
+        construct(index, divisors={k: v for k, v in DIVISORS.items() if k != "max_km"})
+    with pytest.raises(ValueError, match="7 divisors"):
+        construct(index, divisors={**DIVISORS, "max_speed": 1.0})
+    with pytest.raises(ValueError, match="has no max_km"):
+        construct(index, divisors={**{k: v for k, v in DIVISORS.items() if k != "max_km"}, "max_kms": 1.0})
+    with pytest.raises(ValueError, match="divisor max_minutes must be a positive number"):
+        construct(index, divisors={**DIVISORS, "max_minutes": 0.0})
+    with pytest.raises(ValueError, match="unknown_mcc_risk"):
+        construct(index, unknown_mcc_risk=math.nan)
+    for answers in (responses.SCORES[:5], (*responses.SCORES, b"x"), ()):
+        with pytest.raises(ValueError, match="tuple of 6 bytes"):
+            construct(index, answers=answers)
     with pytest.raises(TypeError, match="keys must be strings"):
-        FastPath(index.native, divisors, {5411: 0.1}, responses.SCORES, 10)  # type: ignore[dict-item]
+        construct(index, mcc_risk={5411: 0.1})
     with pytest.raises(TypeError):
-        fast_path(index, DEFAULT_CONSTANTS, 10).answer("text")  # type: ignore[arg-type]
+        construct(index).answer("text")  # type: ignore[arg-type]
+
+
+def test_constants_come_from_the_constructor(index: Index, example_payloads: list[dict[str, Any]]) -> None:
+    """The unknown-MCC risk, the divisors (by name, in any order) and the answers are the caller's."""
+    payload = json.loads(json.dumps(example_payloads[0]))
+    payload["merchant"]["mcc"] = "0000"  # in no table
+    body = orjson.dumps(payload)
+    vector = construct(index, unknown_mcc_risk=0.25).vectorize(body)
+    assert vector is not None and vector[12] == 0.25
+    assert construct(index).vectorize(body) == python_vector(body)  # the service's: 0.5
+    reordered = dict(reversed(DIVISORS.items()))
+    assert bits(construct(index, divisors=reordered).vectorize(body)) == bits(python_vector(body))
+    halved = construct(index, divisors={**DIVISORS, "max_amount": DIVISORS["max_amount"] / 2}).vectorize(body)
+    assert halved is not None and halved[0] == round(min(1.0, payload["transaction"]["amount"] / 5000), 4)
+    answers = tuple(b"answer %d" % n for n in range(6))
+    native = construct(index, answers=answers, max_body=MAX_BODY)
+    vector = python_vector(body)
+    assert vector is not None
+    assert native.answer(request(body)) == answers[index.fraud_count(vector)]

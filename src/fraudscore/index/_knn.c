@@ -52,6 +52,7 @@ _Static_assert(DIMS == FS_KNN_DIMS, "knn_api.h and _knn.c disagree on the dimens
 #define MAX_PAIRS (MAX_STORED / 2)
 #define LANES 8
 #define K 5
+_Static_assert(K == FS_KNN_K, "knn_api.h and _knn.c disagree on K");
 #define MAX_K 64
 #define STACK_DEPTH 1024
 #define FORMAT_VERSION 3 /* 3: a whole-file checksum in the header; every tree entry checked at open */
