@@ -16,7 +16,13 @@ from typing import Any
 import orjson
 import pytest
 
-from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants, vectorize
+from fraudscore.contract.vectorize import (
+    DEFAULT_CONSTANTS,
+    NORMALIZATION_KEYS,
+    UNKNOWN_MCC_RISK,
+    Constants,
+    vectorize,
+)
 from fraudscore.contract.vectorize import round4 as python_round4
 from fraudscore.errors import PayloadError
 from fraudscore.index.search import Index
@@ -264,17 +270,59 @@ def test_counts_what_it_answered_and_declined(index: Index, example_payloads: li
     assert (native.answered, native.declined) == (1, 2)
 
 
+DIVISORS = {key: getattr(DEFAULT_CONSTANTS, key) for key in NORMALIZATION_KEYS}
+
+
+def construct(index: Index, **change: Any) -> FastPath:
+    """A FastPath with the service's arguments, some changed."""
+    args: dict[str, Any] = {
+        "divisors": DIVISORS,
+        "mcc_risk": {},
+        "unknown_mcc_risk": UNKNOWN_MCC_RISK,
+        "answers": responses.SCORES,
+        "max_body": 10,
+    }
+    return FastPath(index.native, **{**args, **change})
+
+
 def test_bad_construction_is_refused(index: Index) -> None:
-    divisors = [1.0] * 7
     with pytest.raises(TypeError):
-        FastPath("not an index", divisors, {}, responses.SCORES, 10)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="7 numbers"):
-        FastPath(index.native, [1.0] * 6, {}, responses.SCORES, 10)
-    with pytest.raises(ValueError, match="positive"):
-        FastPath(index.native, [1.0] * 6 + [0.0], {}, responses.SCORES, 10)
-    with pytest.raises(ValueError, match="6 bytes"):
-        FastPath(index.native, divisors, {}, responses.SCORES[:5], 10)
+        FastPath("not an index", DIVISORS, {}, 0.5, responses.SCORES, 10)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="dict"):
+        construct(index, divisors=list(DIVISORS.values()))
+    with pytest.raises(ValueError, match="7 divisors"):
+        construct(index, divisors={k: v for k, v in DIVISORS.items() if k != "max_km"})
+    with pytest.raises(ValueError, match="7 divisors"):
+        construct(index, divisors={**DIVISORS, "max_speed": 1.0})
+    with pytest.raises(ValueError, match="has no max_km"):
+        construct(index, divisors={**{k: v for k, v in DIVISORS.items() if k != "max_km"}, "max_kms": 1.0})
+    with pytest.raises(ValueError, match="divisor max_minutes must be a positive number"):
+        construct(index, divisors={**DIVISORS, "max_minutes": 0.0})
+    with pytest.raises(ValueError, match="unknown_mcc_risk"):
+        construct(index, unknown_mcc_risk=math.nan)
+    for answers in (responses.SCORES[:5], (*responses.SCORES, b"x"), ()):
+        with pytest.raises(ValueError, match="tuple of 6 bytes"):
+            construct(index, answers=answers)
     with pytest.raises(TypeError, match="keys must be strings"):
-        FastPath(index.native, divisors, {5411: 0.1}, responses.SCORES, 10)  # type: ignore[dict-item]
+        construct(index, mcc_risk={5411: 0.1})
     with pytest.raises(TypeError):
-        fast_path(KnnScorer(index), DEFAULT_CONSTANTS, 10).answer("text")  # type: ignore[arg-type]
+        construct(index).answer("text")  # type: ignore[arg-type]
+
+
+def test_constants_come_from_the_constructor(index: Index, example_payloads: list[dict[str, Any]]) -> None:
+    """The unknown-MCC risk, the divisors (by name, in any order) and the answers are the caller's."""
+    payload = json.loads(json.dumps(example_payloads[0]))
+    payload["merchant"]["mcc"] = "0000"  # in no table
+    body = orjson.dumps(payload)
+    vector = construct(index, unknown_mcc_risk=0.25).vectorize(body)
+    assert vector is not None and vector[12] == 0.25
+    assert construct(index).vectorize(body) == python_vector(body)  # the service's: 0.5
+    reordered = dict(reversed(DIVISORS.items()))
+    assert bits(construct(index, divisors=reordered).vectorize(body)) == bits(python_vector(body))
+    halved = construct(index, divisors={**DIVISORS, "max_amount": DIVISORS["max_amount"] / 2}).vectorize(body)
+    assert halved is not None and halved[0] == round(min(1.0, payload["transaction"]["amount"] / 5000), 4)
+    answers = tuple(b"answer %d" % n for n in range(6))
+    native = construct(index, answers=answers, max_body=MAX_BODY)
+    vector = python_vector(body)
+    assert vector is not None
+    assert native.answer(request(body)) == answers[index.fraud_count(vector)]

@@ -6,6 +6,11 @@ import gzip
 import itertools
 import json
 import random
+import signal
+import subprocess
+import sys
+import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +19,11 @@ import orjson
 import pytest
 
 from fraudscore import Index, IndexFormatError, ReferenceDataError, vectorize
+from fraudscore.errors import EXIT_INTERRUPTED, ConfigError, FraudscoreError, exit_code
 from fraudscore.index import _knn
 from fraudscore.index.build import build_index, read_references
 from fraudscore.index.search import random_queries
+from fraudscore.scorer import KnnScorer
 
 from .conftest import REFERENCES
 
@@ -193,3 +200,128 @@ def test_worked_example_neighbours(index: Index, example_payloads: list[dict[str
     assert nearest[0].position == 2_120_963
     assert round(nearest[0].distance ** 0.5, 4) == 0.0058
     assert not any(n.is_fraud for n in nearest)
+
+
+def test_checksum_names_the_file(index: Index, index_path: Path) -> None:
+    data = index_path.read_bytes()
+    stored = int.from_bytes(data[_knn.CHECKSUM_OFFSET : _knn.CHECKSUM_OFFSET + 8], "little")
+    assert index.checksum == f"{stored:016x}" == f"{_knn.checksum(data[_knn.CHECKSUM_OFFSET + 8 :]):016x}"
+    assert index.describe()["checksum"] == f"xxh64:{index.checksum}"
+    assert KnnScorer(index).id.version == index.checksum
+    info = subprocess.run(
+        [sys.executable, "-m", "fraudscore.cli", "index", "info", "--index", str(index_path)],
+        capture_output=True,
+        check=True,
+    )
+    assert orjson.loads(info.stdout)["checksum"] == f"xxh64:{index.checksum}"
+
+
+def test_queries_from_any_iterable(index: Index) -> None:
+    """A query may be any iterable of 14 numbers; a wrong count is a ValueError that counts what
+    was given (the native code once sized the caller's object instead: a generator aborted)."""
+    q = random_queries(1, seed=3)[0]
+    want = index.knn(q)
+    assert index.fraud_count(x for x in q) == index.fraud_count(q)
+    assert index.knn(iter(q)) == index.knn(tuple(q)) == want
+    assert index.brute_force(x for x in q) == want
+    assert index.search_stats(x for x in q) == index.search_stats(q)
+    makers = [lambda v: (x for x in v), iter, tuple, list]
+    for wrong in (q[:13], [*q, 0.0], []):
+        for make in makers:
+            for method in (index.fraud_count, index.knn, index.search_stats, index.brute_force):
+                with pytest.raises(ValueError, match=f"14 numbers, got {len(wrong)}$"):
+                    method(make(wrong))
+    with pytest.raises(TypeError, match="sequence of 14 numbers"):
+        index.fraud_count(5)  # type: ignore[arg-type]
+
+
+def run_build(references: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    """`fraudscore index build` in a real process."""
+    argv = ["-m", "fraudscore.cli", "index", "build", "--references", str(references), "--out", str(out)]
+    return subprocess.run(
+        [sys.executable, *argv, "--no-progress"], capture_output=True, text=True, timeout=120
+    )
+
+
+def assert_one_line_error(
+    proc: subprocess.CompletedProcess[str], error: FraudscoreError, *names: Path
+) -> None:
+    assert proc.returncode == exit_code(error), proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for name in names:
+        assert str(name) in proc.stderr, proc.stderr
+
+
+def test_build_checks_its_output_before_parsing(tmp_path: Path) -> None:
+    """The references do not even exist: the output's error comes first, so it was checked first."""
+    missing = tmp_path / "no-references.json.gz"
+    (tmp_path / "a-dir").mkdir()
+    (tmp_path / "a-file").write_text("")
+    for out, why in [
+        (tmp_path / "a-dir", "it is a directory"),
+        (tmp_path / "a-file" / "i.fsidx", "cannot write the index to"),
+        (Path("/proc/version/i.fsidx"), "cannot write the index to"),
+    ]:
+        proc = run_build(missing, out)
+        assert_one_line_error(proc, ConfigError(""), out)
+        assert why in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file"]
+    assert list((tmp_path / "a-dir").iterdir()) == []
+
+
+def _damaged_gzips(data: bytes) -> dict[type[Exception], bytes]:
+    """A gzip of data damaged three ways, each raising its own exception in gzip."""
+    packed = gzip.compress(data, mtime=0)
+    found: dict[type[Exception], bytes] = {EOFError: packed[: len(packed) // 2]}
+    crc = bytearray(packed)
+    crc[-8] ^= 0xFF  # the trailer's CRC-32
+    found[gzip.BadGzipFile] = bytes(crc)
+    for at in range(20, len(packed) - 8):  # a byte of the deflate stream that zlib itself rejects
+        damaged = bytearray(packed)
+        damaged[at] ^= 0xA5
+        try:
+            gzip.decompress(bytes(damaged))
+        except zlib.error:
+            found[zlib.error] = bytes(damaged)
+            break
+        except (OSError, EOFError):
+            continue
+    for error, blob in found.items():
+        with pytest.raises(error):
+            gzip.decompress(blob)
+    return found
+
+
+def test_build_of_a_damaged_gzip_is_a_reference_error(tmp_path: Path) -> None:
+    records = [{"vector": v, "label": "legit"} for v in random_queries(2000, seed=2)]
+    cases = _damaged_gzips(json.dumps(records).encode())
+    assert set(cases) == {EOFError, gzip.BadGzipFile, zlib.error}
+    out = tmp_path / "i.fsidx"
+    for error, blob in cases.items():
+        refs = tmp_path / f"refs-{error.__name__}.json.gz"
+        refs.write_bytes(blob)
+        proc = run_build(refs, out)
+        assert_one_line_error(proc, ReferenceDataError(""), refs)
+        assert "cannot decompress" in proc.stderr, (error, proc.stderr)
+        assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
+
+
+def test_interrupted_build_leaves_no_temporary_file(tmp_path: Path) -> None:
+    out = tmp_path / "i.fsidx"
+    tmp = out.with_name(out.name + ".tmp")
+    argv = ["-m", "fraudscore.cli", "index", "build", "--references", str(REFERENCES), "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, *argv, "--no-progress"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not tmp.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tmp.exists(), "the build did not start its output"
+        proc.send_signal(signal.SIGINT)  # while it parses the 3M references
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -77,7 +77,7 @@ class KnnScorer(Scorer):
 
     def __init__(self, index: Index) -> None:
         self.index = index
-        self.id = ScorerId("knn", "knn", index.sha256[:12])
+        self.id = ScorerId("knn", "knn", index.checksum)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> KnnScorer:

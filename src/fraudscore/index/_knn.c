@@ -33,6 +33,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,9 +52,10 @@ _Static_assert(DIMS == FS_KNN_DIMS, "knn_api.h and _knn.c disagree on the dimens
 #define MAX_PAIRS (MAX_STORED / 2)
 #define LANES 8
 #define K 5
+_Static_assert(K == FS_KNN_K, "knn_api.h and _knn.c disagree on K");
 #define MAX_K 64
 #define STACK_DEPTH 1024
-#define FORMAT_VERSION 2
+#define FORMAT_VERSION 3 /* 3: a whole-file checksum in the header; every tree entry checked at open */
 #define MAX_FANOUT_LEVELS 5
 
 static const char MAGIC[8] = {'F', 'S', 'K', 'N', 'N', 'I', 'D', 'X'};
@@ -64,8 +66,9 @@ static const char MAGIC[8] = {'F', 'S', 'K', 'N', 'N', 'I', 'D', 'X'};
 
 typedef struct {
     char magic[8];
-    uint32_t version;
+    uint32_t version;     /* magic and version stay where every version had them */
     uint32_t header_size;
+    uint64_t checksum;    /* XXH64 (seed 0) of bytes [CHECKSUMMED_FROM, file_size) */
     uint64_t n_points;
     uint64_t n_slots; /* points plus the padding slots of partial blocks */
     uint32_t n_groups;
@@ -107,6 +110,8 @@ _Static_assert(sizeof(group_t) == 128, "group_t is 128 bytes");
 _Static_assert(sizeof(entry_t) == 64, "entry_t is 64 bytes");
 #define MAX_FANOUT (1 << MAX_FANOUT_LEVELS)
 _Static_assert(sizeof(file_header_t) <= 256, "header fits");
+#define CHECKSUMMED_FROM (offsetof(file_header_t, checksum) + sizeof(uint64_t))
+_Static_assert(offsetof(file_header_t, checksum) == 16, "the checksum's place is part of the format");
 
 #define HEADER_BYTES 4096
 #define ID_PADDING 0xFFFFFFFFu
@@ -118,6 +123,73 @@ static double LUT[2 * SCALE + 1]; /* LUT[K + SCALE] == K / 10000.0, the double t
 static inline double ref_value(int k) { return LUT[k + SCALE]; }
 
 static uint64_t align64(uint64_t x) { return (x + 63u) & ~(uint64_t)63u; }
+
+/* ------------------------------------------------------------------ */
+/* The file's checksum: XXH64 (seed 0), written from its specification. */
+/* Chosen because it is the fastest well-known 64-bit hash that portable */
+/* scalar C computes identically everywhere (about 1 byte per cycle per */
+/* lane, four lanes): the 91 MB file hashes in a few tens of ms, so the */
+/* check costs /ready almost nothing, and a 64-bit result makes a random */
+/* damage that keeps the sum a 2^-64 event.  It is not a defence against */
+/* a crafted file (anyone can recompute it): the structural checks are. */
+/* ------------------------------------------------------------------ */
+
+#define XXH_P1 0x9E3779B185EBCA87ull
+#define XXH_P2 0xC2B2AE3D27D4EB4Full
+#define XXH_P3 0x165667B19E3779F9ull
+#define XXH_P4 0x85EBCA77C2B2AE63ull
+#define XXH_P5 0x27D4EB2F165667C5ull
+
+static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+static inline uint64_t read64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline uint32_t read32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t xxh_round(uint64_t acc, uint64_t lane) { return rotl64(acc + lane * XXH_P2, 31) * XXH_P1; }
+static inline uint64_t xxh_merge(uint64_t h, uint64_t v) { return (h ^ xxh_round(0, v)) * XXH_P1 + XXH_P4; }
+
+static uint64_t xxh64(const void *data, size_t len) {
+    const unsigned char *p = data, *end = p + len;
+    uint64_t h;
+    if (len >= 32) {
+        uint64_t v1 = XXH_P1 + XXH_P2, v2 = XXH_P2, v3 = 0, v4 = (uint64_t)0 - XXH_P1;
+        const unsigned char *last = end - 32;
+        do {
+            v1 = xxh_round(v1, read64(p)); v2 = xxh_round(v2, read64(p + 8));
+            v3 = xxh_round(v3, read64(p + 16)); v4 = xxh_round(v4, read64(p + 24));
+            p += 32;
+        } while (p <= last);
+        h = rotl64(v1, 1) + rotl64(v2, 7) + rotl64(v3, 12) + rotl64(v4, 18);
+        h = xxh_merge(h, v1); h = xxh_merge(h, v2); h = xxh_merge(h, v3); h = xxh_merge(h, v4);
+    } else {
+        h = XXH_P5;
+    }
+    h += (uint64_t)len;
+    for (; end - p >= 8; p += 8) h = rotl64(h ^ xxh_round(0, read64(p)), 27) * XXH_P1 + XXH_P4;
+    if (end - p >= 4) { h = rotl64(h ^ (uint64_t)read32(p) * XXH_P1, 23) * XXH_P2 + XXH_P3; p += 4; }
+    for (; p < end; p++) h = rotl64(h ^ (uint64_t)*p * XXH_P5, 11) * XXH_P1;
+    h ^= h >> 33; h *= XXH_P2; h ^= h >> 29; h *= XXH_P3; h ^= h >> 32;
+    return h;
+}
+
+/* The checksum an index file of len bytes (len >= CHECKSUMMED_FROM) should carry. */
+static uint64_t file_checksum(const char *base, size_t len) {
+    return xxh64(base + CHECKSUMMED_FROM, len - CHECKSUMMED_FROM);
+}
+
+PyDoc_STRVAR(checksum_doc,
+"checksum(data) -> int\n\n"
+"XXH64 (seed 0) of data.  An index file's header holds the XXH64 of its bytes\n"
+"from offset 24 (just after the checksum field) to the end.");
+
+static PyObject *py_checksum(PyObject *self, PyObject *obj) {
+    Py_buffer buf;
+    if (PyObject_GetBuffer(obj, &buf, PyBUF_SIMPLE) < 0) return NULL;
+    uint64_t h;
+    Py_BEGIN_ALLOW_THREADS
+    h = xxh64(buf.buf, (size_t)buf.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buf);
+    return PyLong_FromUnsignedLongLong(h);
+}
 
 /* ------------------------------------------------------------------ */
 /* Reference parser: a streaming reader of [{"vector":[...],"label":...}] */
@@ -486,6 +558,23 @@ static uint32_t group_key(const int16_t *v) {
            (uint32_t)(v[5] == -SCALE) << 3 | (uint32_t)(v[6] == -SCALE) << 4;
 }
 
+/* What a group's key fixes: which dimensions are constant (and their value), which are stored
+ * and where.  The builder lays groups out with it and the reader checks them against it. */
+static void group_layout(uint32_t key, group_t *g) {
+    g->key = key;
+    memset(g->constant, 0, sizeof g->constant);
+    int ns = 0;
+    for (int d = 0; d < DIMS; d++) {
+        int constant = (d >= 9 && d <= 11) || (d == 5 && (key & 8)) || (d == 6 && (key & 16));
+        if (constant) g->constant[d] = (int16_t)((d == 5 || d == 6) ? -SCALE : ((key >> (d - 9)) & 1 ? SCALE : 0));
+        else g->stored[ns++] = (uint8_t)d;
+    }
+    if (ns & 1) g->stored[ns++] = 255;
+    for (int s = ns; s < MAX_STORED; s++) g->stored[s] = 255;
+    g->n_stored = (uint32_t)ns;
+    g->n_pairs = (uint32_t)ns / 2;
+}
+
 PyDoc_STRVAR(build_index_doc,
 "build_index(vectors, labels, sha256, leaf_size=64, fanout_levels=3) -> bytes\n\n"
 "Build the index file's bytes from int16 vectors (value * 10000, 14 per\n"
@@ -533,18 +622,8 @@ static PyObject *py_build_index(PyObject *self, PyObject *args, PyObject *kw) {
     for (uint32_t key = 0; key < 32; key++) {
         if (!counts[key]) continue;
         group_t *g = &groups[n_groups++];
-        g->key = key;
+        group_layout(key, g);
         g->n_points = counts[key];
-        int ns = 0;
-        for (int d = 0; d < DIMS; d++) {
-            int constant = (d >= 9 && d <= 11) || (d == 5 && (key & 8)) || (d == 6 && (key & 16));
-            if (constant) g->constant[d] = (d == 5 || d == 6) ? -SCALE : ((key >> (d - 9)) & 1 ? SCALE : 0);
-            else g->stored[ns++] = (uint8_t)d;
-        }
-        if (ns & 1) g->stored[ns++] = 255;
-        for (int s = ns; s < MAX_STORED; s++) g->stored[s] = 255;
-        g->n_stored = (uint32_t)ns;
-        g->n_pairs = (uint32_t)ns / 2;
         g->block_off = (uint64_t)b.n_block_vals * sizeof(int16_t);
         g->slot_off = b.n_slots;
         /* members in file order */
@@ -590,6 +669,8 @@ static PyObject *py_build_index(PyObject *self, PyObject *args, PyObject *kw) {
     memcpy(out + h.entries_off, b.entries, b.n_entries * sizeof(entry_t));
     memcpy(out + h.blocks_off, b.blocks, b.n_block_vals * sizeof(int16_t));
     memcpy(out + h.ids_off, b.ids, b.n_slots * sizeof(uint32_t));
+    uint64_t sum = file_checksum(out, h.file_size);
+    memcpy(out + offsetof(file_header_t, checksum), &sum, sizeof sum);
     goto done;
 fail:
     PyErr_SetString(PyExc_ValueError, msg);
@@ -840,39 +921,223 @@ typedef struct {
     const kernel_t *kernel;
 } IndexObject;
 
+/* ------------------------------------------------------------------ */
+/* Checking a file before trusting it                                  */
+/* ------------------------------------------------------------------ */
+
+/* A file is used only if it is exactly what build_index writes: the checksum catches damage,
+ * and these checks catch whatever the checksum cannot (a crafted file, a resealed one), so
+ * that no entry can send the search out of the file, into a loop, past its fixed-size stacks,
+ * or past the value table.  Every size is bounded by the file's length before it is multiplied,
+ * so no sum below can wrap.  The tree must be in the builder's order: each run of children is
+ * the next unused run of entries in depth-first order, and each leaf the next unused blocks,
+ * so every entry and block is reached exactly once (no cycle, no sharing) by construction. */
+typedef struct {
+    const file_header_t *h;
+    const entry_t *entries;
+    const group_t *g;
+    uint32_t group;
+    const int16_t *blocks;   /* the group's */
+    const uint32_t *ids;     /* the group's slots */
+    uint64_t next_entry, end_entry, next_block;
+    uint64_t points, frauds;
+    uint8_t *seen;           /* one bit per reference position */
+    char *msg;
+    size_t msglen;
+} checker_t;
+
+static int bad(checker_t *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int bad(checker_t *c, const char *fmt, ...) {
+    char what[160];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    snprintf(c->msg, c->msglen, "corrupt index: %s", what);
+    return -1;
+}
+
+/* A box within [-1, 1] (so the AVX2 bound's int16 differences cannot wrap), zero where nothing
+ * is stored, and inside its parent's (so pruning on it is sound). */
+static int check_box(checker_t *c, uint64_t at, const entry_t *e, const entry_t *parent) {
+    for (int s = 0; s < MAX_STORED; s++) {
+        int lo = e->lo[s], hi = e->hi[s];
+        if (c->g->stored[s] == 255) {
+            if (lo != 0 || hi != 0) return bad(c, "tree entry %llu: box set on an unstored dimension", (unsigned long long)at);
+            continue;
+        }
+        if (lo < -SCALE || hi > SCALE || lo > hi) return bad(c, "tree entry %llu: box out of range", (unsigned long long)at);
+        if (parent && (lo < parent->lo[s] || hi > parent->hi[s]))
+            return bad(c, "tree entry %llu: box outside its parent's", (unsigned long long)at);
+    }
+    return 0;
+}
+
+/* A leaf: the next blocks of its group, its points inside its box, real ids exactly where its
+ * count says and padding after, each reference position once. */
+static int check_leaf(checker_t *c, uint64_t at, const entry_t *e) {
+    const group_t *g = c->g;
+    if (e->count > INT32_MAX - LANES) return bad(c, "tree entry %llu: leaf of %d points", (unsigned long long)at, e->count);
+    uint64_t nb = ((uint64_t)e->count + LANES - 1) / LANES;
+    if (e->link < 0 || (uint64_t)e->link != c->next_block || nb > g->n_blocks - c->next_block)
+        return bad(c, "tree entry %llu: leaf blocks out of order or out of range", (unsigned long long)at);
+    size_t block_vals = (size_t)g->n_pairs * 2 * LANES;
+    int ns = (int)g->n_stored;
+    for (uint64_t b = (uint64_t)e->link; b < (uint64_t)e->link + nb; b++) {
+        for (int j = 0; j < LANES; j++) {
+            uint64_t i = (b - (uint64_t)e->link) * LANES + (uint64_t)j;
+            uint32_t id = c->ids[b * LANES + (uint64_t)j];
+            if (i >= (uint64_t)e->count) {
+                if (id != ID_PADDING) return bad(c, "tree entry %llu: a reference past the leaf's count", (unsigned long long)at);
+                continue;
+            }
+            uint32_t pos = id & ID_POS;
+            if (id == ID_PADDING || pos >= c->h->n_points)
+                return bad(c, "tree entry %llu: reference id out of range", (unsigned long long)at);
+            if (c->seen[pos / 8] & (1u << (pos % 8))) return bad(c, "reference %u stored twice", pos);
+            c->seen[pos / 8] |= (uint8_t)(1u << (pos % 8));
+            c->points++;
+            c->frauds += id >> 31;
+        }
+        /* every slot's values (padding slots repeat a point) inside the box: one flag per block,
+         * in a loop the compiler vectorises, as this reads every stored value of the file */
+        const int16_t *block = c->blocks + b * block_vals;
+        int outside = 0;
+        for (int s = 0; s < ns; s++) {
+            /* an unstored position must hold 0: check_box made its box [0, 0] */
+            int16_t lo = e->lo[s], hi = e->hi[s];
+            const int16_t *col = block + (s / 2) * 2 * LANES + (s & 1);
+            for (int j = 0; j < LANES; j++) outside |= (col[2 * j] < lo) | (col[2 * j] > hi);
+        }
+        if (outside) return bad(c, "tree entry %llu: a point outside its leaf's box", (unsigned long long)at);
+    }
+    c->next_block += nb;
+    return 0;
+}
+
+/* `use`: the traversal stack's worst case on the way here (search_round pushes at most a
+ * node's children after popping it, so a path needs 1 + the sum of (fan-out - 1) slots). */
+static int check_node(checker_t *c, uint64_t at, const entry_t *parent, int use) {
+    const entry_t *e = &c->entries[at];
+    if (check_box(c, at, e, parent)) return -1;
+    if (e->count > 0) return check_leaf(c, at, e);
+    if (e->count > -2 || e->count < -MAX_FANOUT)
+        return bad(c, "tree entry %llu: fan-out %lld outside [2, %d]", (unsigned long long)at, -(long long)e->count, MAX_FANOUT);
+    uint64_t nc = (uint64_t)-(int64_t)e->count;
+    if (e->link < 0 || (uint64_t)e->link != c->next_entry || nc > c->end_entry - c->next_entry)
+        return bad(c, "tree entry %llu: child link out of order or out of range", (unsigned long long)at);
+    use += (int)nc - 1;
+    if (use + 1 > STACK_DEPTH) return bad(c, "group %u: tree too deep for the search's stack", c->group);
+    c->next_entry += nc;
+    for (uint64_t i = 0; i < nc; i++)
+        if (check_node(c, (uint64_t)e->link + i, e, use)) return -1;
+    return 0;
+}
+
+/* The header's sections, in the builder's canonical layout; then every group and its tree. */
+static int check_file(const char *base, size_t len, char *msg, size_t msglen) {
+    checker_t c;
+    memset(&c, 0, sizeof c);
+    c.msg = msg; c.msglen = msglen;
+    const file_header_t *h = (const file_header_t *)base;
+    c.h = h;
+    /* bounds first: every count times its item size is then below 2^62 */
+    if (h->n_groups == 0 || h->n_groups > 32) return bad(&c, "%u groups (1 to 32)", h->n_groups);
+    if (h->n_entries == 0 || h->n_entries > len / sizeof(entry_t) || h->n_entries > INT32_MAX)
+        return bad(&c, "%llu tree entries for a file of %zu bytes", (unsigned long long)h->n_entries, len);
+    if (h->n_slots > len / sizeof(uint32_t) || h->n_slots % LANES)
+        return bad(&c, "%llu slots for a file of %zu bytes", (unsigned long long)h->n_slots, len);
+    if (h->n_points == 0 || h->n_points > h->n_slots || h->n_points > ID_POS || h->n_fraud > h->n_points)
+        return bad(&c, "%llu references (%llu frauds) in %llu slots", (unsigned long long)h->n_points,
+                   (unsigned long long)h->n_fraud, (unsigned long long)h->n_slots);
+    if (h->groups_off != HEADER_BYTES || h->entries_off != align64(h->groups_off + h->n_groups * sizeof(group_t)) ||
+        h->blocks_off != align64(h->entries_off + h->n_entries * sizeof(entry_t)) || h->ids_off > len ||
+        h->ids_off < h->blocks_off || h->file_size != align64(h->ids_off + h->n_slots * sizeof(uint32_t)))
+        return bad(&c, "sections out of place");
+    const group_t *gs = (const group_t *)(base + h->groups_off);
+    uint64_t entries = 0, block_bytes = 0, slots = 0;
+    for (uint32_t i = 0; i < h->n_groups; i++) {
+        const group_t *g = &gs[i];
+        group_t want;
+        memset(&want, 0, sizeof want);
+        if (g->key >= 32 || (i > 0 && g->key <= gs[i - 1].key)) return bad(&c, "group %u: key %u out of order", i, g->key);
+        group_layout(g->key, &want);
+        if (g->n_stored != want.n_stored || g->n_pairs != want.n_pairs || memcmp(g->stored, want.stored, sizeof want.stored) ||
+            memcmp(g->constant, want.constant, sizeof want.constant))
+            return bad(&c, "group %u: dimensions do not match its key", i);
+        uint64_t block_size = (uint64_t)g->n_pairs * 2 * LANES * sizeof(int16_t);
+        if (g->root != entries || g->n_entries == 0 || g->n_entries > h->n_entries - entries || g->n_points == 0 ||
+            g->block_off != block_bytes || g->slot_off != slots || g->n_blocks > (len - block_bytes) / block_size ||
+            (uint64_t)g->n_blocks * LANES > h->n_slots - slots)
+            return bad(&c, "group %u: sections out of place", i);
+        entries += g->n_entries;
+        block_bytes += (uint64_t)g->n_blocks * block_size;
+        slots += (uint64_t)g->n_blocks * LANES;
+    }
+    if (entries != h->n_entries || slots != h->n_slots || h->ids_off != align64(h->blocks_off + block_bytes))
+        return bad(&c, "groups do not add up to the header's sections");
+    c.entries = (const entry_t *)(base + h->entries_off);
+    c.seen = calloc(h->n_points / 8 + 1, 1);
+    if (!c.seen) { snprintf(msg, msglen, "out of memory checking the index"); return -1; }
+    int r = 0;
+    for (uint32_t i = 0; i < h->n_groups && !r; i++) {
+        const group_t *g = &gs[i];
+        uint64_t before = c.points;
+        c.g = g; c.group = i;
+        c.blocks = (const int16_t *)(base + h->blocks_off + g->block_off);
+        c.ids = (const uint32_t *)(base + h->ids_off) + g->slot_off;
+        c.next_entry = (uint64_t)g->root + 1;
+        c.end_entry = (uint64_t)g->root + g->n_entries;
+        c.next_block = 0;
+        r = check_node(&c, g->root, NULL, 0);
+        if (!r && (c.next_entry != c.end_entry || c.next_block != g->n_blocks))
+            r = bad(&c, "group %u: entries or blocks that no tree entry reaches", i);
+        if (!r && c.points - before != g->n_points) r = bad(&c, "group %u: holds %llu references, says %u", i,
+                                                            (unsigned long long)(c.points - before), g->n_points);
+    }
+    if (!r && (c.points != h->n_points || c.frauds != h->n_fraud))
+        r = bad(&c, "%llu references (%llu frauds) found, header says %llu (%llu)", (unsigned long long)c.points,
+                (unsigned long long)c.frauds, (unsigned long long)h->n_points, (unsigned long long)h->n_fraud);
+    free(c.seen);
+    return r;
+}
+
+/* Checks the buffer (without the GIL: it is the whole file) and maps it; -1 with msg set. */
 static int index_check_and_map(IndexObject *self, char *msg, size_t msglen) {
     const char *base = self->base;
     size_t len = (size_t)self->view.len;
     if (len < HEADER_BYTES || memcmp(base, MAGIC, 8) != 0) { snprintf(msg, msglen, "not a fraudscore index (bad magic)"); return -1; }
     const file_header_t *h = (const file_header_t *)base;
-    if (h->version != FORMAT_VERSION) { snprintf(msg, msglen, "index format version %u, expected %u: rebuild the index", h->version, FORMAT_VERSION); return -1; }
-    if (h->file_size != len) { snprintf(msg, msglen, "index file is %zu bytes, its header says %llu: truncated or corrupt", len, (unsigned long long)h->file_size); return -1; }
-    if (h->n_groups == 0 || h->n_groups > 32 || h->groups_off + h->n_groups * sizeof(group_t) > len ||
-        h->entries_off + h->n_entries * sizeof(entry_t) > len || h->ids_off + h->n_slots * sizeof(uint32_t) > len ||
-        h->blocks_off > h->ids_off || (h->blocks_off | h->entries_off | h->ids_off) % 64) {
-        snprintf(msg, msglen, "index sections out of bounds: corrupt file"); return -1;
+    if (h->version != FORMAT_VERSION) {
+        snprintf(msg, msglen, "index format version %u, this fraudscore reads version %u: rebuild it with `fraudscore index build`",
+                 h->version, FORMAT_VERSION);
+        return -1;
     }
+    if (h->header_size != HEADER_BYTES) { snprintf(msg, msglen, "corrupt index: header size %u", h->header_size); return -1; }
+    if (h->file_size != len) { snprintf(msg, msglen, "index file is %zu bytes, its header says %llu: truncated or corrupt", len, (unsigned long long)h->file_size); return -1; }
+    uint64_t sum = 0;
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    sum = file_checksum(base, len);
+    r = sum == h->checksum ? check_file(base, len, msg, msglen) : 1;
+    Py_END_ALLOW_THREADS
+    if (r == 1)
+        snprintf(msg, msglen, "index checksum mismatch (header %016llx, contents %016llx): the file is damaged; rebuild it with `fraudscore index build`",
+                 (unsigned long long)h->checksum, (unsigned long long)sum);
+    if (r) return -1;
     self->h = h;
     self->entries = (const entry_t *)(base + h->entries_off);
     const group_t *gs = (const group_t *)(base + h->groups_off);
     for (uint32_t i = 0; i < h->n_groups; i++) {
         const group_t *g = &gs[i];
         gview_t *v = &self->groups[i];
-        if (g->n_pairs * 2 != g->n_stored || g->n_pairs > MAX_PAIRS || g->n_pairs == 0 ||
-            (uint64_t)g->root + g->n_entries > h->n_entries || g->slot_off + (uint64_t)g->n_blocks * LANES > h->n_slots ||
-            h->blocks_off + g->block_off + (uint64_t)g->n_blocks * g->n_pairs * 2 * LANES * sizeof(int16_t) > h->ids_off) {
-            snprintf(msg, msglen, "group %u out of bounds: corrupt file", i); return -1;
-        }
         v->g = g;
         v->entries = self->entries;
         v->blocks = (const int16_t *)(base + h->blocks_off + g->block_off);
         v->ids = (const uint32_t *)(base + h->ids_off) + g->slot_off;
         for (int d = 0; d < DIMS; d++) v->where[d] = -1;
         for (int s = 0; s < MAX_STORED; s++)
-            if (g->stored[s] != 255) {
-                if (g->stored[s] >= DIMS) { snprintf(msg, msglen, "group %u: bad dimension: corrupt file", i); return -1; }
-                v->where[g->stored[s]] = (int8_t)s;
-            }
+            if (g->stored[s] != 255) v->where[g->stored[s]] = (int8_t)s;
     }
     return 0;
 }
@@ -924,9 +1189,11 @@ static int ready(IndexObject *self) {
 static int read_query(PyObject *obj, double *q) {
     PyObject *seq = PySequence_Fast(obj, "the query must be a sequence of 14 numbers");
     if (!seq) return -1;
-    if (PySequence_Fast_GET_SIZE(seq) != DIMS) {
+    /* the size of seq, the list or tuple PySequence_Fast made: obj may be any iterable (a generator) */
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n != DIMS) {
         Py_DECREF(seq);
-        PyErr_Format(PyExc_ValueError, "the query must have 14 numbers, got %zd", PySequence_Fast_GET_SIZE(obj));
+        PyErr_Format(PyExc_ValueError, "the query must have 14 numbers, got %zd", n);
         return -1;
     }
     PyObject **items = PySequence_Fast_ITEMS(seq);
@@ -1210,6 +1477,13 @@ static PyObject *Index_get_sha256(IndexObject *self, void *c) {
     return PyUnicode_FromString(hex);
 }
 
+static PyObject *Index_get_checksum(IndexObject *self, void *c) {
+    if (!ready(self)) return NULL;
+    char hex[17];
+    snprintf(hex, sizeof hex, "%016llx", (unsigned long long)self->h->checksum);
+    return PyUnicode_FromString(hex);
+}
+
 static PyGetSetDef Index_getset[] = {
     {"n_points", (getter)Index_get_n_points, NULL, "number of references", NULL},
     {"n_fraud", (getter)Index_get_n_fraud, NULL, "number of references labelled fraud", NULL},
@@ -1218,6 +1492,7 @@ static PyGetSetDef Index_getset[] = {
     {"leaf_size", (getter)Index_get_leaf_size, NULL, "maximum points per leaf", NULL},
     {"kernel", (getter)Index_get_kernel, NULL, "the leaf kernel chosen at construction", NULL},
     {"sha256", (getter)Index_get_sha256, NULL, "SHA-256 of the uncompressed reference file", NULL},
+    {"checksum", (getter)Index_get_checksum, NULL, "the file's XXH64 checksum, 16 hex digits (checked at open)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1249,6 +1524,7 @@ static PyTypeObject IndexType = {
 static PyMethodDef module_methods[] = {
     {"parse_references", py_parse_references, METH_VARARGS, parse_references_doc},
     {"build_index", (PyCFunction)(void (*)(void))py_build_index, METH_VARARGS | METH_KEYWORDS, build_index_doc},
+    {"checksum", py_checksum, METH_O, checksum_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1270,5 +1546,7 @@ PyMODINIT_FUNC PyInit__knn(void) {
     PyModule_AddIntConstant(m, "DIMS", DIMS);
     PyModule_AddIntConstant(m, "K", K);
     PyModule_AddIntConstant(m, "SCALE", SCALE);
+    PyModule_AddIntConstant(m, "FORMAT_VERSION", FORMAT_VERSION);
+    PyModule_AddIntConstant(m, "CHECKSUM_OFFSET", (long)offsetof(file_header_t, checksum));
     return m;
 }

@@ -7,10 +7,13 @@ from typing_extensions import Buffer
 DIMS: int
 K: int
 SCALE: int
+FORMAT_VERSION: int
+CHECKSUM_OFFSET: int
 
 def parse_references(
     chunk: Buffer, state: int, final: bool, offset: int, /
 ) -> tuple[int, int, bytes, bytes]: ...
+def checksum(data: Buffer, /) -> int: ...
 def build_index(
     vectors: Buffer, labels: Buffer, sha256: Buffer, leaf_size: int = 64, fanout_levels: int = 3
 ) -> bytes: ...
@@ -23,6 +26,7 @@ class Index:
     leaf_size: int
     kernel: str
     sha256: str
+    checksum: str
     def __init__(self, buffer: Buffer, kernel: str | None = None) -> None: ...
     def fraud_count(self, query: Sequence[float], /) -> int: ...
     def knn(self, query: Sequence[float], k: int = 5) -> list[tuple[int, float, bool]]: ...

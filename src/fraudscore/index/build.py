@@ -13,10 +13,12 @@ import io
 import logging
 import os
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from fraudscore.errors import ReferenceDataError
+from fraudscore.errors import ConfigError, ReferenceDataError
 from fraudscore.index import _knn
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ def read_references(path: Path, *, progress: bool = True) -> tuple[bytearray, by
         while True:
             try:
                 chunk = stream.read(CHUNK_BYTES)
-            except (OSError, EOFError) as exc:
+            except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
                 raise ReferenceDataError(f"{path}: cannot decompress: {exc}") from exc
             digest.update(chunk)
             data = pending + chunk
@@ -91,6 +93,29 @@ def read_references(path: Path, *, progress: bool = True) -> tuple[bytearray, by
     return vectors, labels, digest.digest()
 
 
+def seal(data: bytearray) -> None:
+    """Write into an index file's bytes the checksum of what they hold now.
+
+    ``build_index`` seals what it writes; this is for tools and tests that change a file on
+    purpose, so that what refuses the change is the structural checks, not the checksum.
+    """
+    at = _knn.CHECKSUM_OFFSET
+    data[at : at + 8] = _knn.checksum(memoryview(data)[at + 8 :]).to_bytes(8, "little")
+
+
+def _open_output(out: Path) -> tuple[Path, BinaryIO]:
+    """The temporary file the index is written to, created now: an output that cannot be written
+    (a directory, a folder that cannot be made, no permission) fails before the long work."""
+    if out.is_dir():
+        raise ConfigError(f"cannot write the index to {out}: it is a directory")
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return tmp, open(tmp, "wb")  # closed by build_index, on every path
+    except OSError as exc:
+        raise ConfigError(f"cannot write the index to {out}: {exc.strerror or exc}") from exc
+
+
 def build_index(
     references: Path,
     out: Path,
@@ -99,20 +124,34 @@ def build_index(
     fanout_levels: int = DEFAULT_FANOUT_LEVELS,
     progress: bool = True,
 ) -> BuildReport:
-    """Build the index file for ``references`` at ``out`` (written whole, then renamed into place)."""
+    """Build the index file for ``references`` at ``out``: written whole to ``out.tmp``, then renamed
+    into place.  The output is checked first; ``out.tmp`` is removed on any failure, ^C included."""
     started = time.perf_counter()
-    vectors, labels, sha = read_references(Path(references), progress=progress)
-    parsed = time.perf_counter()
-    log.info("parsed %d references in %.1f s", len(labels), parsed - started)
-    try:
-        blob = _knn.build_index(vectors, labels, sha, leaf_size=leaf_size, fanout_levels=fanout_levels)
-    except ValueError as exc:
-        raise ReferenceDataError(f"{references}: {exc}") from exc
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(blob)
-    os.replace(tmp, out)
+    tmp, sink = _open_output(out)
+    try:
+        with sink:
+            vectors, labels, sha = read_references(Path(references), progress=progress)
+            parsed = time.perf_counter()
+            log.info("parsed %d references in %.1f s", len(labels), parsed - started)
+            try:
+                blob = _knn.build_index(
+                    vectors, labels, sha, leaf_size=leaf_size, fanout_levels=fanout_levels
+                )
+            except ValueError as exc:
+                raise ReferenceDataError(f"{references}: {exc}") from exc
+            del vectors
+            try:
+                sink.write(blob)
+            except OSError as exc:
+                raise ConfigError(f"cannot write the index to {out}: {exc.strerror or exc}") from exc
+        try:
+            os.replace(tmp, out)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the index to {out}: {exc.strerror or exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     built = time.perf_counter()
     log.info("built %s (%.1f MB) in %.1f s", out, len(blob) / 1e6, built - parsed)
     return BuildReport(

@@ -9,6 +9,7 @@
 
 #define FS_KNN_CAPSULE "fraudscore.index._knn._C_API"
 #define FS_KNN_DIMS 14
+#define FS_KNN_K 5 /* neighbours per query: fraud_count answers 0..FS_KNN_K */
 
 typedef struct {
     /* _knn.Index: check a Python object with PyObject_TypeCheck before passing it below */

@@ -2,7 +2,9 @@
 
 The search itself is native (``_knn``): see the comment at the top of ``_knn.c`` for why it
 is exact.  This module owns the file: it maps it read-only, so several processes share one
-copy in the page cache, and it turns native errors into ``IndexFormatError``.
+copy in the page cache, and it turns native errors into ``IndexFormatError``.  Opening a file
+checks it whole (its checksum, then every tree entry: see ``check_file`` in ``_knn.c``), so a
+damaged or crafted file is refused rather than trusted.
 """
 
 from __future__ import annotations
@@ -87,6 +89,11 @@ class Index:
         return self._core.sha256
 
     @property
+    def checksum(self) -> str:
+        """The file's checksum (XXH64, 16 hex digits), verified when it was opened: names this index."""
+        return self._core.checksum
+
+    @property
     def native(self) -> _knn.Index:
         """The native index, for other native code (the service's fast path)."""
         return self._core
@@ -108,6 +115,7 @@ class Index:
             "kernel": core.kernel,
             "file_bytes": self.file_bytes,
             "references_sha256": core.sha256,
+            "checksum": f"xxh64:{core.checksum}",
         }
 
     def fraud_count(self, vector: Sequence[float]) -> int:

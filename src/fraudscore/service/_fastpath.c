@@ -28,8 +28,7 @@
 #include "knn_api.h"
 
 #define DIMS FS_KNN_DIMS
-#define N_DIVISORS 7
-#define N_ANSWERS 6      /* 0..5 frauds among the 5 nearest */
+#define N_ANSWERS (FS_KNN_K + 1) /* 0..K frauds among the K nearest: the search's K, from knn_api.h */
 #define MAX_KNOWN 64     /* known_merchants entries kept; a longer list goes to the Python path */
 #define MAX_DEPTH 32     /* nesting of ignored members; deeper goes to the Python path */
 #define MAX_NUMBER 32    /* characters in one number */
@@ -344,6 +343,17 @@ typedef struct {
         max_merchant_avg_amount;
 } divisors_t;
 
+/* Each divisor by its name in contract/vectorize.py (NORMALIZATION_KEYS): the constructor takes
+ * them as a mapping, so no order is shared between the two files, only these names. */
+#define DIVISOR(name) {#name, offsetof(divisors_t, name)}
+static const struct { const char *name; size_t offset; } DIVISORS[] = {
+    DIVISOR(max_amount), DIVISOR(max_installments), DIVISOR(amount_vs_avg_ratio), DIVISOR(max_minutes),
+    DIVISOR(max_km), DIVISOR(max_tx_count_24h), DIVISOR(max_merchant_avg_amount),
+};
+#undef DIVISOR
+#define N_DIVISORS (sizeof DIVISORS / sizeof DIVISORS[0])
+_Static_assert(N_DIVISORS * sizeof(double) == sizeof(divisors_t), "every divisor has its name");
+
 typedef struct { char code[MAX_MCC]; size_t n; double risk; } mcc_t;
 
 static inline double clamp01(double x) { return x < 0.0 ? 0.0 : x > 1.0 ? 1.0 : x; }
@@ -364,7 +374,16 @@ static double round4(double x) {
     return k == 0.0 ? copysign(0.0, x) : k / 10000.0;
 }
 
-static int vectorize(const payload_t *pl, const divisors_t *dv, const mcc_t *mcc, int n_mcc, double *v) {
+/* The constants the vector is made with, all given by Python at construction. */
+typedef struct {
+    divisors_t divisors;
+    double unknown_mcc_risk;
+    mcc_t *mcc;
+    int n_mcc;
+} constants_t;
+
+static int vectorize(const payload_t *pl, const constants_t *k, double *v) {
+    const divisors_t *dv = &k->divisors;
     double minutes_dim = -1.0, km_last_dim = -1.0;
     if (pl->has_last) {
         double minutes = (double)(pl->now - pl->then) / 60.0;
@@ -384,9 +403,9 @@ static int vectorize(const payload_t *pl, const divisors_t *dv, const mcc_t *mcc
             break;
         }
     if (pl->mcc.n >= MAX_MCC) return -1; /* longer than any code the table keeps */
-    double risk = 0.5;
-    for (int i = 0; i < n_mcc; i++)
-        if (mcc[i].n == pl->mcc.n && memcmp(mcc[i].code, pl->mcc.s, pl->mcc.n) == 0) { risk = mcc[i].risk; break; }
+    double risk = k->unknown_mcc_risk;
+    for (int i = 0; i < k->n_mcc; i++)
+        if (k->mcc[i].n == pl->mcc.n && memcmp(k->mcc[i].code, pl->mcc.s, pl->mcc.n) == 0) { risk = k->mcc[i].risk; break; }
     double raw[DIMS] = {
         clamp01(pl->amount / dv->max_amount),
         clamp01(pl->installments / dv->max_installments),
@@ -474,9 +493,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *index;
     PyObject *answers[N_ANSWERS];
-    divisors_t divisors;
-    mcc_t *mcc;
-    int n_mcc;
+    constants_t constants;
     Py_ssize_t max_body;
     unsigned long long answered, declined; /* requests, for the service's log */
 } FastPathObject;
@@ -484,38 +501,44 @@ typedef struct {
 static void FastPath_clear_fields(FastPathObject *self) {
     Py_CLEAR(self->index);
     for (int i = 0; i < N_ANSWERS; i++) Py_CLEAR(self->answers[i]);
-    PyMem_Free(self->mcc);
-    self->mcc = NULL;
-    self->n_mcc = 0;
+    PyMem_Free(self->constants.mcc);
+    self->constants.mcc = NULL;
+    self->constants.n_mcc = 0;
 }
 
-static int read_divisors(PyObject *seq, divisors_t *dv) {
-    PyObject *fast = PySequence_Fast(seq, "divisors must be a sequence of 7 numbers");
-    if (!fast) return -1;
-    if (PySequence_Fast_GET_SIZE(fast) != N_DIVISORS) {
-        Py_DECREF(fast);
-        PyErr_SetString(PyExc_ValueError, "divisors must hold 7 numbers");
+/* A positive finite number, or -1 with ValueError naming `what`. */
+static int read_positive(PyObject *obj, const char *what, double *out) {
+    *out = PyFloat_AsDouble(obj);
+    if (*out == -1.0 && PyErr_Occurred()) return -1;
+    if (!(*out > 0.0) || isinf(*out)) {
+        PyErr_Format(PyExc_ValueError, "%s must be a positive number", what);
         return -1;
     }
-    double *out = (double *)dv;
-    for (int i = 0; i < N_DIVISORS; i++) {
-        out[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(fast, i));
-        if (out[i] == -1.0 && PyErr_Occurred()) { Py_DECREF(fast); return -1; }
-        if (!(out[i] > 0.0) || isinf(out[i])) {
-            Py_DECREF(fast);
-            PyErr_Format(PyExc_ValueError, "divisor %d must be a positive number", i);
-            return -1;
-        }
+    return 0;
+}
+
+static int read_divisors(PyObject *map, divisors_t *dv) {
+    if (!PyDict_Check(map)) { PyErr_SetString(PyExc_TypeError, "divisors must be a dict of name: number"); return -1; }
+    if ((size_t)PyDict_Size(map) != N_DIVISORS) {
+        PyErr_Format(PyExc_ValueError, "divisors must hold the %d divisors max_amount ... max_merchant_avg_amount, got %zd",
+                     (int)N_DIVISORS, PyDict_Size(map));
+        return -1;
     }
-    Py_DECREF(fast);
+    for (size_t i = 0; i < N_DIVISORS; i++) {
+        PyObject *value = PyDict_GetItemString(map, DIVISORS[i].name); /* borrowed */
+        if (!value) { PyErr_Format(PyExc_ValueError, "divisors has no %s", DIVISORS[i].name); return -1; }
+        char what[64];
+        snprintf(what, sizeof what, "divisor %s", DIVISORS[i].name);
+        if (read_positive(value, what, (double *)((char *)dv + DIVISORS[i].offset))) return -1;
+    }
     return 0;
 }
 
 static int read_mcc(PyObject *dict, FastPathObject *self) {
     if (!PyDict_Check(dict)) { PyErr_SetString(PyExc_TypeError, "mcc_risk must be a dict"); return -1; }
     Py_ssize_t n = PyDict_Size(dict), pos = 0, i = 0;
-    self->mcc = PyMem_Calloc(n ? (size_t)n : 1, sizeof(mcc_t));
-    if (!self->mcc) { PyErr_NoMemory(); return -1; }
+    mcc_t *mcc = self->constants.mcc = PyMem_Calloc(n ? (size_t)n : 1, sizeof(mcc_t));
+    if (!mcc) { PyErr_NoMemory(); return -1; }
     PyObject *key, *value;
     while (PyDict_Next(dict, &pos, &key, &value)) {
         Py_ssize_t len;
@@ -527,26 +550,30 @@ static int read_mcc(PyObject *dict, FastPathObject *self) {
         double risk = PyFloat_AsDouble(value);
         if (risk == -1.0 && PyErr_Occurred()) return -1;
         if (len >= MAX_MCC) continue; /* no request's code that long reaches the fast path's table */
-        memcpy(self->mcc[i].code, s, (size_t)len);
-        self->mcc[i].n = (size_t)len;
-        self->mcc[i].risk = risk;
+        memcpy(mcc[i].code, s, (size_t)len);
+        mcc[i].n = (size_t)len;
+        mcc[i].risk = risk;
         i++;
     }
-    self->n_mcc = (int)i;
+    self->constants.n_mcc = (int)i;
     return 0;
 }
 
 static int FastPath_init(FastPathObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"index", "divisors", "mcc_risk", "answers", "max_body", NULL};
+    static char *kwlist[] = {"index", "divisors", "mcc_risk", "unknown_mcc_risk", "answers", "max_body", NULL};
     PyObject *index, *divisors, *mcc, *answers;
+    double unknown_mcc_risk;
     Py_ssize_t max_body;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OOOn", kwlist, knn->index_type, &index, &divisors, &mcc,
-                                     &answers, &max_body))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OOdOn", kwlist, knn->index_type, &index, &divisors, &mcc,
+                                     &unknown_mcc_risk, &answers, &max_body))
         return -1;
     FastPath_clear_fields(self);
-    if (read_divisors(divisors, &self->divisors) || read_mcc(mcc, self)) return -1;
+    if (read_divisors(divisors, &self->constants.divisors) || read_mcc(mcc, self)) return -1;
+    if (!isfinite(unknown_mcc_risk)) { PyErr_SetString(PyExc_ValueError, "unknown_mcc_risk must be a finite number"); return -1; }
+    self->constants.unknown_mcc_risk = unknown_mcc_risk;
     if (!PyTuple_Check(answers) || PyTuple_GET_SIZE(answers) != N_ANSWERS) {
-        PyErr_SetString(PyExc_ValueError, "answers must be a tuple of 6 bytes (0 to 5 frauds)");
+        PyErr_Format(PyExc_ValueError, "answers must be a tuple of %d bytes (0 to %d frauds among the %d nearest)",
+                     N_ANSWERS, FS_KNN_K, FS_KNN_K);
         return -1;
     }
     for (int i = 0; i < N_ANSWERS; i++) {
@@ -570,7 +597,7 @@ static void FastPath_dealloc(FastPathObject *self) {
 static int body_vector(FastPathObject *self, const char *body, size_t n, double *v) {
     payload_t pl;
     if (read_payload(body, n, &pl)) return -1;
-    return vectorize(&pl, &self->divisors, self->mcc, self->n_mcc, v);
+    return vectorize(&pl, &self->constants, v);
 }
 
 static int check_initialised(FastPathObject *self) {
@@ -642,7 +669,7 @@ static PyTypeObject FastPathType = {
     .tp_name = "fraudscore.service._fastpath.FastPath",
     .tp_basicsize = sizeof(FastPathObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "FastPath(index, divisors, mcc_risk, answers, max_body): whole scoring requests answered natively.",
+    .tp_doc = "FastPath(index, divisors, mcc_risk, unknown_mcc_risk, answers, max_body): whole scoring requests answered natively.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)FastPath_init,
     .tp_dealloc = (destructor)FastPath_dealloc,

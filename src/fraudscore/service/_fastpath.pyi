@@ -1,7 +1,5 @@
 """Type stub of the service's native fast path (``_fastpath.c``)."""
 
-from collections.abc import Mapping, Sequence
-
 from typing_extensions import Buffer
 
 from fraudscore.index._knn import Index
@@ -14,8 +12,9 @@ class FastPath:
     def __init__(
         self,
         index: Index,
-        divisors: Sequence[float],
-        mcc_risk: Mapping[str, float],
+        divisors: dict[str, float],
+        mcc_risk: dict[str, float],
+        unknown_mcc_risk: float,
         answers: tuple[bytes, ...],
         max_body: int,
     ) -> None: ...

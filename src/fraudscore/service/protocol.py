@@ -27,7 +27,7 @@ from typing import NoReturn, cast
 import httptools
 import orjson
 
-from fraudscore.contract.vectorize import NORMALIZATION_KEYS, Constants, vectorize
+from fraudscore.contract.vectorize import NORMALIZATION_KEYS, UNKNOWN_MCC_RISK, Constants, vectorize
 from fraudscore.errors import PayloadError
 from fraudscore.scorer import KnnScorer
 from fraudscore.service import responses
@@ -48,9 +48,16 @@ class _Refused(Exception):
 
 
 def fast_path(scorer: KnnScorer, constants: Constants, max_body_bytes: int) -> FastPath:
-    """The native answerer of ordinary scoring requests, with this service's data and answers."""
-    divisors = [getattr(constants, key) for key in NORMALIZATION_KEYS]
-    return FastPath(scorer.index.native, divisors, constants.mcc_risk, responses.SCORES, max_body_bytes)
+    """The native answerer of ordinary scoring requests, with this service's data and answers:
+    every constant of the vector comes from here, none is the C code's own."""
+    return FastPath(
+        scorer.index.native,
+        divisors={key: getattr(constants, key) for key in NORMALIZATION_KEYS},
+        mcc_risk=constants.mcc_risk,
+        unknown_mcc_risk=UNKNOWN_MCC_RISK,
+        answers=responses.SCORES,
+        max_body=max_body_bytes,
+    )
 
 
 class HttpConnection(asyncio.Protocol):
