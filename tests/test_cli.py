@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from fraudscore.errors import EXIT_CODES, Category
 
 from .conftest import DEV_DATA, ROOT
 
@@ -23,14 +27,37 @@ COMMANDS = [
 ]
 
 
-def fraudscore(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+def fraudscore(
+    *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         [sys.executable, "-m", "fraudscore.cli", *args],
         input=stdin,
         capture_output=True,
         cwd=ROOT,
         timeout=300,
+        env={**os.environ, **(env or {})},
     )
+
+
+# A log record on stderr, as main() configures logging; anything else on stderr is a message.
+LOG_RECORD = re.compile(rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) ")
+
+
+def error_line(result: subprocess.CompletedProcess[bytes], category: Category) -> str:
+    """The one error line of a failed command, checked against the project's rule.
+
+    The rule: the command exits with its error's category code (1-127); stderr has no traceback;
+    besides log records it holds exactly one line, ``fraudscore <command>: <message>``.
+    """
+    stderr = result.stderr
+    assert b"Traceback" not in stderr, stderr.decode()
+    assert result.returncode == EXIT_CODES[category], (result.returncode, stderr.decode())
+    assert 1 <= result.returncode <= 127
+    messages = [line for line in stderr.splitlines() if line.strip() and not LOG_RECORD.match(line)]
+    assert len(messages) == 1, stderr.decode()
+    assert messages[0].startswith(b"fraudscore"), stderr.decode()
+    return messages[0].decode()
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "fraudscore")
@@ -77,19 +104,117 @@ def test_score_one_line_per_payload(index_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "category", "message"),
     [
-        (["eval", "/nonexistent.json"], b"cannot read /nonexistent.json"),
-        (["index", "info", "--index", "/nonexistent.fsidx"], b"cannot map index"),
-        (["index", "build", "--references", "/nonexistent.json.gz", "--out", "/tmp/x.fsidx"], b"cannot open"),
-        (["serve", "--index", "/nonexistent.fsidx", "--references", "/nonexistent"], b"no index at"),
+        (["eval", "/nonexistent.json"], Category.BAD_INPUT, "cannot read /nonexistent.json"),
+        (["index", "info", "--index", "/nonexistent.fsidx"], Category.BAD_INPUT, "cannot map index"),
+        (
+            ["index", "build", "--references", "/nonexistent.json.gz", "--out", "/tmp/x.fsidx"],
+            Category.BAD_INPUT,
+            "cannot open",
+        ),
+        (
+            ["serve", "--index", "/nonexistent.fsidx", "--references", "/nonexistent"],
+            Category.BAD_CONFIG,
+            "no index at",
+        ),
     ],
 )
-def test_errors_are_one_clear_line(args: list[str], message: bytes) -> None:
-    result = fraudscore(*args)
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert b"Traceback" not in result.stderr
+def test_errors_are_one_clear_line(args: list[str], category: Category, message: str) -> None:
+    assert message in error_line(fraudscore(*args), category)
+
+
+# -- main(): closed pipes, bugs, the environment, flags -----------------------------------------
+
+
+def test_a_closed_stdout_is_not_an_error(index_path: Path) -> None:
+    """`fraudscore score … | head -1`: head leaves after one line; score stops quietly with 0."""
+    payloads = json.loads((ROOT / "data" / "example-payloads.json").read_text())
+    stdin = json.dumps(payloads * 400).encode()  # 20,000 answers: they outgrow the pipe's buffer
+    script = (
+        f"{sys.executable} -m fraudscore.cli score --index {index_path} - | head -1; "
+        'echo "status ${PIPESTATUS[0]}" >&2'
+    )
+    result = subprocess.run(["bash", "-c", script], input=stdin, capture_output=True, cwd=ROOT, timeout=300)
+    assert json.loads(result.stdout)["id"] == payloads[0]["id"]
+    assert result.stderr.decode().strip() == "status 0"  # nothing else: no "Broken pipe", no traceback
+
+
+BUG = """
+import sys
+from fraudscore import cli
+
+def broken(args):
+    raise KeyError("a bug")
+
+cli.cmd_index_info = broken
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_bug_is_one_line_and_exit_5_with_the_traceback_only_at_debug() -> None:
+    """main() itself, with a command that fails the way a bug does (an exception none of ours)."""
+    run = [sys.executable, "-c", BUG]
+    result = subprocess.run([*run, "index", "info"], capture_output=True, cwd=ROOT, timeout=60)
+    line = error_line(result, Category.INTERNAL)
+    assert line.startswith("fraudscore index info: internal error: KeyError: 'a bug'")
+    assert "rerun with --log-level DEBUG" in line
+    debug = subprocess.run([*run, "--log-level", "DEBUG", "index", "info"], capture_output=True, timeout=60)
+    assert debug.returncode == 5
+    assert b"Traceback" in debug.stderr and b"in broken" in debug.stderr
+
+
+@pytest.mark.parametrize("value", ["abc", "70000", "0", "-1", ""])
+def test_a_bad_port_variable_is_reported_when_it_matters(value: str) -> None:
+    env = {"FRAUDSCORE_PORT": value}
+    for command in ([], ["serve"], ["stack"], ["balance"]):  # --help works whatever the variable says
+        assert fraudscore(*command, "--help", env=env).returncode == 0
+    result = fraudscore("serve", "--index", "/nonexistent.fsidx", env=env)
+    line = error_line(result, Category.BAD_CONFIG)
+    assert line == f"fraudscore serve: FRAUDSCORE_PORT must be a port number 1-65535, got {value!r}"
+    # a flag that makes the variable irrelevant makes its value irrelevant too
+    result = fraudscore(
+        "serve", "--port", "9", "--index", "/nonexistent.fsidx", "--references", "/no", env=env
+    )
+    assert "no index at" in error_line(result, Category.BAD_CONFIG)
+
+
+def test_a_bad_log_level_variable_is_named() -> None:
+    env = {"FRAUDSCORE_LOG_LEVEL": "verbose"}
+    assert fraudscore("--help", env=env).returncode == 0
+    line = error_line(fraudscore("index", "info", env=env), Category.BAD_CONFIG)
+    levels = "DEBUG, INFO, WARNING, ERROR"
+    assert line == f"fraudscore index info: FRAUDSCORE_LOG_LEVEL must be one of {levels}, got 'verbose'"
+    # any case will do, and the flag wins over the variable
+    assert fraudscore("--log-level", "debug", "index", "info", "--index", "/no", env=env).returncode == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["serve", "--max-body-bytes", "-1"], "--max-body-bytes"),
+        (["serve", "--max-body-bytes", "lots"], "--max-body-bytes"),
+        (["serve", "--max-url-bytes", "0"], "--max-url-bytes"),
+        (["serve", "--max-header-bytes", "0"], "--max-header-bytes"),
+        (["serve", "--max-headers", "-5"], "--max-headers"),
+        (["serve", "--request-timeout", "0"], "--request-timeout"),
+        (["serve", "--request-timeout", "-2.5"], "--request-timeout"),
+        (["serve", "--request-timeout", "nan"], "--request-timeout"),
+        (["serve", "--port", "70000"], "--port"),
+        (["serve", "--port", "0"], "--port"),
+        (["balance", "--upstream", "/x.sock", "--port", "http"], "--port"),
+        (["stack", "--port", "65536"], "--port"),
+        (["stack", "--instances", "0"], "--instances"),
+        (["--log-level", "chatty", "index", "info"], "--log-level"),
+        (["serve", "--no-such-flag"], "--no-such-flag"),
+        (["no-such-command"], "COMMAND"),
+        (["index"], "ACTION"),
+    ],
+)
+def test_bad_flags_are_one_line_naming_the_flag(args: list[str], flag: str) -> None:
+    line = error_line(fraudscore(*args), Category.BAD_CONFIG)
+    assert flag in line
+    assert line.endswith("--help)")
 
 
 def test_index_info(index_path: Path) -> None:

@@ -35,6 +35,9 @@ class ServiceConfig:
     handoff: Path | None = None
     constants: Constants = DEFAULT_CONSTANTS
     max_body_bytes: int = 64 * 1024
+    max_url_bytes: int = 8192
+    max_header_bytes: int = 16384
+    max_headers: int = 100
     request_timeout: float = 5.0
     idle_timeout: float = 75.0
     shutdown_timeout: float = 10.0
