@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -98,9 +99,78 @@ def test_score_one_line_per_payload(index_path: Path) -> None:
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == len(payloads) + 1
     assert lines[0] == {"id": "tx-1329056812", "approved": True, "fraud_score": 0.0}
-    assert lines[-1] == {"id": "broken", "error": "transaction must be an object"}
-    assert result.returncode == 1
-    assert b"1 of 51 payloads could not be scored" in result.stderr
+    assert lines[-1] == {"id": "broken", "at": "[50]", "error": "transaction must be an object"}
+    line = error_line(result, Category.BAD_INPUT)
+    assert line == (
+        "fraudscore score: stdin: 1 of 51 payloads could not be scored "
+        "(the first, at [50]: transaction must be an object)"
+    )
+
+
+def test_score_goes_on_past_bad_records_and_names_their_lines(index_path: Path, tmp_path: Path) -> None:
+    payloads = _payloads()[:6]
+    lines = [json.dumps(p).encode() for p in payloads]
+    lines[1] = b'{"id": "cut", "transaction": {'  # line 2: not JSON
+    lines[3] = json.dumps({**payloads[3], "customer": {"avg_amount": -1}}).encode()  # line 4: bad field
+    path = tmp_path / "payloads.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    result = fraudscore("score", "--index", str(index_path), str(path))
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [o.get("at") for o in out] == [None, "line 2", None, "line 4", None, None]
+    assert out[1]["error"].startswith("not JSON at column ")
+    assert out[3] == {"id": payloads[3]["id"], "at": "line 4", "error": "customer.tx_count_24h is missing"}
+    assert all("fraud_score" in o for i, o in enumerate(out) if i not in (1, 3))  # the rest were scored
+    line = error_line(result, Category.BAD_INPUT)
+    assert line.startswith(
+        f"fraudscore score: {path}: 2 of 6 payloads could not be scored (the first, at line 2: "
+    )
+
+
+EDGE = "9999-12-31T23:00:00-03:00"  # in UTC, a moment after the calendar's last day
+
+
+@pytest.mark.parametrize("command", ["score", "eval"])
+def test_a_timestamp_past_the_calendar_is_that_records_error(
+    command: str, index_path: Path, tmp_path: Path
+) -> None:
+    payloads = _payloads()[:5]
+    payloads[2] = {**payloads[2], "transaction": {**payloads[2]["transaction"], "requested_at": EDGE}}  # type: ignore[dict-item]
+    path = tmp_path / "t.json"
+    path.write_bytes(_test_data(payloads))
+    result = fraudscore(command, "--index", str(index_path), str(path))
+    # vectorize says PayloadError for it (a bad input: 3); a vectorize that lets the OverflowError
+    # through still loses only that record, reported as a bug (5)
+    internal = b"internal error" in result.stderr
+    line = error_line(result, Category.INTERNAL if internal else Category.BAD_INPUT)
+    assert "at entries[2]: " in line
+    assert internal or "transaction.requested_at" in line
+    if command == "score":
+        out = [json.loads(x) for x in result.stdout.splitlines()]
+        assert [o.get("at") for o in out] == [None, None, "entries[2]", None, None]
+    else:
+        summary = json.loads(result.stdout)
+        assert summary["total"] == 5 and summary["errors"] == 1
+        assert summary["tp"] + summary["tn"] + summary["fp"] + summary["fn"] == 4
+
+
+def test_eval_counts_what_it_can_and_names_the_entries_it_cannot(index_path: Path, tmp_path: Path) -> None:
+    document = json.loads(_test_data(_payloads()[:6]))
+    document["entries"][1]["expected_approved"] = "yes"
+    del document["entries"][3]["request"]["merchant"]
+    document["entries"][4]["expected_fraud_score"] = 0.9  # a differing answer, not an error
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(document))
+    result = fraudscore("eval", "--index", str(index_path), str(path))
+    summary = json.loads(result.stdout)
+    assert [u["at"] for u in summary["unscored"]] == ["entries[1]", "entries[3]"]
+    assert summary["unscored"][1]["error"] == "merchant must be an object"
+    assert document["entries"][4]["request"]["id"] in [d["id"] for d in summary["differing"]]
+    assert summary["total"] == 6 and summary["tp"] + summary["tn"] + summary["fp"] + summary["fn"] == 4
+    line = error_line(result, Category.BAD_INPUT)  # 3 beats "answers differ" (1)
+    assert line == (
+        f"fraudscore eval: {path}: 2 of 6 entries could not be scored "
+        "(the first, at entries[1]: expected_approved must be true or false)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -221,3 +291,70 @@ def test_index_info(index_path: Path) -> None:
     info = json.loads(fraudscore("index", "info", "--index", str(index_path)).stdout)
     assert info["references"] == 3_000_000
     assert info["kernel"] in ("avx2", "scalar")
+
+
+# -- data files: damaged gzip, JSON errors at their real place, test data that is not -----------
+
+
+def _payloads() -> list[dict[str, object]]:
+    payloads: list[dict[str, object]] = json.loads((ROOT / "data" / "example-payloads.json").read_text())
+    return payloads
+
+
+def _test_data(payloads: list[dict[str, object]]) -> bytes:
+    entries = [{"request": p, "expected_approved": True, "expected_fraud_score": 0.0} for p in payloads]
+    return json.dumps({"stats": {}, "entries": entries}).encode()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupted"])
+@pytest.mark.parametrize("command", ["score", "eval"])
+def test_damaged_gzip_names_the_file(command: str, damage: str, tmp_path: Path, index_path: Path) -> None:
+    packed = gzip.compress(_test_data(_payloads()))
+    if damage == "truncated":
+        packed = packed[: len(packed) // 2]  # EOFError inside gzip
+    else:
+        mid = len(packed) // 2  # flipped bits in the deflate stream
+        packed = packed[:mid] + bytes(b ^ 0xFF for b in packed[mid : mid + 64]) + packed[mid + 64 :]
+    path = tmp_path / "t.json.gz"
+    path.write_bytes(packed)
+    line = error_line(fraudscore(command, "--index", str(index_path), str(path)), Category.BAD_INPUT)
+    assert line.startswith(f"fraudscore {command}: {path}: damaged gzip data (")
+
+
+def test_json_lines_are_reported_at_their_line_in_the_file(tmp_path: Path, index_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b'{"entries": []}\n{"entries": [1,]}\n')
+    line = error_line(fraudscore("eval", "--index", str(index_path), str(path)), Category.BAD_INPUT)
+    assert line == f"fraudscore eval: {path}: line 2: not JSON at column 15: trailing comma is not allowed"
+
+
+def test_a_broken_document_is_reported_at_its_line_and_column(tmp_path: Path, index_path: Path) -> None:
+    path = tmp_path / "t.json"
+    path.write_bytes(b'{\n  "stats": {},\n  "entries": [}\n}\n')
+    line = error_line(fraudscore("eval", "--index", str(index_path), str(path)), Category.BAD_INPUT)
+    assert line.startswith(f"fraudscore eval: {path}: not JSON at line 3 column 15: ")
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [
+        (b'[{"id": "tx-1"}]', "it is a JSON array"),
+        (b'{"stats": {}}', "it is an object without an 'entries' list"),
+        (b"42", "it is a JSON int"),
+    ],
+)
+def test_eval_says_when_a_file_is_not_test_data(
+    content: bytes, what: str, tmp_path: Path, index_path: Path
+) -> None:
+    path = tmp_path / "t.json"
+    path.write_bytes(content)
+    line = error_line(fraudscore("eval", "--index", str(index_path), str(path)), Category.BAD_INPUT)
+    assert f"{path} is not the contract's test data" in line and what in line
+
+
+@pytest.mark.parametrize("command", ["score", "eval"])
+def test_an_empty_file_is_named(command: str, tmp_path: Path, index_path: Path) -> None:
+    path = tmp_path / "empty.json"
+    path.write_bytes(b"\n \n")
+    line = error_line(fraudscore(command, "--index", str(index_path), str(path)), Category.BAD_INPUT)
+    assert line == f"fraudscore {command}: {path} is empty"

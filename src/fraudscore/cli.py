@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import orjson
 
 from fraudscore.errors import (
+    EXIT_CHECK_FAILED,
     EXIT_CODES,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -210,36 +211,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from fraudscore.contract.testdata import read_json
-    from fraudscore.offline import iter_payloads, score_all
+    """One JSON line per record, in order; bad records get an error line naming their position,
+    and the command fails at the end (after every good answer) with one line about them."""
+    from fraudscore.contract.testdata import read_records
+    from fraudscore.offline import failure, score_records
 
-    payloads = list(iter_payloads(read_json(args.file)))
+    records = read_records(args.file)
     with _open_scorer(args) as scorer:
-        results = score_all(scorer, payloads, _constants(args))
+        results = score_records(scorer, records, _constants(args))
     out = sys.stdout.buffer
     for result in results:
         out.write(orjson.dumps(result.as_json()) + b"\n")
-    bad = sum(r.error is not None for r in results)
-    if bad:
-        print(f"fraudscore score: {bad} of {len(results)} payloads could not be scored", file=sys.stderr)
-    return 1 if bad else 0
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        out.flush()
+        raise failure(args.file, failed, len(results), "payloads")
+    return EXIT_OK
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """The summary on stdout; 1 if answers differ, the error's code if entries could not be scored."""
     from fraudscore.contract.testdata import read_json
-    from fraudscore.offline import evaluate
+    from fraudscore.offline import evaluate, failure
 
+    document = read_json(args.file)
     with _open_scorer(args) as scorer:
-        result = evaluate(scorer, read_json(args.file), _constants(args))
+        result = evaluate(scorer, document, _constants(args), source=args.file)
     summary = result.as_json()
     if not args.all:
         summary["differing"] = summary["differing"][:20]
+        summary["unscored"] = summary["unscored"][:20]
     print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     if summary["references_match"] is False:
-        print(
-            "fraudscore eval: the test data was made from other references than this index's", file=sys.stderr
-        )
-    return 0 if not result.score_differs else 1
+        log.warning("the test data was made from other references than this index's")
+    if result.unscored:
+        sys.stdout.flush()
+        raise failure(args.file, result.unscored, result.total, "entries")
+    return EXIT_CHECK_FAILED if result.score_differs else EXIT_OK
 
 
 # -- parser -----------------------------------------------------------------------------------
