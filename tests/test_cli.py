@@ -358,3 +358,33 @@ def test_an_empty_file_is_named(command: str, tmp_path: Path, index_path: Path) 
     path.write_bytes(b"\n \n")
     line = error_line(fraudscore(command, "--index", str(index_path), str(path)), Category.BAD_INPUT)
     assert line == f"fraudscore {command}: {path} is empty"
+
+
+# -- output paths: checked before any long work -----------------------------------------------
+
+
+def test_loadtest_out_is_checked_before_the_run(tmp_path: Path) -> None:
+    """Nothing answers at the URL and there is no data either: the --out check comes first."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    for out, says in ((a_file, "exists and is not a directory"), (a_file / "sub", "is not a directory")):
+        result = fraudscore("loadtest", "--url", "http://127.0.0.1:9", "--data", "/no", "--out", str(out))
+        line = error_line(result, Category.BAD_CONFIG)
+        assert line.startswith(f"fraudscore loadtest: --out {out}: ") and says in line
+    assert a_file.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("flag", ["--uds", "--handoff"])
+def test_serve_socket_paths_are_checked_before_the_index_is_opened(flag: str, tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    cases = [
+        (tmp_path / "no-dir" / "x.sock", "directory"),
+        (a_file, "exists and is not a socket"),
+        (tmp_path / ("s" * 120), "longer than a unix socket path"),
+    ]
+    for path, says in cases:
+        result = fraudscore("serve", "--index", "/nonexistent.fsidx", flag, str(path))
+        line = error_line(result, Category.BAD_CONFIG)
+        assert line.startswith(f"fraudscore serve: {flag} {path}: ") and says in line
+    assert a_file.read_text() == "keep me"  # the service replaces an old socket, never a file

@@ -155,6 +155,37 @@ def ensure_index(index: Path, references: Path) -> Path:
     return index
 
 
+# -- output paths, checked before any long work -------------------------------------------------
+
+UNIX_PATH_MAX = 107  # sun_path's 108 bytes, less the terminating NUL
+
+
+def check_output_dir(path: Path, flag: str) -> None:
+    """UsageError naming ``flag`` unless ``path`` is, or can be made, a writable directory."""
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{flag} {path}: exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"{flag} {path}: directory is not writable")
+        return
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: cannot create it: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: cannot create it: {parent} is not writable")
+
+
+def check_socket_path(path: Path, flag: str) -> None:
+    """UsageError naming ``flag`` unless a unix socket can be created at ``path``: its directory
+    exists, the path fits in sun_path, and nothing but an old socket is there (which is replaced)."""
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise UsageError(f"{flag} {path}: longer than a unix socket path may be ({UNIX_PATH_MAX} bytes)")
+    if not path.parent.is_dir():
+        raise UsageError(f"{flag} {path}: directory {path.parent} does not exist")
+    if (path.exists() or path.is_symlink()) and not path.is_socket():
+        raise UsageError(f"{flag} {path}: exists and is not a socket (not replacing it)")
+
+
 # -- commands ---------------------------------------------------------------------------------
 
 
@@ -192,6 +223,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = args.port
     if args.uds is None and args.handoff is None and port is None:
         port = env_port()
+    for flag, path in (("--uds", args.uds), ("--handoff", args.handoff)):
+        if path is not None:
+            check_socket_path(path, flag)
     config = ServiceConfig(
         index_path=ensure_index(args.index, args.references),
         host=args.host,
@@ -393,6 +427,13 @@ def cmd_stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    """The load test, once its output directory is known to be usable: not after minutes of k6."""
+    check_output_dir(Path(args.out), "--out")
+    run: Command = args.run_loadtest
+    return run(args)
+
+
 def _register_optional(sub: Any) -> None:
     """Commands of the stack and tools modules."""
     from fraudscore.tools import loadtest
@@ -431,7 +472,7 @@ def _register_optional(sub: Any) -> None:
 
     lt = sub.add_parser("loadtest", help="run the contract's k6 load test and print its score")
     loadtest.add_arguments(lt)
-    lt.set_defaults(func=loadtest.run)
+    lt.set_defaults(func=cmd_loadtest, run_loadtest=loadtest.run)
 
 
 def _os_error(exc: OSError) -> FraudscoreError:
