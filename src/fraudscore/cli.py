@@ -7,6 +7,7 @@ FRAUDSCORE_HOST, FRAUDSCORE_LOG_LEVEL.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from fraudscore.errors import (
     Category,
     ConfigError,
     FraudscoreError,
+    TransientError,
     UsageError,
     exit_code,
 )
@@ -479,11 +481,15 @@ def _os_error(exc: OSError) -> FraudscoreError:
     """An OSError that reached the command line, as one of ours: one line naming the file.
 
     The readers of input files turn their OSErrors into DataFileError themselves, so what
-    arrives here is a path or address from a flag (a socket, an output directory): BAD_CONFIG.
+    arrives here is a path or address from a flag (a socket, an output directory): BAD_CONFIG,
+    except a port in use, TRANSIENT.
     """
     what = exc.strerror or str(exc)
     names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
-    return ConfigError(f"{' -> '.join(names)}: {what}" if names else what)
+    message = f"{' -> '.join(names)}: {what}" if names else what
+    if exc.errno == errno.EADDRINUSE:  # a busy port: the taxonomy's TRANSIENT, it may be free later
+        return TransientError(message)
+    return ConfigError(message)
 
 
 def _quiet_stdout() -> None:
