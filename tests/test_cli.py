@@ -6,15 +6,17 @@ import gzip
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fraudscore.errors import EXIT_CODES, Category
 
-from .conftest import DEV_DATA, ROOT
+from .conftest import DEV_DATA, INDEX_PATH, ROOT
 
 COMMANDS = [
     [],
@@ -388,3 +390,90 @@ def test_serve_socket_paths_are_checked_before_the_index_is_opened(flag: str, tm
         line = error_line(result, Category.BAD_CONFIG)
         assert line.startswith(f"fraudscore serve: {flag} {path}: ") and says in line
     assert a_file.read_text() == "keep me"  # the service replaces an old socket, never a file
+
+
+# -- the sweep: every user error above, through the real CLI, under one rule -------------------
+
+
+@pytest.fixture(scope="module")
+def sweep_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The files and the taken port the sweep's cases name, made once."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    packed = gzip.compress(_test_data(_payloads()))
+    (tmp / "damaged.json.gz").write_bytes(packed[: len(packed) // 2])
+    (tmp / "bad-line.jsonl").write_bytes(b'{"entries": []}\n{"entries": [1,]}\n')
+    (tmp / "payloads.json").write_text(json.dumps(_payloads()[:3]))
+    (tmp / "bad-record.json").write_text(json.dumps([_payloads()[0], {"id": "x", "transaction": 1}]))
+    (tmp / "empty.json").write_bytes(b"")
+    (tmp / "damaged.fsidx").write_bytes(b"not an index")
+    normalization = json.loads((ROOT / "src/fraudscore/contract/normalization.json").read_text())
+    (tmp / "normalization.json").write_text(json.dumps({**normalization, "max_amount": "lots"}))
+    (tmp / "a-file").write_text("")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        yield {"tmp": str(tmp), "port": str(taken.getsockname()[1]), "index": str(INDEX_PATH)}
+
+
+SWEEP: list[tuple[str, list[str], dict[str, str], Category, str]] = [
+    # (case, command line, environment, category, what the line must name)
+    ("port variable", ["serve"], {"FRAUDSCORE_PORT": "abc"}, Category.BAD_CONFIG, "FRAUDSCORE_PORT"),
+    ("port variable range", ["stack"], {"FRAUDSCORE_PORT": "70000"}, Category.BAD_CONFIG, "FRAUDSCORE_PORT"),
+    ("port variable, balance", ["balance", "--upstream", "/x"], {"FRAUDSCORE_PORT": "0"}, Category.BAD_CONFIG,
+     "FRAUDSCORE_PORT"),
+    ("log level variable", ["index", "info"], {"FRAUDSCORE_LOG_LEVEL": "loud"}, Category.BAD_CONFIG,
+     "FRAUDSCORE_LOG_LEVEL"),
+    ("log level flag", ["--log-level", "loud", "index", "info"], {}, Category.BAD_CONFIG, "--log-level"),
+    ("body limit", ["serve", "--max-body-bytes", "-1"], {}, Category.BAD_CONFIG, "--max-body-bytes"),
+    ("url limit", ["serve", "--max-url-bytes", "0"], {}, Category.BAD_CONFIG, "--max-url-bytes"),
+    ("header limit", ["serve", "--max-header-bytes", "x"], {}, Category.BAD_CONFIG, "--max-header-bytes"),
+    ("header count", ["serve", "--max-headers", "0"], {}, Category.BAD_CONFIG, "--max-headers"),
+    ("timeout", ["serve", "--request-timeout", "0"], {}, Category.BAD_CONFIG, "--request-timeout"),
+    ("negative timeout", ["serve", "--request-timeout", "-1"], {}, Category.BAD_CONFIG, "--request-timeout"),
+    ("port flag", ["serve", "--port", "70000"], {}, Category.BAD_CONFIG, "--port"),
+    ("port zero", ["serve", "--port", "0"], {}, Category.BAD_CONFIG, "--port"),
+    ("instances", ["stack", "--instances", "0"], {}, Category.BAD_CONFIG, "--instances"),
+    ("unknown command", ["frobnicate"], {}, Category.BAD_CONFIG, "frobnicate"),
+    ("missing argument", ["score"], {}, Category.BAD_CONFIG, "file"),
+    ("no index", ["serve", "--index", "{tmp}/none.fsidx", "--references", "{tmp}/none.gz"], {},
+     Category.BAD_CONFIG, "{tmp}/none.fsidx"),
+    ("socket directory", ["serve", "--uds", "{tmp}/no/x.sock"], {}, Category.BAD_CONFIG, "--uds"),
+    ("socket over a file", ["serve", "--handoff", "{tmp}/a-file"], {}, Category.BAD_CONFIG, "--handoff"),
+    ("loadtest --out", ["loadtest", "--out", "{tmp}/a-file"], {}, Category.BAD_CONFIG, "--out {tmp}/a-file"),
+    ("missing file", ["eval", "--index", "{index}", "{tmp}/none.json"], {}, Category.BAD_INPUT,
+     "{tmp}/none.json"),
+    ("damaged gzip, score", ["score", "--index", "{index}", "{tmp}/damaged.json.gz"], {}, Category.BAD_INPUT,
+     "{tmp}/damaged.json.gz: damaged gzip data"),
+    ("damaged gzip, eval", ["eval", "--index", "{index}", "{tmp}/damaged.json.gz"], {}, Category.BAD_INPUT,
+     "{tmp}/damaged.json.gz: damaged gzip data"),
+    ("bad JSON line", ["eval", "--index", "{index}", "{tmp}/bad-line.jsonl"], {}, Category.BAD_INPUT,
+     "{tmp}/bad-line.jsonl: line 2"),
+    ("not test data", ["eval", "--index", "{index}", "{tmp}/payloads.json"], {}, Category.BAD_INPUT,
+     "{tmp}/payloads.json is not the contract's test data"),
+    ("empty file", ["score", "--index", "{index}", "{tmp}/empty.json"], {}, Category.BAD_INPUT,
+     "{tmp}/empty.json is empty"),
+    ("bad record", ["score", "--index", "{index}", "{tmp}/bad-record.json"], {}, Category.BAD_INPUT,
+     "at [1]: transaction must be an object"),
+    ("damaged index", ["index", "info", "--index", "{tmp}/damaged.fsidx"], {}, Category.BAD_INPUT,
+     "{tmp}/damaged.fsidx"),
+    ("damaged index, serve", ["serve", "--index", "{tmp}/damaged.fsidx"], {}, Category.BAD_INPUT,
+     "{tmp}/damaged.fsidx"),
+    ("bad constants", ["score", "--normalization", "{tmp}/normalization.json", "{tmp}/payloads.json"], {},
+     Category.BAD_INPUT, "{tmp}/normalization.json: max_amount must be a number, got 'lots'"),
+    ("port taken, serve", ["serve", "--index", "{index}", "--host", "127.0.0.1", "--port", "{port}"], {},
+     Category.TRANSIENT, "('127.0.0.1', {port})"),
+    ("port taken, balance", ["balance", "--upstream", "/x", "--host", "127.0.0.1", "--port", "{port}"], {},
+     Category.TRANSIENT, "('127.0.0.1', {port})"),
+    ("port taken, stack",
+     ["stack", "--index", "{index}", "--host", "127.0.0.1", "--port", "{port}", "--no-limits"], {},
+     Category.BAD_CONFIG, "('127.0.0.1', {port})"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "category", "names"), [c[1:] for c in SWEEP], ids=[c[0] for c in SWEEP]
+)
+def test_every_user_error_is_one_line_with_its_categorys_code(
+    args: list[str], env: dict[str, str], category: Category, names: str, sweep_files: dict[str, str]
+) -> None:
+    result = fraudscore(*[a.format(**sweep_files) for a in args], env=env)
+    line = error_line(result, category)  # no traceback, one line, the category's code, 1..127
+    assert names.format(**sweep_files) in line, line
