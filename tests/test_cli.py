@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fraudscore.cli import LOG_RECORD
 from fraudscore.errors import EXIT_CODES, Category
 
 from .conftest import DEV_DATA, INDEX_PATH, ROOT
@@ -41,10 +41,6 @@ def fraudscore(
         timeout=300,
         env={**os.environ, **(env or {})},
     )
-
-
-# A log record on stderr, as main() configures logging; anything else on stderr is a message.
-LOG_RECORD = re.compile(rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) ")
 
 
 def error_line(result: subprocess.CompletedProcess[bytes], category: Category) -> str:
@@ -196,6 +192,11 @@ def test_errors_are_one_clear_line(args: list[str], category: Category, message:
     assert message in error_line(fraudscore(*args), category)
 
 
+# Paths that are never there: no command may build an index or write anything at them.
+MISSING = "/nonexistent/fraudscore-test"
+NO_INDEX = ("--index", f"{MISSING}.fsidx", "--references", f"{MISSING}.json.gz")
+
+
 # -- main(): closed pipes, bugs, the environment, flags -----------------------------------------
 
 
@@ -241,13 +242,11 @@ def test_a_bad_port_variable_is_reported_when_it_matters(value: str) -> None:
     env = {"FRAUDSCORE_PORT": value}
     for command in ([], ["serve"], ["stack"], ["balance"]):  # --help works whatever the variable says
         assert fraudscore(*command, "--help", env=env).returncode == 0
-    result = fraudscore("serve", "--index", "/nonexistent.fsidx", env=env)
+    result = fraudscore("serve", *NO_INDEX, env=env)
     line = error_line(result, Category.BAD_CONFIG)
     assert line == f"fraudscore serve: FRAUDSCORE_PORT must be a port number 1-65535, got {value!r}"
     # a flag that makes the variable irrelevant makes its value irrelevant too
-    result = fraudscore(
-        "serve", "--port", "9", "--index", "/nonexistent.fsidx", "--references", "/no", env=env
-    )
+    result = fraudscore("serve", "--port", "9", *NO_INDEX, env=env)
     assert "no index at" in error_line(result, Category.BAD_CONFIG)
 
 
@@ -386,7 +385,7 @@ def test_serve_socket_paths_are_checked_before_the_index_is_opened(flag: str, tm
         (tmp_path / ("s" * 120), "longer than a unix socket path"),
     ]
     for path, says in cases:
-        result = fraudscore("serve", "--index", "/nonexistent.fsidx", flag, str(path))
+        result = fraudscore("serve", *NO_INDEX, flag, str(path))
         line = error_line(result, Category.BAD_CONFIG)
         assert line.startswith(f"fraudscore serve: {flag} {path}: ") and says in line
     assert a_file.read_text() == "keep me"  # the service replaces an old socket, never a file
@@ -435,8 +434,9 @@ SWEEP: list[tuple[str, list[str], dict[str, str], Category, str]] = [
     ("missing argument", ["score"], {}, Category.BAD_CONFIG, "file"),
     ("no index", ["serve", "--index", "{tmp}/none.fsidx", "--references", "{tmp}/none.gz"], {},
      Category.BAD_CONFIG, "{tmp}/none.fsidx"),
-    ("socket directory", ["serve", "--uds", "{tmp}/no/x.sock"], {}, Category.BAD_CONFIG, "--uds"),
-    ("socket over a file", ["serve", "--handoff", "{tmp}/a-file"], {}, Category.BAD_CONFIG, "--handoff"),
+    ("socket directory", ["serve", *NO_INDEX, "--uds", "{tmp}/no/x.sock"], {}, Category.BAD_CONFIG, "--uds"),
+    ("socket over a file", ["serve", *NO_INDEX, "--handoff", "{tmp}/a-file"], {}, Category.BAD_CONFIG,
+     "--handoff"),
     ("loadtest --out", ["loadtest", "--out", "{tmp}/a-file"], {}, Category.BAD_CONFIG, "--out {tmp}/a-file"),
     ("missing file", ["eval", "--index", "{index}", "{tmp}/none.json"], {}, Category.BAD_INPUT,
      "{tmp}/none.json"),

@@ -2,6 +2,11 @@
 
 Defaults can be set by environment: FRAUDSCORE_INDEX, FRAUDSCORE_REFERENCES, FRAUDSCORE_PORT,
 FRAUDSCORE_HOST, FRAUDSCORE_LOG_LEVEL.
+
+Errors: a command that fails prints one line, ``fraudscore <command>: <message>`` naming the
+file, field, flag or variable, and exits with ``errors.exit_code`` of its error's category
+(2 bad configuration or command line, 3 bad input, 4 transient, 5 a bug; ``eval`` exits 1 when
+answers differ).  Everything else on stderr is a log record (``LOG_FORMAT``).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import errno
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +48,9 @@ PORT_VARIABLE, FALLBACK_PORT = "FRAUDSCORE_PORT", 9999
 LOG_LEVEL_VARIABLE, FALLBACK_LOG_LEVEL = "FRAUDSCORE_LOG_LEVEL", "INFO"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MAX_PORT = 65535
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# A line LOG_FORMAT wrote (group 1: the level): what on stderr is a log record, not a message.
+LOG_RECORD = re.compile(rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ([A-Z]+) ")
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -511,9 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UsageError as exc:
             print(f"{prog}: {exc}", file=sys.stderr)
             return exit_code(exc)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT, stream=sys.stderr)
     func: Command = args.func
     try:
         status = func(args)

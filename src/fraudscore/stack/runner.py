@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import shutil
 import signal
 import socket
@@ -36,6 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Literal
 
+from fraudscore.cli import LOG_RECORD
 from fraudscore.errors import StackError, StackStopped
 from fraudscore.stack import proxies
 from fraudscore.stack.cgroups import Cgroup, CgroupManager
@@ -53,8 +53,6 @@ RESTART_LIMIT, RESTART_WINDOW = 5, 60.0
 # The delay before restarting: the first, doubled with each death in the window, up to the last.
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
 STDERR_TAIL_LINES = 5
-# A log record as ``cli.main`` formats it; a child's other stderr lines are its own messages.
-LOG_RECORD = re.compile(rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ([A-Z]+) ")
 
 
 def wait_ready(
