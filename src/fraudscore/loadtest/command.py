@@ -17,11 +17,9 @@ import argparse
 import logging
 import math
 import os
-import sys
 from pathlib import Path
 
 from fraudscore.defaults import PORT
-from fraudscore.errors import FraudscoreError
 from fraudscore.loadtest.profile import DURATION_S, START_RATE, TARGET_RATE, Profile
 
 DEFAULT_URL = f"http://localhost:{PORT}"
@@ -110,28 +108,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the load test as the options say; 0 when it ran (whatever the score), 1 when it could not."""
+    """Run the load test as the options say; 0 when it ran (whatever the score).  When it cannot,
+    its error goes up to the command line, which ends with the error's category's exit code."""
     # The run's code is imported here, not with the command: every `fraudscore` command registers
     # this one, and `fraudscore balance` should not load what reads test data and k6's results.
     from fraudscore.loadtest.driver import human_summary, load_test
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        result = load_test(
-            url=args.url,
-            data=Path(args.data),
-            profile=Profile(rate_multiplier=args.rate_multiplier, duration_s=args.duration),
-            out_dir=Path(args.out),
-            k6_binary=args.k6,
-            cycle=args.cycle,
-            draw_chart=not args.no_chart,
-        )
-    except (FraudscoreError, OSError) as exc:
-        print(f"fraudscore loadtest: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("fraudscore loadtest: interrupted", file=sys.stderr)
-        return 130
+    result = load_test(
+        url=args.url,
+        data=Path(args.data),
+        profile=Profile(rate_multiplier=args.rate_multiplier, duration_s=args.duration),
+        out_dir=Path(args.out),
+        k6_binary=args.k6,
+        cycle=args.cycle,
+        draw_chart=not args.no_chart,
+    )
     print(human_summary(result, Path(args.out)))
     return 0

@@ -13,7 +13,7 @@ from typing import Any
 
 from fraudscore.contract import testdata
 from fraudscore.contract.testdata import Entry
-from fraudscore.errors import DataFileError, LoadTestError
+from fraudscore.errors import DataFileError, LoadTestError, TransientError
 from fraudscore.loadtest import chart, k6, results
 from fraudscore.loadtest.contest import detection_score, final_score, p99_score
 from fraudscore.loadtest.profile import MAX_VUS, Profile
@@ -121,7 +121,7 @@ def check_url(url: str, timeout_s: float = 3.0) -> None:
         pass
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        raise LoadTestError(f"the service does not answer at {url}: {reason}") from None
+        raise TransientError(f"the service does not answer at {url}: {reason}") from None
 
 
 # --- reporting ----------------------------------------------------------------------------------------

