@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from fraudscore.errors import FraudscoreError, UsageError
+from fraudscore.stream import cli as stream_cli
 
 log = logging.getLogger("fraudscore")
 
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     _register_optional(sub)
+    stream_cli.register(sub)
     return parser
 
 

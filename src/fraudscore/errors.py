@@ -10,6 +10,7 @@ score) and retries ``TRANSIENT`` (the next try may work)::
     │   ├── ReferenceDataError          the reference file is malformed
     │   ├── IndexFormatError            an index file that is damaged, truncated or of another version
     │   ├── DataFileError               a data file (constants, test data, payloads) missing or malformed
+    │   ├── EventError                  a stream event that cannot be used (dead-lettered)
     │   └── LoadTestError               k6's results cannot be read
     ├── ConfigError                     BAD_CONFIG: a flag, variable or setting that cannot work
     │   ├── UsageError                  a command line that cannot be carried out as given
@@ -84,6 +85,10 @@ class IndexFormatError(BadInputError):
 
 class DataFileError(BadInputError):
     """A data file (normalization, MCC risk, test data, payloads) that is missing or malformed."""
+
+
+class EventError(BadInputError):
+    """A raw stream event that is malformed; the message names the field.  It is dead-lettered."""
 
 
 class LoadTestError(BadInputError):
