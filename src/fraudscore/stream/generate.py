@@ -70,7 +70,7 @@ def generate(
             range(merchants),
             key=lambda m: (shops[m].location.lat - home.lat) ** 2 + (shops[m].location.lon - home.lon) ** 2,
         )
-        favourites = tuple(rng.sample(nearby[:20], rng.randint(2, 6)))
+        favourites = tuple(rng.sample(nearby[:20], min(merchants, rng.randint(2, 6))))
         typical = int(100 * math.exp(rng.uniform(math.log(10), math.log(800))))
         people.append(Customer(f"C-{c:05d}", home, favourites, typical))
     seen: set[str] = set()
