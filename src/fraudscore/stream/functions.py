@@ -14,7 +14,8 @@ presumed dead) cannot apply, read or claim anything after its successor took ove
                 change.  A repeat (redelivery or duplicate publish) returns the state stored
                 with the first application, so it gets the same features; ``!done`` once the
                 event's result is written.
-- ``fs_result`` writes an event's result unless its record says it was written, then XACKs.
+- ``fs_results`` for each event of a batch: writes its result unless its record says it was
+                written, then XACKs its entry.
 - ``fs_dead``   XACKs a pending entry and, only if it was still pending, dead-letters it.
 - ``fs_trim``   trims the events stream below the oldest entry some group has not acknowledged.
 
@@ -108,15 +109,28 @@ local function apply(keys, args)
   return pre
 end
 
--- KEYS: record, results, events; ARGV: group, entry id, results maxlen, record ttl s, field, value, ...
-local function result(keys, args)
-  if redis.call('HEXISTS', keys[1], 'res') == 0 then
-    local id = redis.call('XADD', keys[2], 'MAXLEN', '~', args[3], '*', unpack(args, 5))
-    redis.call('HSET', keys[1], 'res', id)
-    redis.call('HDEL', keys[1], 'pre')
-    redis.call('EXPIRE', keys[1], args[4])
+-- KEYS: results, events, the record of each event
+-- ARGV: group, results maxlen, record ttl s, k, k field names, then per event: entry id, k values
+local function results(keys, args)
+  local k = tonumber(args[4])
+  local pos = 5 + k
+  local acked = 0
+  for e = 3, #keys do
+    if redis.call('HEXISTS', keys[e], 'res') == 0 then
+      local fields = {}
+      for i = 1, k do
+        fields[2 * i - 1] = args[4 + i]
+        fields[2 * i] = args[pos + i]
+      end
+      local id = redis.call('XADD', keys[1], 'MAXLEN', '~', args[2], '*', unpack(fields))
+      redis.call('HSET', keys[e], 'res', id)
+      redis.call('HDEL', keys[e], 'pre')
+      redis.call('EXPIRE', keys[e], args[3])
+    end
+    acked = acked + redis.call('XACK', keys[2], args[1], args[pos])
+    pos = pos + 1 + k
   end
-  return redis.call('XACK', keys[3], args[1], args[2])
+  return acked
 end
 
 -- KEYS: dead, events; ARGV: group, entry id, dead maxlen, field, value, ...
@@ -152,7 +166,7 @@ redis.register_function('fs_lease', lease)
 redis.register_function('fs_read', read)
 redis.register_function('fs_claim', claim)
 redis.register_function('fs_apply', apply)
-redis.register_function('fs_result', result)
+redis.register_function('fs_results', results)
 redis.register_function('fs_dead', dead)
 redis.register_function('fs_trim', trim)
 """

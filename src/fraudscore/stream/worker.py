@@ -17,8 +17,8 @@ entries are thus reclaimed once its lease has been idle for ``claim_idle_ms``.
 dead-letter the malformed ones, those delivered more than ``max_deliveries`` times and those
 routed to the wrong partition; one pipelined ``fs_apply`` per event (idempotent by event id,
 returning the state before the event); build each payload and vector exactly as ``/fraud-score``
-does; score them in one ``scorer.scores`` call; one pipelined ``fs_result`` per event (the
-result is written once per event id, and the entry is acknowledged in the same call).  A kill
+does; score them in one ``scorer.scores`` call; one ``fs_results`` call for the batch (each
+result is written once per event id, and its entry acknowledged in the same atomic call).  A kill
 between any two steps leaves the entries pending, and the next owner redoes the batch with the
 same features, so it writes the results that are missing and no others.  An event whose state
 was applied but which is dead-lettered after too many deliveries keeps its state change.
@@ -428,34 +428,27 @@ class Worker:
         scored_at = iso_ms(int(time.time() * 1000))
 
         pipe = self.r.pipeline(transaction=False)
-        for (entry_id, event, payload), score in zip(scored, scores, strict=True):
-            fields = (
-                event.event_id,
-                entry_id,
-                "true" if self.scorer.approves(score) else "false",
-                repr(score),
-                self.scorer_name,
-                iso_ms(event.time_ms),
-                iso_ms(int(entry_id.split(b"-")[0])),
-                scored_at,
-                orjson.dumps(payload),
-            )
-            args: list[Any] = [c.group, entry_id, c.results_maxlen, c.record_ttl_s]
-            for name, value in zip(RESULT_FIELDS, fields, strict=True):
-                args += [name, value]
-            pipe.fcall("fs_result", 3, keys.record(event.event_id), keys.results, keys.events, *args)
-        for entry_id, event in done:
-            pipe.fcall(
-                "fs_result",
-                3,
-                keys.record(event.event_id),
-                keys.results,
-                keys.events,
-                c.group,
-                entry_id,
-                0,
-                0,
-            )
+        if scored or done:
+            records: list[str] = []
+            args: list[Any] = [c.group, c.results_maxlen, c.record_ttl_s, len(RESULT_FIELDS), *RESULT_FIELDS]
+            for (entry_id, event, payload), score in zip(scored, scores, strict=True):
+                records.append(keys.record(event.event_id))
+                args += (
+                    entry_id,
+                    event.event_id,
+                    entry_id,
+                    "true" if self.scorer.approves(score) else "false",
+                    repr(score),
+                    self.scorer_name,
+                    payload["transaction"]["requested_at"],
+                    iso_ms(int(entry_id.split(b"-")[0])),
+                    scored_at,
+                    orjson.dumps(payload),
+                )
+            for entry_id, event in done:  # their results exist: only the acknowledgement is missing
+                records.append(keys.record(event.event_id))
+                args += (entry_id, *[""] * len(RESULT_FIELDS))
+            pipe.fcall("fs_results", 2 + len(records), keys.results, keys.events, *records, *args)
         now = iso_ms(int(time.time() * 1000))
         for d in dead:
             pipe.fcall(
