@@ -347,12 +347,17 @@ def test_the_events_stream_is_trimmed_only_below_what_every_group_acknowledged(
     client.xgroup_create(keys.events, "audit", id="0")
     publish(client, raws, 1)
     run_worker(client, scorer, 1, claim_idle_ms=300)
-    assert client.fcall("fs_trim", 1, keys.events) == 0  # "audit" has read nothing
+    assert client.fcall("fs_trim", 1, keys.events, 10**9) == 0  # "audit" has read nothing
     assert client.xlen(keys.events) == 50
     read = client.xreadgroup("audit", "a", {keys.events: ">"}, count=20)[0][1]
     client.xack(keys.events, "audit", *[entry for entry, _ in read[:15]])
-    assert client.fcall("fs_trim", 1, keys.events) == 15  # 15-19 are still pending for "audit"
+    assert client.fcall("fs_trim", 1, keys.events, 10**9) == 15  # 15-19 are still pending for "audit"
     assert client.xrange(keys.events, count=1)[0][0] == read[15][0]
+    # idle consumers with nothing pending are forgotten; "a" has entries pending
+    time.sleep(0.05)
+    client.fcall("fs_trim", 1, keys.events, 10)
+    assert [c["name"] for c in client.xinfo_consumers(keys.events, GROUP)] == []
+    assert [c["name"] for c in client.xinfo_consumers(keys.events, "audit")] == [b"a"]
 
 
 # -- worker processes, the command line -------------------------------------------------------

@@ -17,7 +17,8 @@ presumed dead) cannot apply, read or claim anything after its successor took ove
 - ``fs_results`` for each event of a batch: writes its result unless its record says it was
                 written, then XACKs its entry.
 - ``fs_dead``   XACKs a pending entry and, only if it was still pending, dead-letters it.
-- ``fs_trim``   trims the events stream below the oldest entry some group has not acknowledged.
+- ``fs_trim``   trims the events stream below the oldest entry some group has not acknowledged,
+                and forgets idle consumers that have nothing pending.
 
 Amounts are integer cents (HINCRBY, exact) and coordinates and times are stored as the strings
 the worker sent, never turned into Lua numbers, so the state reads back bit for bit.
@@ -147,7 +148,8 @@ local function older(a, b)
   return am < bm or (am == bm and as < bs)
 end
 
--- KEYS: events -> entries trimmed
+-- KEYS: events; ARGV: idle ms -> entries trimmed.  Also forgets consumers idle that long with
+-- nothing pending (each worker process is a new consumer; a reader recreates its own).
 local function trim(keys, args)
   if redis.call('EXISTS', keys[1]) == 0 then return 0 end
   local floor = nil
@@ -157,6 +159,13 @@ local function trim(keys, args)
     local mark = info['last-delivered-id']
     if info['pending'] > 0 then mark = redis.call('XPENDING', keys[1], info['name'])[2] end
     if floor == nil or older(mark, floor) then floor = mark end
+    for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', keys[1], info['name'])) do
+      local consumer = {}
+      for i = 1, #c, 2 do consumer[c[i]] = c[i + 1] end
+      if consumer['pending'] == 0 and consumer['idle'] > tonumber(args[1]) then
+        redis.call('XGROUP', 'DELCONSUMER', keys[1], info['name'], consumer['name'])
+      end
+    end
   end
   if floor == nil then return 0 end
   return redis.call('XTRIM', keys[1], 'MINID', floor)

@@ -87,6 +87,8 @@ RESULT_FIELDS = (
     "payload",  # the contract payload that was scored (JSON)
 )
 TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError)  # BusyLoadingError is a ConnectionError
+# error replies that say "not now" (out of memory, a busy script, a replica, a cluster resharding)
+TRANSIENT_REPLIES = ("OOM", "BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "READONLY", "CLUSTERDOWN")
 MAX_BACKOFF_S = 2.0
 
 
@@ -278,10 +280,15 @@ class Worker:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
             except redis.ResponseError as exc:
-                if "function not found" not in str(exc).lower():
+                if "function not found" in str(exc).lower():
+                    log.warning("redis lost the function library (%s): loading it again", exc)
+                    prepared = False
+                elif str(exc).startswith(TRANSIENT_REPLIES):
+                    log.warning("redis: %s; retrying in %.2f s", exc, backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+                else:
                     raise
-                log.warning("redis lost the function library (%s): loading it again", exc)
-                prepared = False
                 for part in self.owned.values():
                     part.recovering, part.cursor = True, "0-0"
         self.release_all()
@@ -331,7 +338,7 @@ class Worker:
                     if len(self.owned) >= fair:
                         break
         for part in self.owned.values():
-            self.r.fcall("fs_trim", 1, part.keys.events)
+            self.r.fcall("fs_trim", 1, part.keys.events, c.claim_idle_ms)
 
     # -- one batch ------------------------------------------------------------------------
 
@@ -342,7 +349,7 @@ class Worker:
         entries: Sequence[Any] = []
         try:
             if part.recovering:
-                cursor, entries, rows, _deleted = self.r.fcall(
+                cursor, entries, rows, deleted = self.r.fcall(
                     "fs_claim",
                     2,
                     keys.lease,
@@ -357,6 +364,10 @@ class Worker:
                 if part.cursor == "0-0":
                     part.recovering = False
                 deliveries = {row[0]: int(row[3]) for row in rows}
+                if deleted:  # only an XDEL or XTRIM from outside can do that: fs_trim keeps pending entries
+                    log.error(
+                        "partition %d: %d pending entries were deleted unscored", keys.index, len(deleted)
+                    )
             else:
                 reply = self.r.fcall(
                     "fs_read", 2, keys.lease, keys.events, self.token, c.group, self.token, c.batch
