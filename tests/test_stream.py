@@ -338,6 +338,23 @@ def test_duplicates_and_too_many_deliveries(client: redis.Redis, scorer: Any) ->
     assert_matches_replay(client, raws[1:], 1)  # repeats are no-ops; the dead one was never applied
 
 
+def test_the_caps_on_state_hold_in_redis_as_in_the_replay(client: redis.Redis, scorer: Any) -> None:
+    # 260 events of one customer within 24 h, at 70 merchants: both caps are reached
+    events = [
+        _event(n, "A", f"M{n % 70}", T0 + n * 60_000, 100 + n, customer_home=Point(-23.5, -46.6))
+        for n in range(260)
+    ]
+    raws = [raw(e) for e in events]
+    prepare(client, 1)
+    publish(client, raws, 1)
+    run_worker(client, scorer, 1, batch=32, claim_idle_ms=300)
+    assert_matches_replay(client, raws, 1)
+    payloads = results(client, 1)
+    assert payloads[(0, "e259")][0]["customer"]["tx_count_24h"] == 200
+    assert len(payloads[(0, "e259")][0]["customer"]["known_merchants"]) == 50
+    assert client.zcard(PartitionKeys(0).window("A")) == 200
+
+
 def test_the_events_stream_is_trimmed_only_below_what_every_group_acknowledged(
     client: redis.Redis, scorer: Any
 ) -> None:
@@ -464,7 +481,7 @@ def test_kills_of_workers_and_redis_change_no_feature(index_path: Path) -> None:
     deadline = time.monotonic() + 240
     try:
         while True:
-            time.sleep(rng.uniform(0.5, 2.5))
+            time.sleep(rng.uniform(1.0, 3.0))
             try:
                 done = sum(client.xlen(PartitionKeys(i).results) for i in range(partitions))
             except redis.ConnectionError:

@@ -73,37 +73,43 @@ end
 
 -- KEYS: lease, record, customer, window, known, merchant
 -- ARGV: token, event id, time ms, cents, merchant id, lat, lon, home lat, home lon ('' = none),
---       window low (time - window), window rank to trim to, known rank to trim to, state ttl s, record ttl s
+--       window low (time - window), window rank to trim to, known merchants cap, state ttl s, record ttl s
 local function apply(keys, args)
   if not holds(keys[1], args[1]) then return redis.error_reply(lost) end
-  local seen = redis.call('HGET', keys[2], 'pre')
-  if seen then return seen end
-  if redis.call('HEXISTS', keys[2], 'res') == 1 then return '!done' end
+  local seen = redis.call('HMGET', keys[2], 'pre', 'res')
+  if seen[1] then return seen[1] end
+  if seen[2] then return '!done' end
   local c = redis.call('HMGET', keys[3], 'n', 'sum', 't', 'lat', 'lon', 'hlat', 'hlon')
   redis.call('ZREMRANGEBYSCORE', keys[4], '-inf', '(' .. args[10])
   local m = redis.call('HMGET', keys[6], 'n', 'sum')
+  local known = redis.call('ZREVRANGE', keys[5], 0, -1)
   local pre = cjson.encode({
     n = c[1] or '0', sum = c[2] or '0', t = c[3] or '', lat = c[4] or '', lon = c[5] or '',
     hlat = c[6] or '', hlon = c[7] or '',
     w = redis.call('ZCOUNT', keys[4], args[10], args[3]),
-    k = redis.call('ZREVRANGE', keys[5], 0, -1),
+    k = known,
     mn = m[1] or '0', msum = m[2] or '0',
   })
   redis.call('HSET', keys[2], 'pre', pre)
   redis.call('EXPIRE', keys[2], args[14])
 
-  local n = redis.call('HINCRBY', keys[3], 'n', 1)
-  redis.call('HINCRBY', keys[3], 'sum', args[4])
-  redis.call('HSET', keys[3], 't', args[3], 'lat', args[6], 'lon', args[7])
+  -- the event count stays far below 2^53, so Lua's number formatting keeps it exact; the sum of
+  -- cents need not, so Redis adds it (HINCRBY)
+  local n = (tonumber(c[1]) or 0) + 1
+  local hlat, hlon = c[6], c[7]
   if args[8] ~= '' then
-    redis.call('HSET', keys[3], 'hlat', args[8], 'hlon', args[9])
-  elseif not c[6] then
-    redis.call('HSET', keys[3], 'hlat', args[6], 'hlon', args[7])
+    hlat, hlon = args[8], args[9]
+  elseif not hlat then
+    hlat, hlon = args[6], args[7]
   end
+  redis.call('HSET', keys[3], 'n', n, 't', args[3], 'lat', args[6], 'lon', args[7], 'hlat', hlat, 'hlon', hlon)
+  redis.call('HINCRBY', keys[3], 'sum', args[4])
   redis.call('ZADD', keys[4], args[3], args[2])
   redis.call('ZREMRANGEBYRANK', keys[4], 0, args[11])
   redis.call('ZADD', keys[5], n, args[5])
-  redis.call('ZREMRANGEBYRANK', keys[5], 0, args[12])
+  if #known >= tonumber(args[12]) then  -- at the cap: one more may have come in
+    redis.call('ZREMRANGEBYRANK', keys[5], 0, -(tonumber(args[12]) + 1))
+  end
   redis.call('HINCRBY', keys[6], 'n', 1)
   redis.call('HINCRBY', keys[6], 'sum', args[4])
   for i = 3, 6 do redis.call('EXPIRE', keys[i], args[13]) end

@@ -185,7 +185,7 @@ def _apply_call(keys: PartitionKeys, token: str, event: Event, config: WorkerCon
         "" if home is None else repr(home.lon),
         event.time_ms - WINDOW_MS,
         -(WINDOW_CAP + 1),
-        -(KNOWN_MERCHANTS_CAP + 1),
+        KNOWN_MERCHANTS_CAP,
         config.state_ttl_s,
         config.record_ttl_s,
     ]
