@@ -102,7 +102,8 @@ local function apply(keys, args)
   elseif not hlat then
     hlat, hlon = args[6], args[7]
   end
-  redis.call('HSET', keys[3], 'n', n, 't', args[3], 'lat', args[6], 'lon', args[7], 'hlat', hlat, 'hlon', hlon)
+  redis.call('HSET', keys[3], 'n', n, 't', args[3], 'lat', args[6], 'lon', args[7],
+    'hlat', hlat, 'hlon', hlon)
   redis.call('HINCRBY', keys[3], 'sum', args[4])
   redis.call('ZADD', keys[4], args[3], args[2])
   redis.call('ZREMRANGEBYRANK', keys[4], 0, args[11])
