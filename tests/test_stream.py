@@ -481,7 +481,7 @@ def test_kills_of_workers_and_redis_change_no_feature(index_path: Path) -> None:
     deadline = time.monotonic() + 240
     try:
         while True:
-            time.sleep(rng.uniform(1.0, 3.0))
+            time.sleep(rng.uniform(1.5, 3.5))
             try:
                 done = sum(client.xlen(PartitionKeys(i).results) for i in range(partitions))
             except redis.ConnectionError:
