@@ -3,7 +3,8 @@
 A raw event is one JSON object; the producer puts its bytes in the ``event`` field of a stream
 entry.  Its fields (anything else is ignored)::
 
-    event_id            string, 1-128 chars     unique per customer: the idempotency key
+    event_id            string, 1-128 chars     the idempotency key: an id seen before in the
+                                                partition is a repeat of that event
     customer_id         string, 1-128 chars     decides the partition (``keys.partition_of``)
     amount              number >= 0, whole cents, < 1e10
     installments        integer >= 0

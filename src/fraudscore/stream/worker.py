@@ -42,6 +42,7 @@ import random
 import secrets
 import signal
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -246,8 +247,9 @@ class Worker:
 
     def run(self, max_idle_s: float | None = None) -> None:
         """Work until ``stop`` (or, with ``max_idle_s``, until nothing came for that long)."""
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+        if threading.current_thread() is threading.main_thread():  # only there can Python take signals
+            signal.signal(signal.SIGTERM, self.stop)
+            signal.signal(signal.SIGINT, self.stop)
         backoff = 0.05
         idle_since = time.monotonic()
         prepared = False
