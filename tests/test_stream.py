@@ -425,6 +425,28 @@ def test_cli_workers_score_published_events_and_stop_on_sigterm(
     assert client.keys("*:lease") == []  # released on the way out, not left to expire
 
 
+def test_sigterm_finishes_the_batch_in_hand(
+    client: redis.Redis, shared_redis: RedisProcess, index_path: Path
+) -> None:
+    raws = [raw(e) for e in generate(20000, customers=400, seed=6)]
+    prepare(client, 2)
+    publish(client, raws, 2)
+    worker = subprocess.Popen(_worker_argv(shared_redis.url, index_path, 2, "--batch", "200"))
+    try:
+        _wait_for_results(client, 2, 1000, timeout=60)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+    assert worker.returncode == 0
+    scored = results(client, 2)
+    assert 1000 <= len(scored) < 20000
+    for i in range(2):  # nothing left pending: the batch in hand was scored and acknowledged
+        assert client.xpending(PartitionKeys(i).events, GROUP)["pending"] == 0
+    expected = replay(raws, 2)
+    assert all(v == [expected[key]] for key, v in scored.items())
+    assert client.keys("*:lease") == []
+
+
 def test_cli_errors_are_one_line(shared_redis: RedisProcess) -> None:
     run = [sys.executable, "-m", "fraudscore.cli"]
     bad_url = subprocess.run([*run, "worker", "--redis", "http://x"], capture_output=True, text=True)
