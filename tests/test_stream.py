@@ -35,6 +35,7 @@ from fraudscore.stream.events import (
 )
 from fraudscore.stream.generate import generate, malformed, raw
 from fraudscore.stream.keys import GROUP, PartitionKeys
+from fraudscore.stream.monitor import snapshot
 from fraudscore.stream.produce import publish
 from fraudscore.stream.replay import Replay, replay
 from fraudscore.stream.worker import Worker, WorkerConfig, _apply_call, connect, prepare
@@ -243,7 +244,9 @@ def test_malformed_events_name_their_field() -> None:
 # -- one worker, in this process --------------------------------------------------------------
 
 
-def test_worker_matches_replay_and_dead_letters_malformed_events(client: redis.Redis, scorer: Any) -> None:
+def test_worker_matches_replay_and_dead_letters_malformed_events(
+    client: redis.Redis, scorer: Any, shared_redis: RedisProcess
+) -> None:
     partitions = 3
     raws = [raw(e) for e in generate(3000, customers=100, merchants=40, seed=1)]
     bad = malformed(customer_id="C-00007")
@@ -266,6 +269,25 @@ def test_worker_matches_replay_and_dead_letters_malformed_events(client: redis.R
         assert fields[b"scorer"].startswith(b"knn:knn:")
         assert fields[b"approved"] in (b"true", b"false")
         assert float(fields[b"fraud_score"]) in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+    # the monitor's counters say the same, from Redis alone
+    now = snapshot(client, partitions)
+    assert now.total("published") == len(raws) and now.total("scored") == 3000
+    assert now.total("dead") == len(bad) + 1
+    assert now.total("pending") == 0 and now.total("lag") == 0
+    assert [p.owner for p in now.partitions] == [None] * partitions  # released on the way out
+    assert now.sampled == 3 * 100 and min(now.latencies_ms) >= 0
+    monitor = [sys.executable, "-m", "fraudscore.cli", "monitor", "--redis", shared_redis.url]
+    shown = subprocess.run(
+        [*monitor, "--partitions", str(partitions), "--count", "2", "--interval", "0.1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    first, second = shown.stdout.splitlines()
+    assert first.startswith(f"published {len(raws)}, scored 3000; dead 12; pending 0, lag 0; owned 0/3")
+    assert second.startswith("published 0/s, scored 0/s")
 
 
 def _ghost_reads_and_applies(client: redis.Redis, partitions: int, batch: int) -> int:

@@ -6,8 +6,9 @@
 - ``worker``     the worker loop (leases, recovery, batches, dead letters, retries)
 - ``produce``    publishing raw events to their partition streams
 - ``replay``     the single-threaded oracle the workers must agree with
+- ``monitor``    rates, backlog, latency and approvals, read from Redis
 - ``generate``   a small deterministic event generator
-- ``cli``        ``fraudscore worker`` and ``fraudscore publish``
+- ``cli``        ``fraudscore worker``, ``publish`` and ``monitor``
 
 README.md beside this file describes the design and lists every key.
 """

@@ -1,4 +1,4 @@
-"""The stream commands: ``fraudscore worker`` and ``fraudscore publish``.
+"""The stream commands: ``fraudscore worker``, ``fraudscore publish`` and ``fraudscore monitor``.
 
 ``register(subparsers)`` adds them to the main parser (``fraudscore.cli``).  Redis and the
 worker's modules are imported only when a stream command runs, so other commands start as fast
@@ -58,7 +58,7 @@ def _add_redis_options(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``worker`` and ``publish`` to the command line's subparsers."""
+    """Add ``worker``, ``publish`` and ``monitor`` to the command line's subparsers."""
     from fraudscore.cli import DEFAULT_INDEX, DEFAULT_REFERENCES
 
     w = subparsers.add_parser(
@@ -105,6 +105,19 @@ def register(subparsers: Any) -> None:
     source.add_argument("--generate", type=_positive, metavar="N", help="publish N generated events instead")
     p.add_argument("--seed", type=int, default=0, help="the generator's seed (default: %(default)s)")
     p.set_defaults(func=cmd_publish)
+
+    m = subparsers.add_parser(
+        "monitor",
+        help="print the pipeline's rates, backlog, latency and approvals, once per interval",
+        description="One line per interval, read from Redis: events published and scored per second, "
+        "dead letters, pending and undelivered entries, partitions owned, enqueue-to-scored latency "
+        "of the newest results, and the share approved.",
+    )
+    _add_redis_options(m)
+    m.add_argument("--interval", type=float, default=1.0, help="seconds between lines (default: %(default)s)")
+    m.add_argument("--count", type=_positive, help="stop after this many lines (default: never)")
+    m.add_argument("--group", default="scorers", help="consumer group (default: %(default)s)")
+    m.set_defaults(func=cmd_monitor)
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -206,3 +219,25 @@ def cmd_publish(args: argparse.Namespace) -> int:
         raise TransientError(f"--redis {args.redis or _redis_url()}: {exc}") from None
     print(f"published {count} events to {args.partitions} partitions")
     return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from fraudscore.stream.monitor import line, snapshot
+    from fraudscore.stream.worker import TRANSIENT_ERRORS
+
+    if not args.interval > 0:
+        raise UsageError(f"--interval must be positive, got {args.interval}")
+    client = _client(args)
+    previous = None
+    printed = 0
+    while True:
+        try:
+            current = snapshot(client, args.partitions, args.group)
+        except TRANSIENT_ERRORS as exc:
+            raise TransientError(f"--redis {args.redis or _redis_url()}: {exc}") from None
+        print(line(previous, current), flush=True)
+        printed += 1
+        if args.count is not None and printed >= args.count:
+            return 0
+        previous = current
+        time.sleep(args.interval)
