@@ -33,7 +33,7 @@ from fraudscore.stream.events import (
     build_payload,
     parse_event,
 )
-from fraudscore.stream.generate import generate, malformed, raw
+from fraudscore.stream.generate import RateShape, generate, malformed, raw
 from fraudscore.stream.keys import GROUP, PartitionKeys
 from fraudscore.stream.monitor import snapshot
 from fraudscore.stream.produce import publish
@@ -239,6 +239,20 @@ def test_malformed_events_name_their_field() -> None:
     assert parse_event(raw(good)) == good
     first = build_payload(good, PreState(0, 0, None, None, None, 0, (), 0, 0))
     assert first["customer"]["avg_amount"] == first["transaction"]["amount"]
+
+
+@pytest.mark.parametrize(
+    ("shape", "first_second", "whole_period"),
+    [("constant", 100, 1000), ("burst", 100, 190), ("ramp", 14, 550), ("wave", 13, 550)],
+)
+def test_rate_shapes_send_their_integral(shape: str, first_second: int, whole_period: int) -> None:
+    due = RateShape(shape, 100.0, period=10.0).schedule(3000)
+    assert due == sorted(due) and due[0] == 0.0
+    assert sum(t < 1.0 for t in due) == pytest.approx(first_second, abs=1)
+    assert sum(t < 10.0 for t in due) == pytest.approx(whole_period, abs=1)
+    assert sum(10.0 <= t < 20.0 for t in due) == pytest.approx(whole_period, abs=1)  # periodic
+    with pytest.raises(ValueError, match="shape"):
+        RateShape("square", 1.0)
 
 
 # -- one worker, in this process --------------------------------------------------------------
@@ -467,6 +481,30 @@ def test_sigterm_finishes_the_batch_in_hand(
     expected = replay(raws, 2)
     assert all(v == [expected[key]] for key, v in scored.items())
     assert client.keys("*:lease") == []
+
+
+def test_paced_publishing_sends_every_event_in_order(client: redis.Redis, shared_redis: RedisProcess) -> None:
+    run = [
+        sys.executable,
+        "-m",
+        "fraudscore.cli",
+        "publish",
+        "--redis",
+        shared_redis.url,
+        "--partitions",
+        "2",
+    ]
+    paced = [*run, "--generate", "300", "--rate", "2000", "--shape", "burst", "--period", "0.5"]
+    out = subprocess.run(paced, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    sent = [fields[b"event"] for i in range(2) for _, fields in client.xrange(PartitionKeys(i).events)]
+    raws = [raw(e) for e in generate(300)]
+    assert sorted(sent) == sorted(raws)
+    for i in range(2):  # each partition's stream holds its events in the generator's order
+        stream = [fields[b"event"] for _, fields in client.xrange(PartitionKeys(i).events)]
+        assert stream == [r for r in raws if r in set(stream)]
+    bad = subprocess.run([*run, "--generate", "3", "--rate", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--rate" in bad.stderr
 
 
 def test_cli_errors_are_one_line(shared_redis: RedisProcess) -> None:

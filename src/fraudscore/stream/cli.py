@@ -104,6 +104,14 @@ def register(subparsers: Any) -> None:
     source.add_argument("file", nargs="?", help="JSON lines of raw events; - for stdin")
     source.add_argument("--generate", type=_positive, metavar="N", help="publish N generated events instead")
     p.add_argument("--seed", type=int, default=0, help="the generator's seed (default: %(default)s)")
+    p.add_argument("--rate", type=float, help="events per second at the peak (default: as fast as possible)")
+    p.add_argument(
+        "--shape",
+        choices=["constant", "ramp", "burst", "wave"],
+        default="constant",
+        help="how the rate varies over each period; never below a tenth of --rate (default: %(default)s)",
+    )
+    p.add_argument("--period", type=float, default=60.0, help="seconds per period of --shape (default: 60)")
     p.set_defaults(func=cmd_publish)
 
     m = subparsers.add_parser(
@@ -197,7 +205,7 @@ def _supervise(args: argparse.Namespace, index: Path) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from fraudscore.stream.produce import publish
+    from fraudscore.stream.produce import publish, publish_paced
     from fraudscore.stream.worker import TRANSIENT_ERRORS, prepare
 
     client = _client(args)
@@ -212,9 +220,20 @@ def cmd_publish(args: argparse.Namespace) -> int:
             raws = [line.strip() for line in Path(args.file).read_bytes().splitlines() if line.strip()]
         except OSError as exc:
             raise UsageError(f"{args.file}: {exc.strerror}") from None
+    shape = None
+    if args.rate is not None:
+        from fraudscore.stream.generate import RateShape
+
+        try:
+            shape = RateShape(args.shape, args.rate, args.period)
+        except ValueError as exc:
+            raise UsageError(f"--rate/--period: {exc}") from None
     try:
         prepare(client, args.partitions)
-        count = publish(client, raws, args.partitions)
+        if shape is None:
+            count = publish(client, raws, args.partitions)
+        else:
+            count = publish_paced(client, raws, args.partitions, shape)
     except TRANSIENT_ERRORS as exc:
         raise TransientError(f"--redis {args.redis or _redis_url()}: {exc}") from None
     print(f"published {count} events to {args.partitions} partitions")

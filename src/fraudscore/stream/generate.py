@@ -5,6 +5,11 @@ around a few Brazilian cities and mostly buy from their favourite merchants, nea
 purchases are online, some far from home.  Event times are whole seconds apart (sometimes
 zero: ties happen), so a customer's 24 h window fills and empties as the stream goes on.
 ``malformed`` gives raw events that must be dead-lettered, one of each kind of mistake.
+
+``RateShape`` says how fast a producer sends them (events per second of wall-clock time, which
+has nothing to do with the events' own times): constant, a ramp, bursts or a wave, repeating
+every ``period`` seconds and never below a tenth of the peak.  ``RateShape.schedule(n)`` gives
+the moment, from the start, at which each of n events is due.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ CITIES = (
 )
 MCCS = ("5411", "5812", "5912", "5944", "7801", "7802", "7995", "4511", "5311", "5999")
 START_MS = 1_773_187_200_000  # 2026-03-11T00:00:00Z
+SHAPES = ("constant", "ramp", "burst", "wave")
+FLOOR = 0.1  # every shape's lowest rate, as a share of its peak
+BURST_SHARE = 0.1  # of each period a burst lasts
 
 
 @dataclass(frozen=True)
@@ -142,3 +150,54 @@ def malformed(customer_id: str = "C-00000") -> list[tuple[bytes, str]]:
         (variant(is_online="no"), "is_online"),
         (variant(merchant_id=""), "merchant_id"),
     ]
+
+
+@dataclass(frozen=True)
+class RateShape:
+    """A publishing rate over wall-clock time: ``peak`` events/s at most, periodic.
+
+    >>> [RateShape("burst", 100.0, period=10.0).rate_at(t) for t in (0.5, 5.0, 10.5)]
+    [100.0, 10.0, 100.0]
+    >>> [round(RateShape("ramp", 100.0, period=10.0).rate_at(t)) for t in (0.0, 5.0, 9.999)]
+    [10, 55, 100]
+    """
+
+    shape: str
+    peak: float
+    period: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"rate shape must be one of {', '.join(SHAPES)}, not {self.shape!r}")
+        if not (self.peak > 0 and self.period > 0 and math.isfinite(self.peak * self.period)):
+            raise ValueError("the rate and its period must be positive")
+
+    def rate_at(self, t: float) -> float:
+        """Events per second due at ``t`` seconds from the start."""
+        phase = (t % self.period) / self.period
+        if self.shape == "ramp":
+            share = FLOOR + (1 - FLOOR) * phase
+        elif self.shape == "burst":
+            share = 1.0 if phase < BURST_SHARE else FLOOR
+        elif self.shape == "wave":
+            share = FLOOR + (1 - FLOOR) * (0.5 - 0.5 * math.cos(2 * math.pi * phase))
+        else:
+            share = 1.0
+        return self.peak * share
+
+    def schedule(self, n: int) -> list[float]:
+        """When each of ``n`` events is due: the k-th when the rate's integral reaches k.
+
+        >>> RateShape("constant", 4.0).schedule(3)
+        [0.0, 0.25, 0.5]
+        """
+        step = self.period / 1000.0  # the rate is taken as constant over each step
+        due: list[float] = []
+        t = sent = 0.0  # sent: the rate's integral up to t
+        while len(due) < n:
+            rate = self.rate_at(t)
+            reached = sent + rate * step
+            while len(due) < n and len(due) < reached:
+                due.append(round(t + (len(due) - sent) / rate, 6))
+            t, sent = t + step, reached
+        return due

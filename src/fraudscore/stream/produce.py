@@ -4,18 +4,20 @@ An event goes to ``{fs:p<i>}:events`` with i = ``partition_of(customer_id)``; by
 no readable ``customer_id`` go to partition 0, where a worker dead-letters them.  Events are sent
 in pipelined chunks; when Redis fails mid-chunk the whole chunk is sent again, in order, so an
 event may be in its stream twice, always after its first copy: the workers recognise the repeat
-by its event id and apply it once.
+by its event id and apply it once.  ``publish_paced`` sends them at the pace of a ``RateShape``.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import orjson
 import redis
 
+from fraudscore.stream.generate import RateShape
 from fraudscore.stream.keys import PartitionKeys, partition_of
 from fraudscore.stream.worker import MAX_BACKOFF_S, TRANSIENT_ERRORS
 
@@ -65,3 +67,21 @@ def publish(
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
         published += len(part)
     return published
+
+
+def publish_paced(
+    client: redis.Redis, raws: Sequence[bytes], partitions: int, shape: RateShape, max_chunk: int = 500
+) -> int:
+    """``publish`` each event at its due time by ``shape`` (in chunks of those already due)."""
+    due = shape.schedule(len(raws))
+    start = time.monotonic()
+    sent = 0
+    while sent < len(raws):
+        now = time.monotonic() - start
+        ready = min(bisect.bisect_right(due, now, lo=sent), sent + max_chunk)
+        if ready == sent:
+            time.sleep(min(due[sent] - now, 0.1))
+            continue
+        publish(client, raws[sent:ready], partitions, chunk=max_chunk)
+        sent = ready
+    return sent
