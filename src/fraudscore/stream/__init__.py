@@ -7,8 +7,9 @@
 - ``produce``    publishing raw events to their partition streams
 - ``replay``     the single-threaded oracle the workers must agree with
 - ``monitor``    rates, backlog, latency and approvals, read from Redis
-- ``generate``   a small deterministic event generator
-- ``cli``        ``fraudscore worker``, ``publish`` and ``monitor``
+- ``generate``   a small deterministic event generator, and the producers' rate shapes
+- ``demo``       the whole pipeline on this machine, watched live
+- ``cli``        ``fraudscore worker``, ``publish``, ``monitor`` and ``demo``
 
 README.md beside this file describes the design and lists every key.
 """

@@ -1,4 +1,4 @@
-"""The stream commands: ``fraudscore worker``, ``fraudscore publish`` and ``fraudscore monitor``.
+"""The stream commands: ``fraudscore worker``, ``publish``, ``monitor`` and ``demo``.
 
 ``register(subparsers)`` adds them to the main parser (``fraudscore.cli``).  Redis and the
 worker's modules are imported only when a stream command runs, so other commands start as fast
@@ -58,7 +58,7 @@ def _add_redis_options(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``worker``, ``publish`` and ``monitor`` to the command line's subparsers."""
+    """Add ``worker``, ``publish``, ``monitor`` and ``demo`` to the command line's subparsers."""
     from fraudscore.cli import DEFAULT_INDEX, DEFAULT_REFERENCES
 
     w = subparsers.add_parser(
@@ -126,6 +126,24 @@ def register(subparsers: Any) -> None:
     m.add_argument("--count", type=_positive, help="stop after this many lines (default: never)")
     m.add_argument("--group", default="scorers", help="consumer group (default: %(default)s)")
     m.set_defaults(func=cmd_monitor)
+
+    d = subparsers.add_parser(
+        "demo",
+        help="the whole pipeline here: a private Redis, workers, a paced producer, the monitor",
+        description="Start redis-server (or use --redis), `fraudscore worker --workers N` and a producer "
+        "of generated events at --rate/--shape; print the monitor's line every --interval until every "
+        "event is done; then stop everything and print a summary.",
+    )
+    d.add_argument("--redis", metavar="URL", help="use this Redis instead of a private redis-server")
+    d.add_argument("--partitions", type=_positive, default=4, help="default: %(default)s")
+    d.add_argument("--index", type=Path, default=DEFAULT_INDEX, help="default: %(default)s")
+    d.add_argument("--events", type=_positive, default=20000, help="default: %(default)s")
+    d.add_argument("--workers", type=_positive, default=2, help="default: %(default)s")
+    d.add_argument("--rate", type=float, default=1000.0, help="peak events/s (default: %(default)s)")
+    d.add_argument("--shape", choices=["constant", "ramp", "burst", "wave"], default="wave")
+    d.add_argument("--period", type=float, default=10.0, help="seconds per period (default: %(default)s)")
+    d.add_argument("--interval", type=float, default=1.0, help="seconds between lines (default: %(default)s)")
+    d.set_defaults(func=cmd_demo)
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -260,3 +278,29 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             return 0
         previous = current
         time.sleep(args.interval)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fraudscore.cli import DEFAULT_REFERENCES, ensure_index
+    from fraudscore.stream.demo import DemoConfig, run
+    from fraudscore.stream.generate import RateShape
+
+    if not args.interval > 0:
+        raise UsageError(f"--interval must be positive, got {args.interval}")
+    try:
+        shape = RateShape(args.shape, args.rate, args.period)
+    except ValueError as exc:
+        raise UsageError(f"--rate/--period: {exc}") from None
+    if args.redis is not None:
+        _client(args)  # a malformed URL is a usage error
+    config = DemoConfig(
+        events=args.events,
+        shape=shape,
+        workers=args.workers,
+        partitions=args.partitions,
+        index=ensure_index(args.index, DEFAULT_REFERENCES),
+        interval=args.interval,
+        redis_url=args.redis,
+    )
+    run(config, log_level=args.log_level)
+    return 0
