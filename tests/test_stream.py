@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -411,6 +412,94 @@ def test_the_events_stream_is_trimmed_only_below_what_every_group_acknowledged(
     client.fcall("fs_trim", 1, keys.events, 10)
     assert [c["name"] for c in client.xinfo_consumers(keys.events, GROUP)] == []
     assert [c["name"] for c in client.xinfo_consumers(keys.events, "audit")] == [b"a"]
+
+
+# -- Redis Cluster ----------------------------------------------------------------------------
+
+
+def _free_cluster_ports(count: int) -> list[int]:
+    """Ports free for a node and for its cluster bus (the port + 10000)."""
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = rng.randrange(20000, 29000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+@pytest.fixture
+def cluster_url() -> Iterator[str]:
+    """A Redis Cluster of three primaries on this machine."""
+    directory = _short_dir("cluster")
+    ports = _free_cluster_ports(3)
+    nodes = []
+    for port in ports:
+        node = directory / str(port)
+        node.mkdir()
+        argv = [str(REDIS_SERVER), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node)]
+        argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--save", ""]
+        nodes.append(subprocess.Popen([*argv, "--appendonly", "no"], stdout=subprocess.DEVNULL))
+    try:
+        for port in ports:
+            _wait_ping(redis.Redis(port=port))
+        create = [str(shutil.which("redis-cli")), "--cluster", "create"]
+        create += [f"127.0.0.1:{p}" for p in ports] + ["--cluster-replicas", "0", "--cluster-yes"]
+        subprocess.run(create, check=True, capture_output=True, timeout=60)
+        for port in ports:
+            deadline = time.monotonic() + 30
+            while redis.Redis(port=port).cluster("info")["cluster_state"] != "ok":
+                assert time.monotonic() < deadline, "the cluster did not form"
+                time.sleep(0.1)
+        yield f"redis://127.0.0.1:{ports[0]}"
+    finally:
+        for node in nodes:
+            node.terminate()
+            node.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _wait_ping(client: redis.Redis) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+
+@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli is not installed")
+def test_workers_on_a_redis_cluster(cluster_url: str, scorer: Any) -> None:
+    partitions = 6
+    client = connect(cluster_url, cluster=True)
+    raws = [raw(e) for e in generate(2000, customers=80, merchants=30, seed=7)]
+    bad = [b for b, _ in malformed(customer_id="C-00003")]
+    raws[1000:1000] = bad
+    prepare(client, partitions)
+    publish(client, raws, partitions)
+    nodes = {client.get_node_from_key(PartitionKeys(i).events).name for i in range(partitions)}
+    assert len(nodes) >= 2  # the partitions really are spread over the nodes
+
+    worker = Worker(client, scorer, WorkerConfig(partitions=partitions, claim_idle_ms=600, batch=50))
+    worker.run(max_idle_s=1.2)
+
+    assert_matches_replay(client, raws, partitions)
+    assert sorted(d[b"event"] for d in dead_letters(client, partitions)) == sorted(bad)
+    monitor = [sys.executable, "-m", "fraudscore.cli", "monitor", "--cluster", "--redis", cluster_url]
+    shown = subprocess.run(
+        [*monitor, "--partitions", str(partitions), "--count", "1"], capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"published {len(raws)}, scored 2000; dead {len(bad)}; pending 0")
+    client.close()
 
 
 # -- worker processes, the command line -------------------------------------------------------

@@ -50,6 +50,9 @@ def _add_redis_options(p: argparse.ArgumentParser) -> None:
         help=f"redis:// or unix:// URL (default: env {REDIS_URL_ENV}, else redis://localhost:6379/0)",
     )
     p.add_argument(
+        "--cluster", action="store_true", help="--redis is a node of a Redis Cluster (one slot per partition)"
+    )
+    p.add_argument(
         "--partitions",
         type=_positive,
         default=8,
@@ -151,7 +154,7 @@ def _client(args: argparse.Namespace) -> Any:
 
     url = args.redis or _redis_url()
     try:
-        return connect(url)
+        return connect(url, getattr(args, "cluster", False))
     except ValueError as exc:
         raise UsageError(f"--redis {url!r}: {exc}") from None
 
@@ -162,6 +165,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     config = WorkerConfig(
         redis_url=args.redis or _redis_url(),
+        cluster=args.cluster,
         partitions=args.partitions,
         batch=args.batch,
         claim_idle_ms=args.claim_idle_ms,
@@ -183,6 +187,8 @@ def _child_argv(args: argparse.Namespace, index: Path) -> list[str]:
     argv += ["--redis", args.redis or _redis_url(), "--partitions", str(args.partitions)]
     argv += ["--index", str(index), "--batch", str(args.batch), "--claim-idle-ms", str(args.claim_idle_ms)]
     argv += ["--max-deliveries", str(args.max_deliveries), "--group", args.group, "--workers", "1"]
+    if args.cluster:
+        argv.append("--cluster")
     return argv
 
 

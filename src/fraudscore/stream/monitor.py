@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from fraudscore.stream.keys import GROUP, PartitionKeys
+from fraudscore.stream.worker import Client
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Snapshot:
         return sum(getattr(p, name) or 0 for p in self.partitions)
 
 
-def _added(client: redis.Redis, key: str) -> int:
+def _added(client: Client, key: str) -> int:
     try:
         info: dict[str, Any] = client.xinfo_stream(key)
     except redis.ResponseError:  # no such stream yet
@@ -54,7 +55,7 @@ def _ms(iso: bytes) -> float:
     return datetime.fromisoformat(iso.decode()).timestamp() * 1000.0
 
 
-def snapshot(client: redis.Redis, partitions: int, group: str = GROUP, sample: int = 100) -> Snapshot:
+def snapshot(client: Client, partitions: int, group: str = GROUP, sample: int = 100) -> Snapshot:
     """The pipeline's counters now, and the latency of the newest ``sample`` results per partition."""
     stats = []
     latencies: list[float] = []

@@ -15,11 +15,10 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import orjson
-import redis
 
 from fraudscore.stream.generate import RateShape
 from fraudscore.stream.keys import PartitionKeys, partition_of
-from fraudscore.stream.worker import MAX_BACKOFF_S, TRANSIENT_ERRORS
+from fraudscore.stream.worker import MAX_BACKOFF_S, TRANSIENT_ERRORS, Client
 
 log = logging.getLogger("fraudscore.stream")
 
@@ -45,7 +44,7 @@ def _chunks(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
 
 
 def publish(
-    client: redis.Redis, raws: Iterable[bytes], partitions: int, chunk: int = 500, retries: int = 50
+    client: Client, raws: Iterable[bytes], partitions: int, chunk: int = 500, retries: int = 50
 ) -> int:
     """XADD every raw event to its partition; the number published.  Retries transient errors."""
     streams = [PartitionKeys(i).events for i in range(partitions)]
@@ -70,7 +69,7 @@ def publish(
 
 
 def publish_paced(
-    client: redis.Redis, raws: Sequence[bytes], partitions: int, shape: RateShape, max_chunk: int = 500
+    client: Client, raws: Sequence[bytes], partitions: int, shape: RateShape, max_chunk: int = 500
 ) -> int:
     """``publish`` each event at its due time by ``shape`` (in chunks of those already due)."""
     due = shape.schedule(len(raws))

@@ -53,10 +53,12 @@ from typing import Any
 import orjson
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants, vectorize
-from fraudscore.errors import BadInputError, ConfigError, EventError
+from fraudscore.errors import BadInputError, ConfigError, EventError, TransientError
 from fraudscore.scorer import Scorer
 from fraudscore.stream.events import (
     KNOWN_MERCHANTS_CAP,
@@ -96,6 +98,7 @@ MAX_BACKOFF_S = 2.0
 @dataclass(frozen=True)
 class WorkerConfig:
     redis_url: str = DEFAULT_REDIS_URL
+    cluster: bool = False  # redis_url is a node of a Redis Cluster
     partitions: int = DEFAULT_PARTITIONS
     batch: int = 100
     claim_idle_ms: int = 5000  # the lease TTL: how long a silent owner keeps its partitions
@@ -117,15 +120,26 @@ class LeaseLost(Exception):
     """A fenced call was refused: another worker owns the partition now."""
 
 
-def connect(url: str) -> redis.Redis:
-    """A client without automatic retries: every retry is the worker's own, and knows what it redoes."""
-    client: redis.Redis = redis.Redis.from_url(
-        url, socket_timeout=10.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
-    )
+Client = redis.Redis | RedisCluster
+
+
+def connect(url: str, cluster: bool = False) -> Client:
+    """A client without automatic retries: every retry is the worker's own, and knows what it redoes.
+
+    With ``cluster``, ``url`` is any node of a Redis Cluster; the client sends each call to the
+    node serving its keys' slot (one slot per call: the keys share their partition's hash tag).
+    """
+    options: dict[str, Any] = {"socket_timeout": 10.0, "socket_connect_timeout": 2.0}
+    if cluster:
+        try:  # the client learns the cluster's slots now, from the node given
+            return RedisCluster.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+        except (redis.RedisError, RedisClusterException) as exc:
+            raise TransientError(f"cannot reach the Redis Cluster at {url}: {exc}") from None
+    client: redis.Redis = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
     return client
 
 
-def prepare(client: redis.Redis, partitions: int, group: str = GROUP) -> None:
+def prepare(client: Client, partitions: int, group: str = GROUP) -> None:
     """Load the function library, fix the partition count, create the consumer groups."""
     try:
         client.function_load(LIBRARY, replace=True)
@@ -220,7 +234,7 @@ class Worker:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: Client,
         scorer: Scorer,
         config: WorkerConfig,
         constants: Constants = DEFAULT_CONSTANTS,
@@ -495,6 +509,6 @@ def run_worker(config: WorkerConfig, index: Path, max_idle_s: float | None = Non
 
     config.check()
     with KnnScorer.open(index) as scorer:
-        worker = Worker(connect(config.redis_url), scorer, config)
+        worker = Worker(connect(config.redis_url, config.cluster), scorer, config)
         worker.run(max_idle_s=max_idle_s)
     return worker
