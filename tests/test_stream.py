@@ -7,6 +7,7 @@ worker processes that are ``kill -9``ed at random moments, and kills Redis once 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -604,6 +605,19 @@ def test_demo_runs_the_whole_pipeline(index_path: Path) -> None:
     lines = out.stdout.splitlines()
     assert lines[-1] == "demo: 400 events published, 400 scored, 0 dead-lettered"
     assert "enqueue->scored p50" in lines[-2]
+
+
+def test_the_compose_file_is_rendered_and_its_commands_parse() -> None:
+    from fraudscore.cli import build_parser
+    from fraudscore.stream import compose
+
+    assert compose.main(["--check"]) == 0, "run `python -m fraudscore.stream.compose`"
+    text = compose.COMPOSE_PATH.read_text()
+    for name, command in compose.COMPOSE_COMMANDS.items():
+        args = build_parser().parse_args(command[1:])  # argparse exits on a flag that does not exist
+        assert args.command == name.replace("producer", "publish") and args.partitions == compose.PARTITIONS
+        assert f"command: {json.dumps(command)}" in text
+    assert '"--appendonly", "yes", "--appendfsync", "always"' in text
 
 
 def test_cli_errors_are_one_line(shared_redis: RedisProcess) -> None:

@@ -9,6 +9,7 @@
 - ``monitor``    rates, backlog, latency and approvals, read from Redis
 - ``generate``   a small deterministic event generator, and the producers' rate shapes
 - ``demo``       the whole pipeline on this machine, watched live
+- ``compose``    renders deploy/stream/docker-compose.yml
 - ``cli``        ``fraudscore worker``, ``publish``, ``monitor`` and ``demo``
 
 README.md beside this file describes the design and lists every key.
