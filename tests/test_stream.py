@@ -40,7 +40,7 @@ from fraudscore.stream.keys import GROUP, PartitionKeys
 from fraudscore.stream.monitor import snapshot
 from fraudscore.stream.produce import publish
 from fraudscore.stream.replay import Replay, replay
-from fraudscore.stream.worker import Worker, WorkerConfig, _apply_call, connect, prepare
+from fraudscore.stream.worker import Worker, WorkerConfig, apply_call, connect, prepare
 
 REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
@@ -317,7 +317,7 @@ def _ghost_reads_and_applies(client: redis.Redis, partitions: int, batch: int) -
         entries = reply[0][1]
         pipe = client.pipeline(transaction=False)
         for _, fields in entries:
-            pipe.fcall(*_apply_call(keys, "ghost", parse_event(fields[1]), config))
+            pipe.fcall(*apply_call(keys, "ghost", parse_event(fields[1]), config))
         pipe.execute()
         pending += len(entries)
     return pending
@@ -341,6 +341,29 @@ def test_dead_consumer_entries_are_reclaimed_with_the_same_features(client: redi
         assert client.xpending(PartitionKeys(i).events, GROUP)["pending"] == 0
 
 
+def test_redis_refusing_writes_is_waited_out(client: redis.Redis, scorer: Any) -> None:
+    raws = [raw(e) for e in generate(500, customers=20, seed=8)]
+    prepare(client, 2)
+    publish(client, raws, 2)
+    client.config_set("maxmemory", 1)  # every write now fails with OOM
+    worker = Worker(client, scorer, WorkerConfig(partitions=2, claim_idle_ms=600))
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        time.sleep(1.0)
+        assert thread.is_alive() and worker.processed == 0
+        client.config_set("maxmemory", 0)
+        deadline = time.monotonic() + 30
+        while worker.processed < 500:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+    finally:
+        client.config_set("maxmemory", 0)
+        worker.stop()
+        thread.join(30)
+    assert_matches_replay(client, raws, 2)
+
+
 def test_a_fenced_worker_cannot_read_or_apply(client: redis.Redis) -> None:
     prepare(client, 1)
     publish(client, [raw(e) for e in generate(5)], 1)
@@ -351,7 +374,7 @@ def test_a_fenced_worker_cannot_read_or_apply(client: redis.Redis) -> None:
         client.fcall("fs_read", 2, keys.lease, keys.events, "other", GROUP, "other", 10)
     event = generate(1)[0]
     with pytest.raises(redis.ResponseError, match="FSLEASE"):
-        client.fcall(*_apply_call(keys, "other", event, WorkerConfig(partitions=1)))
+        client.fcall(*apply_call(keys, "other", event, WorkerConfig(partitions=1)))
     assert client.fcall("fs_lease", 1, keys.lease, "other", "release", 0) == 0
     assert client.get(keys.lease) == b"owner"
 

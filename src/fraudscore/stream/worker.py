@@ -54,7 +54,15 @@ import orjson
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
-from redis.exceptions import RedisClusterException
+from redis.exceptions import (
+    AuthenticationError,
+    ClusterDownError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterException,
+    TryAgainError,
+)
 from redis.retry import Retry
 
 from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants, vectorize
@@ -89,9 +97,17 @@ RESULT_FIELDS = (
     "scored_at",  # the worker's wall clock after scoring
     "payload",  # the contract payload that was scored (JSON)
 )
-TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError)  # BusyLoadingError is a ConnectionError
-# error replies that say "not now" (out of memory, a busy script, a replica, a cluster resharding)
-TRANSIENT_REPLIES = ("OOM", "BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "READONLY", "CLUSTERDOWN")
+# "not now": no connection, no answer, Redis loading its data (BusyLoadingError is a ConnectionError),
+# out of memory, a replica, a cluster resharding or without a primary
+TRANSIENT_ERRORS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    TryAgainError,
+    ClusterDownError,
+)
+BUSY_REPLY = "BUSY"  # a script or function running too long; redis-py has no class for it
 MAX_BACKOFF_S = 2.0
 
 
@@ -143,6 +159,8 @@ def prepare(client: Client, partitions: int, group: str = GROUP) -> None:
     """Load the function library, fix the partition count, create the consumer groups."""
     try:
         client.function_load(LIBRARY, replace=True)
+    except TRANSIENT_ERRORS:  # out of memory, a replica...: the caller retries
+        raise
     except redis.ResponseError as exc:  # not Redis 7, or Lua disabled
         raise ConfigError(f"redis cannot load the {LIBRARY_NAME} function library: {exc}") from None
     client.hsetnx(META, "partitions", partitions)
@@ -177,7 +195,8 @@ def decode_pre(reply: bytes) -> PreState:
     )
 
 
-def _apply_call(keys: PartitionKeys, token: str, event: Event, config: WorkerConfig) -> list[Any]:
+def apply_call(keys: PartitionKeys, token: str, event: Event, config: WorkerConfig) -> list[Any]:
+    """The arguments of the ``fs_apply`` call of one event, for ``client.fcall(*...)``."""
     home = event.customer_home
     cid = event.customer_id
     return [
@@ -289,6 +308,8 @@ class Worker:
                     break
                 else:
                     time.sleep(self.config.poll_s)
+            except (AuthenticationError, NoPermissionError) as exc:
+                raise ConfigError(f"redis refuses the worker: {exc}") from None
             except TRANSIENT_ERRORS as exc:
                 log.warning("redis: %s; retrying in %.2f s", exc, backoff)
                 for part in self.owned.values():
@@ -299,7 +320,7 @@ class Worker:
                 if "function not found" in str(exc).lower():
                     log.warning("redis lost the function library (%s): loading it again", exc)
                     prepared = False
-                elif str(exc).startswith(TRANSIENT_REPLIES):
+                elif str(exc).startswith(BUSY_REPLY):
                     log.warning("redis: %s; retrying in %.2f s", exc, backoff)
                     time.sleep(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF_S)
@@ -430,7 +451,7 @@ class Worker:
 
         pipe = self.r.pipeline(transaction=False)
         for _, event, _ in events:
-            pipe.fcall(*_apply_call(keys, self.token, event, c))
+            pipe.fcall(*apply_call(keys, self.token, event, c))
         replies = pipe.execute(raise_on_error=False) if events else []
 
         done: list[tuple[bytes, Event]] = []
