@@ -703,7 +703,7 @@ def test_kills_of_workers_and_redis_change_no_feature(index_path: Path) -> None:
     redis_kill_at = rng.uniform(0.3, 0.6)
     kills = 0
     redis_killed = False
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600  # a busy shared machine gave this test a third of a core
     try:
         while True:
             time.sleep(rng.uniform(0.05, 0.3))
