@@ -659,7 +659,18 @@ def test_cli_errors_are_one_line(shared_redis: RedisProcess) -> None:
 WORKER_KILLS = 20
 
 
-def test_kills_of_workers_and_redis_change_no_feature(index_path: Path) -> None:
+@pytest.fixture
+def durable_redis() -> Iterator[RedisProcess]:
+    """A redis-server whose acknowledged writes survive its kill: AOF, fsynced on every write."""
+    directory = _short_dir("durable")
+    server = RedisProcess(directory, "--appendonly", "yes", "--appendfsync", "always")
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_kills_of_workers_and_redis_change_no_feature(index_path: Path, durable_redis: RedisProcess) -> None:
     """100,000 events; 3 worker processes kill -9ed at random and restarted; Redis killed once."""
     partitions, n_events = 6, 100_000
     rng = random.Random(11)
@@ -668,9 +679,8 @@ def test_kills_of_workers_and_redis_change_no_feature(index_path: Path) -> None:
     raws[n_events // 2 : n_events // 2] = bad
     expected_results = n_events
 
-    directory = _short_dir("durable")
-    server = RedisProcess(directory, "--appendonly", "yes", "--appendfsync", "always")
-    server.start()
+    server = durable_redis
+    directory = server.directory
     client = connect(server.url)
     prepare(client, partitions)
     publish(client, raws[: len(raws) // 2], partitions)  # the rest comes while the workers run
@@ -735,6 +745,8 @@ def test_kills_of_workers_and_redis_change_no_feature(index_path: Path) -> None:
         for w in workers:
             w.kill()
             w.wait()
+        for log in logs:
+            log.close()
     assert redis_killed and kills == WORKER_KILLS
 
     assert_matches_replay(client, raws, partitions, expected)
@@ -744,5 +756,3 @@ def test_kills_of_workers_and_redis_change_no_feature(index_path: Path) -> None:
         totals["n"] += int(client.hget(key, "n") or 0)
     assert totals["n"] == n_events  # exactly one state update per event
     client.close()
-    server.stop()
-    shutil.rmtree(directory, ignore_errors=True)
