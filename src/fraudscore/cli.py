@@ -407,7 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     _register_optional(sub)
-    __import__("fraudscore.models.cli", fromlist=["register"]).register(sub)  # the models helper's group
+    from fraudscore.models import cli as models_cli
+    from fraudscore.stream import cli as stream_cli
+
+    models_cli.register(sub)
+    stream_cli.register(sub)
     return parser
 
 
