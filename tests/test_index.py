@@ -25,6 +25,7 @@ from fraudscore.index.build import build_index, read_references
 from fraudscore.index.search import random_queries
 from fraudscore.scorer import KnnScorer
 
+from .budget import not_under_sanitizer, scaled
 from .conftest import REFERENCES
 
 N_ORACLE_QUERIES = 500
@@ -50,6 +51,7 @@ def brute_force(columns: np.ndarray, q: list[float], k: int = 5) -> list[tuple[i
     return [(int(i), float(d[i])) for i in order]
 
 
+@not_under_sanitizer
 def test_search_equals_numpy_brute_force_on_dev_payloads(
     index: Index, dev_entries: list[dict[str, Any]], reference_columns: tuple[np.ndarray, np.ndarray]
 ) -> None:
@@ -64,6 +66,7 @@ def test_search_equals_numpy_brute_force_on_dev_payloads(
         assert index.fraud_count(q) / 5 == entry["expected_fraud_score"]
 
 
+@not_under_sanitizer
 def test_parser_agrees_with_json(reference_columns: tuple[np.ndarray, np.ndarray]) -> None:
     columns, labels = reference_columns
     vectors, parsed_labels, sha = read_references(REFERENCES, progress=False)
@@ -74,19 +77,19 @@ def test_parser_agrees_with_json(reference_columns: tuple[np.ndarray, np.ndarray
 
 
 def test_search_equals_native_brute_force_anywhere(index: Index) -> None:
-    for q in random_queries(40, seed=7, sentinel_share=0.3):
+    for q in random_queries(scaled(40, 4), seed=7, sentinel_share=0.3):
         assert index.knn(q) == index.brute_force(q), q
 
 
 def test_unrounded_queries_are_exact_too(index: Index) -> None:
     rng = random.Random(3)
-    for q in random_queries(20, seed=11):
+    for q in random_queries(scaled(20, 3), seed=11):
         q = [x + rng.uniform(-4e-5, 4e-5) if 0 < x < 1 else x for x in q]
         assert index.knn(q) == index.brute_force(q)
 
 
 def test_scalar_and_avx2_kernels_agree(index_path: Path, dev_entries: list[dict[str, Any]]) -> None:
-    queries = [vectorize(e["request"]) for e in dev_entries[:300]] + random_queries(50, seed=5)
+    queries = [vectorize(e["request"]) for e in dev_entries[: scaled(300, 60)]] + random_queries(50, seed=5)
     with Index(index_path, kernel="scalar") as scalar:
         assert scalar.kernel == "scalar"
         assert [scalar.knn(q) for q in queries] == [Index.knn(index_for(index_path), q) for q in queries]
@@ -102,7 +105,7 @@ def index_for(path: Path) -> Index:
 
 
 def test_batch_equals_single(index: Index, dev_entries: list[dict[str, Any]]) -> None:
-    queries = [vectorize(e["request"]) for e in dev_entries[:1000]]
+    queries = [vectorize(e["request"]) for e in dev_entries[: scaled(1000, 200)]]
     assert index.fraud_counts(queries) == [index.fraud_count(q) for q in queries]
 
 
@@ -202,6 +205,7 @@ def test_worked_example_neighbours(index: Index, example_payloads: list[dict[str
     assert not any(n.is_fraud for n in nearest)
 
 
+@not_under_sanitizer
 def test_checksum_names_the_file(index: Index, index_path: Path) -> None:
     data = index_path.read_bytes()
     stored = int.from_bytes(data[_knn.CHECKSUM_OFFSET : _knn.CHECKSUM_OFFSET + 8], "little")
@@ -252,6 +256,7 @@ def assert_one_line_error(
         assert str(name) in proc.stderr, proc.stderr
 
 
+@not_under_sanitizer
 def test_build_checks_its_output_before_parsing(tmp_path: Path) -> None:
     """The references do not even exist: the output's error comes first, so it was checked first."""
     missing = tmp_path / "no-references.json.gz"
@@ -292,6 +297,7 @@ def _damaged_gzips(data: bytes) -> dict[type[Exception], bytes]:
     return found
 
 
+@not_under_sanitizer
 def test_build_of_a_damaged_gzip_is_a_reference_error(tmp_path: Path) -> None:
     records = [{"vector": v, "label": "legit"} for v in random_queries(2000, seed=2)]
     cases = _damaged_gzips(json.dumps(records).encode())
@@ -306,6 +312,7 @@ def test_build_of_a_damaged_gzip_is_a_reference_error(tmp_path: Path) -> None:
         assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
 
 
+@not_under_sanitizer
 def test_interrupted_build_leaves_no_temporary_file(tmp_path: Path) -> None:
     out = tmp_path / "i.fsidx"
     tmp = out.with_name(out.name + ".tmp")
