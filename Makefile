@@ -60,7 +60,11 @@ sanitize: install index
 	    assert k.__file__.startswith("$(CURDIR)/$(SAN_DIR)/"), k; assert f.__file__.startswith("$(CURDIR)/$(SAN_DIR)/"), f' && \
 	$(BIN)/python -m pytest -q -p no:cacheprovider --capture=sys $(SAN_TESTS)
 
-test: lint typecheck unit sanitize
+# the native modules' type stubs (.pyi) against what the modules really define
+stubtest: install
+	$(BIN)/python -m mypy.stubtest fraudscore.index._knn fraudscore.service._fastpath
+
+test: lint typecheck stubtest unit sanitize
 
 bench: install index
 	$(BIN)/python bench/search.py
