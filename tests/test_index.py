@@ -387,3 +387,16 @@ def test_interrupted_build_leaves_no_temporary_file(tmp_path: Path) -> None:
     assert proc.returncode == EXIT_INTERRUPTED, err
     assert "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_oracle_reads_in_slices_what_a_plain_parse_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(8)
+    records = [{"vector": v, "label": rng.choice(["fraud", "legit"])} for v in random_queries(500, seed=6)]
+    path = tmp_path / "refs.json.gz"
+    path.write_bytes(gzip.compress(json.dumps(records, indent=rng.choice([None, 1])).encode()))
+    monkeypatch.setattr(sys.modules[__name__], "ORACLE_CHUNK_BYTES", 997)  # many slices, cut anywhere
+    scaled, labels = _read_oracle(path)
+    assert np.array_equal(scaled / 10000.0, np.array([r["vector"] for r in records]))
+    assert labels.tolist() == [r["label"] == "fraud" for r in records]
