@@ -240,6 +240,9 @@ def test_corrupt_index_files(tmp_path: Path, index_path: Path) -> None:
         Index(tmp_path / "cut")
     with pytest.raises(IndexFormatError, match="cannot map"):
         Index(tmp_path / "missing")
+    shifted = memoryview(bytearray(b"\0" + index_path.read_bytes()))[1:]  # the right bytes, misaligned
+    with pytest.raises(ValueError, match="8-byte aligned"):
+        _knn.Index(shifted)
 
 
 def test_bad_queries(index: Index) -> None:

@@ -1108,6 +1108,9 @@ static int index_check_and_map(IndexObject *self, char *msg, size_t msglen) {
     const char *base = self->base;
     size_t len = (size_t)self->view.len;
     if (len < HEADER_BYTES || memcmp(base, MAGIC, 8) != 0) { snprintf(msg, msglen, "not a fraudscore index (bad magic)"); return -1; }
+    /* sections are 64-byte aligned within the file; the file itself must be 8-byte aligned in memory
+     * for its fields to be read in place (a mapping is page-aligned; a slice of bytes may not be) */
+    if ((uintptr_t)base % 8) { snprintf(msg, msglen, "index buffer is not 8-byte aligned in memory"); return -1; }
     const file_header_t *h = (const file_header_t *)base;
     if (h->version != FORMAT_VERSION) {
         snprintf(msg, msglen, "index format version %u, this fraudscore reads version %u: rebuild it with `fraudscore index build`",
