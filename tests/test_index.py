@@ -108,6 +108,7 @@ def brute_force(columns: np.ndarray, q: list[float], k: int = 5) -> list[tuple[i
     return [(int(i), float(d[i])) for i in order]
 
 
+@not_under_sanitizer
 def test_search_equals_numpy_brute_force_on_dev_payloads(
     index: Index, dev_entries: list[dict[str, Any]], reference_columns: Oracle
 ) -> None:
