@@ -652,9 +652,9 @@ static PyObject *py_round4(PyObject *module, PyObject *arg) {
 
 static PyMethodDef FastPath_methods[] = {
     {"answer", (PyCFunction)FastPath_answer, METH_O,
-     "answer(data) -> bytes | None: the response when data is exactly one ordinary scoring request, else None"},
+     "answer($self, data, /)\n--\n\nThe response when data is exactly one ordinary scoring request, else None"},
     {"vectorize", (PyCFunction)FastPath_vectorize, METH_O,
-     "vectorize(body) -> list[float] | None: the payload's vector as the fast path computes it, or None where it declines"},
+     "vectorize($self, body, /)\n--\n\nThe payload's vector as the fast path computes it, or None where it declines"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -669,7 +669,7 @@ static PyTypeObject FastPathType = {
     .tp_name = "fraudscore.service._fastpath.FastPath",
     .tp_basicsize = sizeof(FastPathObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "FastPath(index, divisors, mcc_risk, unknown_mcc_risk, answers, max_body): whole scoring requests answered natively.",
+    .tp_doc = "FastPath(index, divisors, mcc_risk, unknown_mcc_risk, answers, max_body)\n--\n\nWhole scoring requests answered natively.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)FastPath_init,
     .tp_dealloc = (destructor)FastPath_dealloc,
@@ -678,7 +678,7 @@ static PyTypeObject FastPathType = {
 };
 
 static PyMethodDef module_methods[] = {
-    {"round4", py_round4, METH_O, "round4(x) -> float: round(x, 4), as the fast path computes it"},
+    {"round4", py_round4, METH_O, "round4($module, x, /)\n--\n\nround(x, 4), as the fast path computes it."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,14 +1,19 @@
 """Type stub of the service's native fast path (``_fastpath.c``)."""
 
+from typing import final
+
 from typing_extensions import Buffer
 
 from fraudscore.index._knn import Index
 
 def round4(x: float, /) -> float: ...
 
+@final
 class FastPath:
-    answered: int
-    declined: int
+    @property
+    def answered(self) -> int: ...
+    @property
+    def declined(self) -> int: ...
     def __init__(
         self,
         index: Index,
