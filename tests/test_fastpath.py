@@ -136,8 +136,8 @@ def _mutations(payload: dict[str, Any], rng: random.Random) -> list[bytes]:
         out.append(json.dumps(copy, ensure_ascii=rng.random() < 0.5).encode())
     body = orjson.dumps(payload)
     for _ in range(4):  # a number's text replaced
-        for key in (b'"amount":', b'"km_from_home":', b'"tx_count_24h":'):
-            start = body.find(key) + len(key)
+        for name in (b'"amount":', b'"km_from_home":', b'"tx_count_24h":'):
+            start = body.find(name) + len(name)
             end = min(i for i in (body.find(b",", start), body.find(b"}", start)) if i >= 0)
             out.append(body[:start] + rng.choice(_NUMBER_TEXTS) + body[end:])
     for _ in range(6):  # bytes flipped, dropped or doubled

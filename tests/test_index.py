@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ def _distances(columns: np.ndarray, q: list[float]) -> np.ndarray:
     """The contract's distance of every reference (a column) to q: float64, summed dimension by
     dimension in order.  A reference value is k / 10000.0, the double nearest its 4 decimals,
     which is what a JSON parser gives."""
-    d = columns[0] / 10000.0 - q[0]
+    d: np.ndarray = columns[0] / 10000.0 - q[0]
     d *= d
     for dim in range(1, 14):
         t = columns[dim] / 10000.0 - q[dim]
@@ -313,7 +314,7 @@ def test_queries_from_any_iterable(index: Index) -> None:
     assert index.knn(iter(q)) == index.knn(tuple(q)) == want
     assert index.brute_force(x for x in q) == want
     assert index.search_stats(x for x in q) == index.search_stats(q)
-    makers = [lambda v: (x for x in v), iter, tuple, list]
+    makers: list[Callable[[list[float]], Iterable[float]]] = [lambda v: (x for x in v), iter, tuple, list]
     for wrong in (q[:13], [*q, 0.0], []):
         for make in makers:
             for method in (index.fraud_count, index.knn, index.search_stats, index.brute_force):

@@ -48,7 +48,7 @@ class Layout:
     """Where the sections of an index file are, read from its header."""
 
     fields: dict[str, Any]
-    groups: list[tuple[int, ...]]
+    groups: list[tuple[Any, ...]]  # numbers, and the dimension pairs as bytes
 
     @classmethod
     def of(cls, data: bytes | bytearray) -> Layout:
@@ -355,7 +355,10 @@ def chain_index(depth: int) -> bytearray:
         else:
             boxes.append((depth, depth))
             links.append((depth, 1))
-    align = lambda x: (x + 63) // 64 * 64  # noqa: E731
+
+    def align(x: int) -> int:
+        return (x + 63) // 64 * 64
+
     entries_off = align(4096 + GROUP_BYTES)
     blocks_off = align(entries_off + 64 * n_entries)
     ids_off = align(blocks_off + n_points * 6 * 2 * 8 * 2)
