@@ -1,7 +1,7 @@
 """``fraudscore``: the command line.  Every command has ``--help``; paths default to ``data/``.
 
 Defaults can be set by environment: FRAUDSCORE_INDEX, FRAUDSCORE_REFERENCES, FRAUDSCORE_PORT,
-FRAUDSCORE_HOST, FRAUDSCORE_LOG_LEVEL.
+FRAUDSCORE_HOST, FRAUDSCORE_LOG_LEVEL, FRAUDSCORE_REGISTRY.
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from fraudscore.service.server import run
     from fraudscore.service.state import ServiceConfig
+    from fraudscore.service.v1 import resolve_registry
 
     port = args.port
     if args.uds is None and args.handoff is None and port is None:
@@ -107,6 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout,
         fast_path=not args.no_fast_path,
+        registry=resolve_registry(args.registry),
     )
     run(config)
     return 0
@@ -163,6 +165,15 @@ def _add_index_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_registry_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--registry",
+        type=Path,
+        help="model registry for POST /v1/score (default: env FRAUDSCORE_REGISTRY, else data/registry "
+        "if it exists, else the kNN alone)",
+    )
+
+
 def _add_constants_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalization", type=Path, help="normalization.json (default: the bundled copy)")
     p.add_argument("--mcc-risk", type=Path, help="mcc_risk.json (default: the bundled copy)")
@@ -212,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="answer every request through httptools and the Python vectorizer (for comparison)",
     )
+    _add_registry_option(serve)
     _add_constants_options(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -247,9 +259,12 @@ def cmd_balance(args: argparse.Namespace) -> int:
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
+    from fraudscore.service.v1 import resolve_registry
     from fraudscore.stack.runner import StackConfig, run
 
     index = ensure_index(args.index, args.references).resolve()
+    # checked here, once; without --registry each instance finds its default itself
+    registry = resolve_registry(args.registry) if args.registry else None
     run(
         StackConfig(
             index=index,
@@ -259,6 +274,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
             limits=not args.no_limits,
             host=args.host,
             log_level=args.log_level,
+            registry=registry.resolve() if registry else None,
         )
     )
     return 0
@@ -296,6 +312,7 @@ def _register_optional(sub: Any) -> None:
         action="store_true",
         help="no cgroup per process (to run the whole stack inside one outer limit)",
     )
+    _add_registry_option(stack)
     stack.set_defaults(func=cmd_stack)
 
     lt = sub.add_parser("loadtest", help="run the contract's k6 load test and print its score")

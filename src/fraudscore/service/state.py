@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants
 from fraudscore.errors import ConfigError
 from fraudscore.scorer import KnnScorer
 from fraudscore.service._fastpath import FastPath
+
+if TYPE_CHECKING:
+    from fraudscore.service.v1 import V1Scorer
 
 
 class Connection(Protocol):
@@ -36,6 +39,7 @@ FLAGS = {
     "max_url_bytes": "--max-url-bytes",
     "max_header_bytes": "--max-header-bytes",
     "max_headers": "--max-headers",
+    "registry": "--registry",
 }
 
 
@@ -68,6 +72,7 @@ class ServiceConfig:
     warm_queries: int = 256
     fast_path: bool = True  # answer ordinary scoring requests natively (protocol.py)
     backlog: int = 4096
+    registry: Path | None = None  # the model registry behind /v1/score (v1.resolve_registry)
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot work, naming the flag that sets each (ConfigError)."""
@@ -107,4 +112,5 @@ class ServiceState:
     ready: bool = False
     draining: bool = False
     fast: FastPath | None = None  # set while ready and not draining, when config.fast_path
+    v1: V1Scorer | None = None  # /v1/score's scorers, loaded before ready (v1.load)
     connections: set[Connection] = field(default_factory=set)

@@ -138,6 +138,7 @@ class StackConfig:
     host: str = "0.0.0.0"
     log_level: str = "INFO"
     workdir: Path | None = None
+    registry: Path | None = None  # passed on to every instance's --registry
     stack_limits: StackLimits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -163,6 +164,8 @@ class Stack:
         sock = self.workdir / f"{limits.name}.sock"
         mode = "--handoff" if self.config.balancer == "builtin" else "--uds"
         argv = self._fraudscore("serve", "--index", str(self.config.index), mode, str(sock))
+        if self.config.registry is not None:
+            argv += ["--registry", str(self.config.registry)]
         return Process(limits.name, argv, limits, socket=sock)
 
     def _balancer(self, limits: ServiceLimits) -> Process:
