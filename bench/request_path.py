@@ -74,7 +74,7 @@ def main() -> None:
             figures[name].append((percentile(times, 50), percentile(times, 90), percentile(times, 99)))
 
     print(f"machine: {machine()}")
-    print(f"/v1/score: {v1_scorers.describe()}")
+    print(v1_scorers.describe())
     print(f"requests: {len(entries):,} dev payloads x {args.repeats} repeats (medians over repeats)")
     for name, rows in figures.items():
         p50, p90, p99 = (statistics.median(r[i] for r in rows) for i in range(3))
