@@ -282,6 +282,24 @@ def test_a_missing_registry_is_refused(index_path: Path, tmp_path: Path) -> None
         assert done.stderr.strip() == f"fraudscore {argv[0]}: --registry {missing}: no such directory"
 
 
+def test_the_registry_from_the_environment(
+    registry: tuple[Path, str], index_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, version = registry
+    missing = tmp_path / "nowhere"
+    monkeypatch.setenv("FRAUDSCORE_REGISTRY", str(missing))
+    done = fraudscore("serve", "--index", str(index_path), "--port", "1")
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"fraudscore serve: FRAUDSCORE_REGISTRY={missing}: no such directory"
+    monkeypatch.setenv("FRAUDSCORE_REGISTRY", str(path))
+    srv = Server(index_path)  # no --registry: the variable names it
+    try:
+        answer = post(srv.port, json.dumps(_valid()).encode())[1]
+    finally:
+        srv.stop()
+    assert answer["decided_by"] == {"name": "gbt", "version": version}
+
+
 def test_the_knn_of_another_index_is_refused(
     registry: tuple[Path, str], index_path: Path, tmp_path: Path
 ) -> None:
