@@ -22,11 +22,14 @@ import numpy as np
 import orjson
 import pytest
 
-from fraudscore.contract.vectorize import FEATURES, vectorize
+from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, FEATURES, vectorize
 from fraudscore.loadtest import command as loadtest
 from fraudscore.models.registry import MODEL_FILE, Registry, knn_version
 from fraudscore.models.scorer import ModelScorer
-from fraudscore.service import responses
+from fraudscore.scorer import KnnScorer
+from fraudscore.service import responses, v1
+from fraudscore.service.memory import memory_connection
+from fraudscore.service.state import ServiceConfig, ServiceState
 from fraudscore.service.v1 import REASONS
 from fraudscore.stack.limits import DEFAULT_STACK
 from fraudscore.stack.runner import Stack, StackConfig
@@ -264,6 +267,32 @@ def test_methods_and_readiness(server: Server) -> None:
     assert r.status == 405 and r.getheader("Allow") == "POST"
     assert json.loads(r.read()) == {"error": "use POST for /v1/score"}
     c.close()
+
+
+def test_ready_only_once_the_models_are_loaded(registry: tuple[Path, str], index_path: Path) -> None:
+    srv = Server(index_path, "--registry", str(registry[0]))
+    code, log = srv.stop()
+    assert code == 0, log
+    loaded = log.index("/v1/score: ")
+    assert f"model {registry[1]}" in log[loaded:]
+    assert loaded < log.index("ready in"), log
+
+
+def test_v1_score_waits_while_warming(index_path: Path) -> None:
+    config = ServiceConfig(index_path=index_path, port=9999)  # never listens
+    with KnnScorer.open(index_path) as knn:
+        state = ServiceState(config=config, scorer=knn, constants=DEFAULT_CONSTANTS)
+        conn, transport = memory_connection(state, eof=False)  # an error answer closes at once
+        request = b"POST /v1/score HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+        body = json.dumps(_valid()).encode()
+        conn.data_received(request % (len(body), body))
+        assert transport.output() == responses.WARMING
+        state.ready = True  # the index is warm, the models not yet loaded
+        conn.data_received(request % (len(body), body))
+        assert transport.writes[-1] == responses.WARMING
+        state.v1 = v1.load(None, knn)
+        conn.data_received(request % (len(body), body))
+        assert orjson.loads(bytes(transport.writes[-1]).split(b"\r\n\r\n", 1)[1])["model"] is None
 
 
 def test_ok_is_a_200_response() -> None:
