@@ -31,8 +31,6 @@ from fraudscore.service import responses, v1
 from fraudscore.service.memory import memory_connection
 from fraudscore.service.state import ServiceConfig, ServiceState
 from fraudscore.service.v1 import REASONS
-from fraudscore.stack.limits import DEFAULT_STACK
-from fraudscore.stack.runner import Stack, StackConfig
 
 from .conftest import Server, free_port
 from .models_support import small_model
@@ -352,14 +350,16 @@ def test_the_knn_of_another_index_is_refused(
     assert "Traceback" not in done.stderr
 
 
-def test_the_stack_passes_the_registry_on(tmp_path: Path) -> None:
-    stack = Stack(StackConfig(index=Path("/i.fsidx"), registry=tmp_path, workdir=tmp_path))
-    argv = stack._instance(DEFAULT_STACK.apis[0]).argv
-    assert argv[argv.index("--registry") + 1] == str(tmp_path)
-    without = (
-        Stack(StackConfig(index=Path("/i.fsidx"), workdir=tmp_path))._instance(DEFAULT_STACK.apis[0]).argv
-    )
-    assert "--registry" not in without
+def test_the_stack_passes_the_registry_on(registry: tuple[Path, str], index_path: Path) -> None:
+    from .test_stack import Stack
+
+    stack = Stack(index_path, "--registry", str(registry[0]), "--no-limits")
+    try:
+        # one connection per request: the balancer hands them round-robin to both instances
+        answers = [post(stack.port, json.dumps(_valid()).encode())[1] for _ in range(4)]
+    finally:
+        stack.kill()
+    assert [a["decided_by"] for a in answers] == [{"name": "gbt", "version": registry[1]}] * 4
 
 
 # -- the load test against /v1/score -------------------------------------------------------------------

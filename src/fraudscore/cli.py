@@ -1,7 +1,7 @@
 """``fraudscore``: the command line.  Every command has ``--help``; paths default to ``data/``.
 
 Defaults can be set by environment: FRAUDSCORE_INDEX, FRAUDSCORE_REFERENCES, FRAUDSCORE_PORT,
-FRAUDSCORE_HOST, FRAUDSCORE_LOG_LEVEL, FRAUDSCORE_REGISTRY.
+FRAUDSCORE_HOST, FRAUDSCORE_LOG_LEVEL.
 """
 
 from __future__ import annotations
@@ -105,10 +105,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uds=args.uds,
         handoff=args.handoff,
         constants=_constants(args),
+        registry=resolve_registry(args.registry),
         max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout,
         fast_path=not args.no_fast_path,
-        registry=resolve_registry(args.registry),
     )
     run(config)
     return 0
@@ -223,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="answer every request through httptools and the Python vectorizer (for comparison)",
     )
-    _add_registry_option(serve)
     _add_constants_options(serve)
+    _add_registry_option(serve)
     serve.set_defaults(func=cmd_serve)
 
     score = sub.add_parser("score", help="score payloads from a file: one JSON decision per line")
@@ -268,13 +268,13 @@ def cmd_stack(args: argparse.Namespace) -> int:
     run(
         StackConfig(
             index=index,
+            registry=registry.resolve() if registry else None,
             port=args.port,
             instances=args.instances,
             balancer=args.lb,
             limits=not args.no_limits,
             host=args.host,
             log_level=args.log_level,
-            registry=registry.resolve() if registry else None,
         )
     )
     return 0
@@ -298,6 +298,7 @@ def _register_optional(sub: Any) -> None:
 
     stack = sub.add_parser("stack", help="run the balancer and the instances as local processes, with limits")
     _add_index_option(stack)
+    _add_registry_option(stack)
     stack.add_argument("--port", type=int, default=DEFAULT_PORT, help="default: %(default)s")
     stack.add_argument("--host", default=DEFAULT_HOST, help="default: %(default)s")
     stack.add_argument("--instances", type=int, default=2, help="API instances (default: %(default)s)")
@@ -312,7 +313,6 @@ def _register_optional(sub: Any) -> None:
         action="store_true",
         help="no cgroup per process (to run the whole stack inside one outer limit)",
     )
-    _add_registry_option(stack)
     stack.set_defaults(func=cmd_stack)
 
     lt = sub.add_parser("loadtest", help="run the contract's k6 load test and print its score")

@@ -34,12 +34,12 @@ MIN_PORT, MAX_PORT = 1, 65535
 # the command-line flag of each setting that has one (cli.py), so an error names what to change
 FLAGS = {
     "port": "--port",
+    "registry": "--registry",
     "max_body_bytes": "--max-body-bytes",
     "request_timeout": "--request-timeout",
     "max_url_bytes": "--max-url-bytes",
     "max_header_bytes": "--max-header-bytes",
     "max_headers": "--max-headers",
-    "registry": "--registry",
 }
 
 
@@ -70,9 +70,9 @@ class ServiceConfig:
     idle_timeout: float = 75.0
     shutdown_timeout: float = 10.0
     warm_queries: int = 256
+    registry: Path | None = None  # the model registry behind /v1/score (v1.resolve_registry)
     fast_path: bool = True  # answer ordinary scoring requests natively (protocol.py)
     backlog: int = 4096
-    registry: Path | None = None  # the model registry behind /v1/score (v1.resolve_registry)
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot work, naming the flag that sets each (ConfigError)."""
