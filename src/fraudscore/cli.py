@@ -268,9 +268,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
     run(
         StackConfig(
             index=index,
-            registry=registry.resolve() if registry else None,
             port=args.port,
             instances=args.instances,
+            registry=registry.resolve() if registry else None,
             balancer=args.lb,
             limits=not args.no_limits,
             host=args.host,
@@ -298,7 +298,6 @@ def _register_optional(sub: Any) -> None:
 
     stack = sub.add_parser("stack", help="run the balancer and the instances as local processes, with limits")
     _add_index_option(stack)
-    _add_registry_option(stack)
     stack.add_argument("--port", type=int, default=DEFAULT_PORT, help="default: %(default)s")
     stack.add_argument("--host", default=DEFAULT_HOST, help="default: %(default)s")
     stack.add_argument("--instances", type=int, default=2, help="API instances (default: %(default)s)")
@@ -308,6 +307,7 @@ def _register_optional(sub: Any) -> None:
         default="builtin",
         help="load balancer (default: builtin)",
     )
+    _add_registry_option(stack)
     stack.add_argument(
         "--no-limits",
         action="store_true",

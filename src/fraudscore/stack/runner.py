@@ -134,11 +134,11 @@ class StackConfig:
     port: int = PORT
     instances: int = 2
     balancer: Balancer = "builtin"
+    registry: Path | None = None  # passed on to every instance's --registry
     limits: bool = True
     host: str = "0.0.0.0"
     log_level: str = "INFO"
     workdir: Path | None = None
-    registry: Path | None = None  # passed on to every instance's --registry
     stack_limits: StackLimits = field(init=False)
 
     def __post_init__(self) -> None:
