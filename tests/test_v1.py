@@ -7,6 +7,7 @@ The kNN part must be the contract's answer exactly, the model's probability Ligh
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import http.client
 import json
@@ -365,21 +366,42 @@ def test_the_stack_passes_the_registry_on(registry: tuple[Path, str], index_path
 # -- the load test against /v1/score -------------------------------------------------------------------
 
 
-def test_loadtest_drives_v1_score(server: Server, dev_entries: list[dict[str, Any]], tmp_path: Path) -> None:
+def run_loadtest(url: str, entries: list[dict[str, Any]], tmp_path: Path) -> dict[str, Any]:
+    """`fraudscore loadtest --path /v1/score` (real k6) with these entries, each sent once."""
     from .test_loadtest import _k6_or_skip
 
     _k6_or_skip()
     data = tmp_path / "data.json.gz"
     with gzip.open(data, "wt") as f:
-        json.dump({"stats": {}, "entries": dev_entries[:50]}, f)
-    parser = __import__("argparse").ArgumentParser()
+        json.dump({"stats": {}, "entries": entries}, f)
+    parser = argparse.ArgumentParser()
     loadtest.add_arguments(parser)
     out = tmp_path / "out"
-    argv = [server.url, "--path", "/v1/score", "--data", str(data), "--rate-multiplier", "0.1"]
-    args = parser.parse_args(["--url", *argv, "--duration", "3", "--out", str(out), "--no-chart"])
-    assert loadtest.run(args) == 0
-    result = json.loads((out / "result.json").read_text())
-    assert result["path"] == "/v1/score" and result["requests"] == 50
+    argv = ["--url", url, "--path", "/v1/score", "--data", str(data), "--rate-multiplier", "0.1"]
+    assert loadtest.run(parser.parse_args([*argv, "--duration", "3", "--out", str(out), "--no-chart"])) == 0
+    result: dict[str, Any] = json.loads((out / "result.json").read_text())
+    assert result["path"] == "/v1/score" and result["requests"] == len(entries)
     assert result["counts"]["http_errors"] == 0
+    return result
+
+
+def test_loadtest_drives_v1_score(server: Server, dev_entries: list[dict[str, Any]], tmp_path: Path) -> None:
+    result = run_loadtest(server.url, dev_entries[:50], tmp_path)
     # the model decides here: its fraud_score is a probability, not the kNN's share of five
     assert result["fraud_score_mismatches"] > 0
+
+
+def test_loadtest_counts_stay_exact_with_the_knn_deciding(
+    registry: tuple[Path, str], index_path: Path, dev_entries: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    own = tmp_path / "registry"
+    shutil.copytree(registry[0], own)
+    knn = fraudscore("model", "add-knn", "--index", str(index_path), "--registry", str(own)).stdout.strip()
+    assert fraudscore("model", "promote", knn, "--registry", str(own)).returncode == 0
+    srv = Server(index_path, "--registry", str(own))
+    try:
+        result = run_loadtest(srv.url, dev_entries[:50], tmp_path)
+    finally:
+        srv.stop()
+    assert result["fraud_score_mismatches"] == 0
+    assert result["counts"]["fp"] == 0 and result["counts"]["fn"] == 0
