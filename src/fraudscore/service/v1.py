@@ -27,7 +27,6 @@ Everything in the answer that does not depend on the request is serialized once,
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -42,8 +41,6 @@ from fraudscore.models.scorer import ModelScorer
 from fraudscore.scorer import KnnScorer, decision
 from fraudscore.service import responses
 from fraudscore.service.decode import unsearchable
-
-log = logging.getLogger(__name__)
 
 REASONS = 3  # the features that pushed the score most, per answer
 REGISTRY_ENV = "FRAUDSCORE_REGISTRY"
@@ -77,14 +74,16 @@ def _decision(frauds: int) -> dict[str, bool | float]:
 class V1Scorer:
     """The scorers behind /v1/score and the parts of its answer that never change."""
 
-    def __init__(self, knn: KnnScorer, knn_name: str, model: ModelScorer | None, model_decides: bool) -> None:
+    def __init__(
+        self, knn: KnnScorer, knn_version: str, model: ModelScorer | None, model_decides: bool
+    ) -> None:
         if model_decides and model is None:
             raise ValueError("the model cannot decide without a model")
         self.knn = knn
-        self.knn_version = knn_name
+        self.knn_version = knn_version
         self.model = model
         self.model_decides = model_decides
-        knn_id = {"name": "knn", "version": knn_name}
+        knn_id = {"name": "knn", "version": knn_version}
         self.decided_by = (
             {"name": model.id.name, "version": model.id.version} if model_decides and model else knn_id
         )
@@ -122,7 +121,7 @@ class V1Scorer:
         model = self.model
         if model is None:
             return self._knn_only[frauds]
-        probability, contributions = model.forest.explain(vector)
+        probability, contributions = model.explain(vector)  # one native walk: both at once
         ranked = sorted(zip(map(abs, contributions), _NEGATED_POSITIONS, strict=True), reverse=True)
         features = self._features
         reasons = [
