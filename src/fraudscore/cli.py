@@ -227,6 +227,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from fraudscore.service.server import run
     from fraudscore.service.state import ServiceConfig
+    from fraudscore.service.v1 import resolve_registry
 
     port = args.port
     if args.uds is None and args.handoff is None and port is None:
@@ -241,6 +242,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uds=args.uds,
         handoff=args.handoff,
         constants=_constants(args),
+        registry=resolve_registry(args.registry),
         max_body_bytes=args.max_body_bytes,
         max_url_bytes=args.max_url_bytes,
         max_header_bytes=args.max_header_bytes,
@@ -307,6 +309,15 @@ def _add_index_option(p: argparse.ArgumentParser) -> None:
         type=Path,
         default=DEFAULT_REFERENCES,
         help="reference vectors, to build a missing index (default: %(default)s)",
+    )
+
+
+def _add_registry_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--registry",
+        type=Path,
+        help="model registry for POST /v1/score (default: env FRAUDSCORE_REGISTRY, else data/registry "
+        "if it exists, else the kNN alone)",
     )
 
 
@@ -385,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer every request through httptools and the Python vectorizer (for comparison)",
     )
     _add_constants_options(serve)
+    _add_registry_option(serve)
     serve.set_defaults(func=cmd_serve)
 
     score = sub.add_parser("score", help="score payloads from a file: one JSON decision per line")
@@ -423,14 +435,18 @@ def cmd_balance(args: argparse.Namespace) -> int:
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
+    from fraudscore.service.v1 import resolve_registry
     from fraudscore.stack.runner import StackConfig, run
 
     index = ensure_index(args.index, args.references).resolve()
+    # checked here, once; without --registry each instance finds its default itself
+    registry = resolve_registry(args.registry) if args.registry else None
     run(
         StackConfig(
             index=index,
             port=env_port() if args.port is None else args.port,
             instances=args.instances,
+            registry=registry.resolve() if registry else None,
             balancer=args.lb,
             limits=not args.no_limits,
             host=args.host,
@@ -476,6 +492,7 @@ def _register_optional(sub: Any) -> None:
         default="builtin",
         help="load balancer (default: builtin)",
     )
+    _add_registry_option(stack)
     stack.add_argument(
         "--no-limits",
         action="store_true",

@@ -1,13 +1,15 @@
 """Values several parts of fraudscore share, each written only here.
 
-This module imports only the standard library, so the load balancer, the service and the tools can all read it
-without loading each other's code.
+This module imports only the standard library, so the load balancer, the service and the tools
+can all read it without loading each other's code.
 """
 
 import re
 
 PORT = 9999
 """The contract's public port: the load balancer listens on it (and a lone ``fraudscore serve``)."""
+SCORE_PATH = "/fraud-score"
+"""The contract's scoring endpoint: what the load test posts to unless told otherwise."""
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 """Every command's log lines; the stack runner reads its children's stderr by it."""

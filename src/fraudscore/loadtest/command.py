@@ -19,7 +19,7 @@ import math
 import os
 from pathlib import Path
 
-from fraudscore.defaults import PORT
+from fraudscore.defaults import PORT, SCORE_PATH
 from fraudscore.loadtest.profile import DURATION_S, START_RATE, TARGET_RATE, Profile
 
 DEFAULT_URL = f"http://localhost:{PORT}"
@@ -49,13 +49,26 @@ def _positive(text: str) -> float:
     return value
 
 
+def _endpoint_path(text: str) -> str:
+    if not text.startswith("/") or any(c.isspace() for c in text) or "?" in text or "#" in text:
+        raise argparse.ArgumentTypeError(f"not an absolute path like /v1/score: {text!r}")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `fraudscore loadtest`."""
     parser.add_argument(
         "--url",
         default=os.environ.get("FRAUDSCORE_URL", DEFAULT_URL),
-        help=f"base URL of the service; requests go to URL/fraud-score "
+        help=f"base URL of the service; requests go to URL + --path "
         f"(default: $FRAUDSCORE_URL, else {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--path",
+        type=_endpoint_path,
+        default=SCORE_PATH,
+        help=f"the endpoint posted to, e.g. /v1/score; its answers are judged by their `approved` "
+        f"and `fraud_score` fields (default: {SCORE_PATH})",
     )
     parser.add_argument(
         "--data",
@@ -118,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = load_test(
         url=args.url,
+        path=args.path,
         data=Path(args.data),
         profile=Profile(rate_multiplier=args.rate_multiplier, duration_s=args.duration),
         out_dir=Path(args.out),

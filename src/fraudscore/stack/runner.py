@@ -199,6 +199,7 @@ class StackConfig:
     port: int = PORT
     instances: int = 2
     balancer: Balancer = "builtin"
+    registry: Path | None = None  # passed on to every instance's --registry
     limits: bool = True
     host: str = "0.0.0.0"
     log_level: str = "INFO"
@@ -228,6 +229,8 @@ class Stack:
         sock = self.workdir / f"{limits.name}.sock"
         mode = "--handoff" if self.config.balancer == "builtin" else "--uds"
         argv = self._fraudscore("serve", "--index", str(self.config.index), mode, str(sock))
+        if self.config.registry is not None:
+            argv += ["--registry", str(self.config.registry)]
         return Process(limits.name, argv, limits, socket=sock)
 
     def _balancer(self, limits: ServiceLimits) -> Process:
