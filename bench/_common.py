@@ -10,6 +10,8 @@ import platform
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,11 @@ from fraudscore.stack.limits import DEFAULT_STACK
 ROOT = Path(__file__).resolve().parent.parent
 DEV_DATA = Path(os.environ.get("FRAUDSCORE_TEST_DATA", ROOT.parent / "shared" / "data" / "dev-data.json.gz"))
 INDEX = ROOT / "data" / "references.fsidx"
+
+
+Observer = Callable[[dict[str, int]], AbstractContextManager[object]]
+"""Called with a harness's server processes (name -> pid) as its load test begins; what it
+returns is entered for the load test's length (``bench/tail.py`` watches the processes meanwhile)."""
 
 
 def scoring_request(payload: Any) -> bytes:

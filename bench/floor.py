@@ -24,11 +24,13 @@ import signal
 import subprocess
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from _common import (
     ROOT,
+    Observer,
     cli,
     cpu_counters,
     free_port,
@@ -73,7 +75,9 @@ def floor_counts(log: str) -> list[dict[str, int]]:
     return [dict(zip(keys, map(int, m.groups()), strict=True)) for m in COUNTS.finditer(log)]
 
 
-def run_once(direct: bool, target: float, duration: float, out: Path, chart: bool) -> dict[str, Any]:
+def run_once(
+    direct: bool, target: float, duration: float, out: Path, chart: bool, observe: Observer | None = None
+) -> dict[str, Any]:
     binary = build()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -101,7 +105,13 @@ def run_once(direct: bool, target: float, duration: float, out: Path, chart: boo
                 processes.append(subprocess.Popen(balance, stderr=log, preexec_fn=outer.enter))
             wait_ready(url, timeout=30)
             before = cpu_counters(outer)
-            result = loadtest(url, target, duration, out, chart=chart)
+            names = ["floor"] if direct else [f"floor{i + 1}" for i in range(INSTANCES)] + ["lb"]
+            with (
+                observe(dict(zip(names, (p.pid for p in processes), strict=True)))
+                if observe
+                else nullcontext()
+            ):
+                result = loadtest(url, target, duration, out, chart=chart)
             figures = outer_figures(outer, result["requests"], before)
             # the balancer first, as the stack stops: then the servers print their counts
             for proc in reversed(processes):

@@ -20,11 +20,13 @@ import os
 import signal
 import subprocess
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from _common import (
     ROOT,
+    Observer,
     cpu_counters,
     fraudscore,
     free_port,
@@ -40,15 +42,26 @@ from fraudscore.stack.cgroups import Cgroup, CgroupManager
 from fraudscore.stack.runner import wait_ready
 
 
-def kill_instance(stack_pid: int, name: str) -> None:
-    """SIGKILL the stack's child that serves ``name`` (its socket is named after it)."""
+def stack_processes(stack_pid: int) -> dict[str, int]:
+    """The stack's children by name: each instance by its socket's name, and "lb"."""
     children = subprocess.run(["pgrep", "-P", str(stack_pid)], capture_output=True, text=True).stdout.split()
+    found = {}
     for pid in map(int, children):
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if b"serve" in argv and any(arg.endswith(f"/{name}.sock".encode()) for arg in argv):
-            os.kill(pid, signal.SIGKILL)
-            print(f"    killed {name} (pid {pid})")
-            return
+        if b"serve" in argv:
+            sock = next((a for a in argv if a.endswith(b".sock")), b"")
+            found[Path(sock.decode()).stem or f"serve-{pid}"] = pid
+        else:
+            found["lb"] = pid
+    return found
+
+
+def kill_instance(stack_pid: int, name: str) -> None:
+    """SIGKILL the stack's child that serves ``name`` (its socket is named after it)."""
+    pid = stack_processes(stack_pid).get(name)
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)
+        print(f"    killed {name} (pid {pid})")
 
 
 def run_once(
@@ -59,6 +72,7 @@ def run_once(
     out: Path,
     kill_at: float | None = None,
     chart: bool = True,
+    observe: Observer | None = None,
 ) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -83,7 +97,8 @@ def run_once(
         if kill_at is not None:
             killer = threading.Timer(kill_at, kill_instance, (stack.pid, "api1"))
             killer.start()
-        result = loadtest(url, target, duration, out, chart=chart)
+        with observe(stack_processes(stack.pid)) if observe else nullcontext():
+            result = loadtest(url, target, duration, out, chart=chart)
         if outer_cg is not None:  # before the stack stops: its shutdown is not the load's
             outer_during = outer_figures(outer_cg, result["requests"], before)
     finally:
