@@ -32,6 +32,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
 import re
 import shutil
 import signal
@@ -84,8 +86,14 @@ def switches(pid: int) -> dict[str, int]:
     return fields
 
 
+def user_system(pid: int) -> dict[str, int]:
+    """The main thread's CPU time in user space and in the kernel, in clock ticks."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return {"user_ticks": int(fields[11]), "system_ticks": int(fields[12])}
+
+
 def snapshot(pids: dict[str, int]) -> dict[str, dict[str, int]]:
-    return {name: {**schedstat(pid), **switches(pid)} for name, pid in pids.items()}
+    return {name: {**schedstat(pid), **switches(pid), **user_system(pid)} for name, pid in pids.items()}
 
 
 # --- perf ------------------------------------------------------------------------------------------
@@ -200,6 +208,8 @@ def request_path(data: Path) -> dict[str, Any]:
             continue
         tid, t, call = int(m["tid"]), float(m["time"]) * 1e6, m["call"]
         if m["dir"] == "enter":
+            if call in EPOLLS:  # a later read belongs to the wait that returns next, not an earlier one
+                epoll_returned.pop(tid, None)
             fd_match = re.search(r"fd: 0x([0-9a-f]+)", m["rest"])
             entered[tid] = (call, t, int(fd_match[1], 16) if fd_match else -1)
             continue
@@ -214,13 +224,21 @@ def request_path(data: Path) -> dict[str, Any]:
             epoll_returned[tid] = t
             batch.append(ret)
         elif call in READS and ret > 0:
-            pending.setdefault((tid, fd), Pending(began[1], epoll_returned.get(tid, began[1])))
+            # a request split over reads counts from its first; perf may lose events under load, so
+            # an epoll return not seen (NaN) leaves that request out of the epoll figure
+            pending.setdefault((tid, fd), Pending(began[1], epoll_returned.get(tid, math.nan)))
         elif call in WRITES and ret > 0:
             p = pending.pop((tid, fd), None)
             if p is not None:
                 read_to_write.append(t - p.read_entered)
-                epoll_to_write.append(t - p.epoll_returned)
+                if not math.isnan(p.epoll_returned):
+                    epoll_to_write.append(t - p.epoll_returned)
+    stats = subprocess.run(
+        ["perf", "report", "--stats", "-i", str(data)], capture_output=True, text=True
+    ).stdout
+    lost = re.search(r"LOST events:\s+(\d+)", stats)
     return {
+        "lost_events": int(lost[1]) if lost else 0,
         "calls": dict(calls),
         "read_to_write_us": percentiles(read_to_write),
         "epoll_to_write_us": percentiles(epoll_to_write),
@@ -235,6 +253,9 @@ class Watch:
         self.workdir = workdir
         self.window_at, self.window_s = window_at, window_s
         self.report: dict[str, Any] = {}
+        self.started = 0.0
+        self.window_threads: dict[str, dict[str, int]] = {}
+        self.window_span: tuple[float, float] | None = None
 
     @contextlib.contextmanager
     def __call__(self, processes: dict[str, int]) -> Iterator[None]:
@@ -275,9 +296,9 @@ class Watch:
                     ],
                     stderr=subprocess.DEVNULL,
                 )
-            window = threading.Timer(self.window_at, self._record_window, (pids,))
+            window = threading.Timer(self.window_at, self._record_window, (pids, processes))
             window.start()
-            started = time.monotonic()
+            self.started = started = time.monotonic()
             try:
                 yield
             finally:
@@ -293,6 +314,8 @@ class Watch:
             self.report["threads"] = {
                 name: {key: after[name][key] - before[name][key] for key in after[name]} for name in processes
             }
+            if self.window_span is not None:
+                self.report["window"] = {"span_s": self.window_span, "threads": self.window_threads}
             if gc_record is not None:
                 self.report["gc_by_generation"] = gc_generations(self.workdir / "gc.data")
         threads = {name: {pid} for name, pid in processes.items()}
@@ -305,7 +328,11 @@ class Watch:
         if syscalls.exists():
             self.report["request_path"] = request_path(syscalls)
 
-    def _record_window(self, pids: str) -> None:
+    def _record_window(self, pids: str, processes: dict[str, int]) -> None:
+        # the recordings cost CPU of their own: the threads' figures are also kept for the window
+        # alone, so what was counted outside it can be told apart
+        window_began = time.monotonic()
+        first = snapshot(processes)
         io = ",".join(f"syscalls:sys_{d}_{c}" for c in IO_SYSCALLS for d in ("enter", "exit"))
         seconds = str(self.window_s)
         sched = subprocess.Popen(
@@ -344,6 +371,9 @@ class Watch:
         sched.wait()
         # `-p` with a command: perf records until the command ends, then stops
         io_rec.wait()
+        last = snapshot(processes)
+        self.window_threads = {name: {k: last[name][k] - first[name][k] for k in last[name]} for name in last}
+        self.window_span = (window_began - self.started, time.monotonic() - self.started)
 
 
 def gc_generations(data: Path) -> dict[str, int]:
@@ -362,10 +392,33 @@ def spread(p: dict[str, float]) -> str:
     )
 
 
-def per_request(report: dict[str, Any], requests: int) -> list[str]:
-    n = requests or 1
+def ramp_requests(profile: dict[str, float], begin: float, end: float) -> float:
+    """How many requests the linear ramp starts between ``begin`` and ``end`` s into the load."""
+    start, target, duration = profile["start_rate"], profile["target_rate"], profile["duration_s"]
+    begin, end = max(0.0, begin), min(duration, end)
+    return (
+        start * (end - begin) + (target - start) * (end**2 - begin**2) / (2 * duration)
+        if end > begin
+        else 0.0
+    )
+
+
+def thread_line(name: str, d: dict[str, int], n: float) -> str:
+    """A thread's counters per request (``n`` requests)."""
+    tick = os.sysconf("SC_CLK_TCK") / 1e6  # clock ticks per µs
+    return (
+        f"{name}: CPU {d['cpu_ns'] / n / 1e3:.1f} us/request (user {d['user_ticks'] / tick / n:.1f}, "
+        f"kernel {d['system_ticks'] / tick / n:.1f}), run-queue wait {d['wait_ns'] / n / 1e3:.1f} us/request "
+        f"({d['wait_ns'] / max(1, d['timeslices']) / 1e3:.1f} us per timeslice, "
+        f"{d['timeslices'] / n:.2f} timeslices/request); context switches per request: "
+        f"voluntary {d['voluntary'] / n:.2f}, involuntary {d['nonvoluntary'] / n:.3f}"
+    )
+
+
+def per_request(report: dict[str, Any], result: dict[str, Any]) -> list[str]:
+    n = result["requests"] or 1
     lines = []
-    counts: dict[str, int] = report.get("counts", {})
+    counts: dict[str, int] = dict(report.get("counts", {}))
     total = counts.pop("raw_syscalls:sys_enter", 0)
     named = sorted(
         ((c, e.removeprefix("syscalls:sys_enter_")) for e, c in counts.items() if c and "sys_enter_" in e),
@@ -375,13 +428,31 @@ def per_request(report: dict[str, Any], requests: int) -> list[str]:
         f"syscalls per request (servers, whole load): {total / n:.2f} in all; "
         + ", ".join(f"{name} {c / n:.3f}" for c, name in named[:10])
     )
-    for name, d in report.get("threads", {}).items():
+    threads: dict[str, dict[str, int]] = report.get("threads", {})
+    window = report.get("window")
+    if window:  # outside the window: the whole load less the window, and the ramp's requests in it
+        in_window = ramp_requests(result["profile"], *window["span_s"])
+        outside = {
+            name: {k: v - window["threads"][name][k] for k, v in d.items()} for name, d in threads.items()
+        }
         lines.append(
-            f"{name} main thread: CPU {d['cpu_ns'] / n / 1e3:.1f} us/request, run-queue wait "
-            f"{d['wait_ns'] / n / 1e3:.1f} us/request ({d['wait_ns'] / max(1, d['timeslices']) / 1e3:.1f} us "
-            f"per timeslice, {d['timeslices'] / n:.2f} timeslices/request); switches per request: "
-            f"voluntary {d['voluntary'] / n:.2f}, involuntary {d['nonvoluntary'] / n:.3f}"
+            f"main threads, per request (the ramp's count: {n - in_window:.0f} outside the recording "
+            f"window, {in_window:.0f} in it):"
         )
+        groups = [
+            ("outside the window", outside, n - in_window),
+            ("in the window", window["threads"], in_window),
+        ]
+    else:
+        lines.append("main threads, per request:")
+        groups = [("whole load", threads, n)]
+    for label, group, count in groups:
+        servers = [d for name, d in group.items() if name != "lb"]
+        together = {k: sum(d[k] for d in servers) for k in servers[0]} if servers else {}
+        if together:
+            lines.append("  " + thread_line(f"servers together, {label}", together, count or 1))
+        for name, d in group.items():
+            lines.append("  " + thread_line(f"{name}, {label}", d, count or 1))
     if "gc_by_generation" in report:
         lines.append(
             f"garbage collections during the load, by generation: {report['gc_by_generation'] or 'none'}"
@@ -399,7 +470,7 @@ def per_request(report: dict[str, Any], requests: int) -> list[str]:
             p = path[key]
             if p.get("n"):
                 lines.append(f"window, {label}: {spread(p)}")
-        lines.append(f"window, traced calls: {path['calls']}")
+        lines.append(f"window, traced calls: {path['calls']}; perf lost {path['lost_events']} events")
     return lines
 
 
@@ -418,6 +489,7 @@ def main() -> None:
     )
     parser.add_argument("--window", type=float, help="seconds recorded (default: 1/8 of the duration)")
     parser.add_argument("--no-chart", action="store_true", help="k6 without per-request samples")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="keep perf's recordings in DIR")
     args = parser.parse_args()
     if shutil.which("perf") is None:
         parser.error("perf is not installed (apt-get install linux-perf)")
@@ -428,7 +500,9 @@ def main() -> None:
     name = f"tail-{what}-outer{'-nochart' if args.no_chart else ''}-{args.target:g}"
     out = ROOT / "bench" / "results" / name
     with tempfile.TemporaryDirectory(prefix="fraudscore-tail-") as tmp:
-        watch = Watch(Path(tmp), window_at, window_s)
+        perf_dir = args.keep or Path(tmp)
+        perf_dir.mkdir(parents=True, exist_ok=True)
+        watch = Watch(perf_dir, window_at, window_s)
         if args.floor:
             result = floor.run_once(
                 args.direct, args.target, args.duration, out, not args.no_chart, observe=watch
@@ -441,7 +515,7 @@ def main() -> None:
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(run_line(name, result))
     print(f"    {outer_line(result['outer'])}")
-    for line in per_request(watch.report, result["requests"]):
+    for line in per_request(watch.report, result):
         print(f"    {line}")
 
 
