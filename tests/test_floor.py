@@ -23,7 +23,10 @@ from fraudscore.stack.runner import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "bench" / "floor" / "floor.c"
-ANSWER = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 35\r\n\r\n{"approved":true,"fraud_score":0.0}'
+ANSWER = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 35\r\n\r\n"
+    b'{"approved":true,"fraud_score":0.0}'
+)
 BODY = b'{"id":"x","transaction":{"amount":1}}'
 REQUEST = b"POST /fraud-score HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
 
