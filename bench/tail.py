@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,27 @@ IO_SYSCALLS = ("read", "recvfrom", "write", "writev", "sendto", "epoll_wait", "e
 READS = {"read", "recvfrom"}
 WRITES = {"write", "writev", "sendto"}
 EPOLLS = {"epoll_wait", "epoll_pwait"}
+# counted over the whole load; the servers' fast path uses only the first few
+COUNTED_SYSCALLS = (
+    *IO_SYSCALLS,
+    "epoll_ctl",
+    "recvmsg",
+    "sendmsg",
+    "accept4",
+    "close",
+    "futex",
+    "ioctl",
+    "fcntl",
+    "getsockopt",
+    "setsockopt",
+    "getsockname",
+    "getpeername",
+    "mmap",
+    "munmap",
+    "madvise",
+    "brk",
+    "io_uring_enter",
+)
 SCHED_EVENTS = "sched:sched_switch,sched:sched_wakeup,sched:sched_waking"
 SCHEDSTAT_FIELDS = ("cpu_ns", "wait_ns", "timeslices")
 
@@ -122,6 +143,20 @@ def gc_probe() -> Iterator[str | None]:
         yield GC_PROBE
     finally:
         subprocess.run(["perf", "probe", "-q", "-d", f"{GC_PROBE_GROUP}:*"], capture_output=True)
+
+
+def server_filter(pids: Iterable[int]) -> str:
+    """A tracepoint filter for the servers' main threads.
+
+    Events are counted machine-wide (``-a``) and filtered, rather than attached to the processes
+    (``-p``): events attached to a task are switched in and out with it at every context switch,
+    which cost the floor more CPU per request than its own work did."""
+    return " || ".join(f"common_pid == {pid}" for pid in pids)
+
+
+def filtered(events: Iterable[str], only: str) -> list[str]:
+    """perf's arguments for ``events``, each with the filter ``only``."""
+    return [a for e in events for a in ("-e", e, "--filter", only)]
 
 
 def perf_stat_counts(path: Path) -> dict[str, int]:
@@ -260,25 +295,15 @@ class Watch:
     @contextlib.contextmanager
     def __call__(self, processes: dict[str, int]) -> Iterator[None]:
         servers = {n: p for n, p in processes.items() if n != "lb"}
-        pids = ",".join(str(p) for p in servers.values())
-        events = ["raw_syscalls:sys_enter", "syscalls:sys_enter_*"]
+        only = server_filter(servers.values())
+        events = ["raw_syscalls:sys_enter", *(f"syscalls:sys_enter_{c}" for c in COUNTED_SYSCALLS)]
         with gc_probe() as gc_event:
             if gc_event is not None and any(is_python(p) for p in servers.values()):
                 events.append(gc_event)
             stat_file = self.workdir / "stat.csv"
             before = snapshot(processes)
             stat = subprocess.Popen(
-                [
-                    "perf",
-                    "stat",
-                    "-x",
-                    ",",
-                    "-o",
-                    str(stat_file),
-                    *(a for e in events for a in ("-e", e)),
-                    "-p",
-                    pids,
-                ]
+                ["perf", "stat", "-a", "-x", ",", "-o", str(stat_file), *filtered(events, only)]
             )
             gc_record = None
             if gc_event in events:
@@ -287,16 +312,14 @@ class Watch:
                         "perf",
                         "record",
                         "-q",
-                        "-e",
-                        str(gc_event),
-                        "-p",
-                        pids,
+                        "-a",
+                        *filtered([str(gc_event)], only),
                         "-o",
                         str(self.workdir / "gc.data"),
                     ],
                     stderr=subprocess.DEVNULL,
                 )
-            window = threading.Timer(self.window_at, self._record_window, (pids, processes))
+            window = threading.Timer(self.window_at, self._record_window, (only, processes))
             window.start()
             self.started = started = time.monotonic()
             try:
@@ -328,12 +351,12 @@ class Watch:
         if syscalls.exists():
             self.report["request_path"] = request_path(syscalls)
 
-    def _record_window(self, pids: str, processes: dict[str, int]) -> None:
+    def _record_window(self, only: str, processes: dict[str, int]) -> None:
         # the recordings cost CPU of their own: the threads' figures are also kept for the window
         # alone, so what was counted outside it can be told apart
         window_began = time.monotonic()
         first = snapshot(processes)
-        io = ",".join(f"syscalls:sys_{d}_{c}" for c in IO_SYSCALLS for d in ("enter", "exit"))
+        io = [f"syscalls:sys_{d}_{c}" for c in IO_SYSCALLS for d in ("enter", "exit")]
         seconds = str(self.window_s)
         sched = subprocess.Popen(
             [
@@ -356,10 +379,8 @@ class Watch:
                 "perf",
                 "record",
                 "-q",
-                "-e",
-                io,
-                "-p",
-                pids,
+                "-a",
+                *filtered(io, only),
                 "-o",
                 str(self.workdir / "syscalls.data"),
                 "--",
@@ -369,7 +390,6 @@ class Watch:
             stderr=subprocess.DEVNULL,
         )
         sched.wait()
-        # `-p` with a command: perf records until the command ends, then stops
         io_rec.wait()
         last = snapshot(processes)
         self.window_threads = {name: {k: last[name][k] - first[name][k] for k in last[name]} for name in last}
