@@ -84,6 +84,8 @@ COUNTED_SYSCALLS = (
     "brk",
     "io_uring_enter",
 )
+# a loop's epoll timeout that grows by more than this ran a timer (the sweep, due every second)
+TIMER_JUMP_MS = 500
 SCHED_EVENTS = "sched:sched_switch,sched:sched_wakeup,sched:sched_waking"
 SCHEDSTAT_FIELDS = ("cpu_ns", "wait_ns", "timeslices")
 
@@ -226,7 +228,9 @@ class Pending:
 
 def request_path(data: Path) -> dict[str, Any]:
     """From the servers' syscall trace: per request, read entered -> write left and epoll return ->
-    write left (µs); and events per epoll wait."""
+    write left (µs); events per epoll wait; and how long the loop runs between two waits, in all
+    and in the iterations that ran a timer (the deadline sweep, once a second): those after which
+    the wait's timeout jumps up, as the timer is set again for its next time."""
     out = subprocess.run(
         ["perf", "script", "-i", str(data), "-F", "tid,time,event,trace"], capture_output=True, text=True
     ).stdout
@@ -236,6 +240,10 @@ def request_path(data: Path) -> dict[str, Any]:
     read_to_write: list[float] = []
     epoll_to_write: list[float] = []
     batch: list[float] = []
+    iteration_began: dict[int, float] = {}  # tid -> when its epoll wait returned
+    last_timeout: dict[int, int] = {}  # tid -> its last epoll wait's timeout, ms (-1: none)
+    iterations: list[float] = []
+    timer_iterations: list[float] = []
     calls: Counter[str] = Counter()
     for line in out.splitlines():
         m = SCRIPT_ROW.match(line)
@@ -245,6 +253,16 @@ def request_path(data: Path) -> dict[str, Any]:
         if m["dir"] == "enter":
             if call in EPOLLS:  # a later read belongs to the wait that returns next, not an earlier one
                 epoll_returned.pop(tid, None)
+                timeout_match = re.search(r"timeout: 0x([0-9a-f]+)", m["rest"])
+                timeout = int(timeout_match[1], 16) if timeout_match else -1
+                timeout = -1 if timeout >= 1 << 31 else timeout
+                began_iteration = iteration_began.pop(tid, None)
+                previous = last_timeout.get(tid, -1)
+                if began_iteration is not None:
+                    iterations.append(t - began_iteration)
+                    if previous >= 0 and timeout > previous + TIMER_JUMP_MS:
+                        timer_iterations.append(t - began_iteration)
+                last_timeout[tid] = timeout
             fd_match = re.search(r"fd: 0x([0-9a-f]+)", m["rest"])
             entered[tid] = (call, t, int(fd_match[1], 16) if fd_match else -1)
             continue
@@ -258,6 +276,7 @@ def request_path(data: Path) -> dict[str, Any]:
         if call in EPOLLS:
             epoll_returned[tid] = t
             batch.append(ret)
+            iteration_began[tid] = t
         elif call in READS and ret > 0:
             # a request split over reads counts from its first; perf may lose events under load, so
             # an epoll return not seen (NaN) leaves that request out of the epoll figure
@@ -278,6 +297,8 @@ def request_path(data: Path) -> dict[str, Any]:
         "read_to_write_us": percentiles(read_to_write),
         "epoll_to_write_us": percentiles(epoll_to_write),
         "events_per_epoll_wait": percentiles(batch),
+        "loop_iteration_us": percentiles(iterations),
+        "timer_iteration_us": percentiles(timer_iterations),
     }
 
 
@@ -486,6 +507,8 @@ def per_request(report: dict[str, Any], result: dict[str, Any]) -> list[str]:
             ("read_to_write_us", "read entered -> answer written, us"),
             ("epoll_to_write_us", "epoll returned -> answer written, us"),
             ("events_per_epoll_wait", "events per epoll wait"),
+            ("loop_iteration_us", "epoll returned -> next epoll wait (a loop iteration), us"),
+            ("timer_iteration_us", "the same, in the iterations that ran the sweep's timer, us"),
         ):
             p = path[key]
             if p.get("n"):
