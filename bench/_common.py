@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the dev payloads, and a description of the machine."""
+"""What the benchmark scripts share: the dev payloads, a description of the machine, the outer
+cgroup that `--outer` runs put everything under, and the lines that report a run."""
 
 from __future__ import annotations
 
@@ -9,15 +10,24 @@ import platform
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from fraudscore.defaults import SCORE_PATH
 from fraudscore.loadtest.profile import TARGET_RATE
+from fraudscore.stack.cgroups import Cgroup, CgroupManager, V1Cgroup, V2Cgroup
+from fraudscore.stack.limits import DEFAULT_STACK
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV_DATA = Path(os.environ.get("FRAUDSCORE_TEST_DATA", ROOT.parent / "shared" / "data" / "dev-data.json.gz"))
 INDEX = ROOT / "data" / "references.fsidx"
+
+
+Observer = Callable[[dict[str, int]], AbstractContextManager[object]]
+"""Called with a harness's server processes (name -> pid) as its load test begins; what it
+returns is entered for the load test's length (``bench/tail.py`` watches the processes meanwhile)."""
 
 
 def scoring_request(payload: Any, path: str = SCORE_PATH) -> bytes:
@@ -52,21 +62,14 @@ def free_port() -> int:
         return port
 
 
+def cli(command: str, *args: str, log_level: str = "WARNING") -> list[str]:
+    """The argv of `fraudscore COMMAND ARGS`, with this Python."""
+    return [sys.executable, "-m", "fraudscore.cli", "--log-level", log_level, command, *args]
+
+
 def fraudscore(command: str, *args: str, log_level: str = "WARNING") -> list[str]:
-    """The argv of `fraudscore COMMAND ARGS` on the test address, with this Python."""
-    return [
-        sys.executable,
-        "-m",
-        "fraudscore.cli",
-        "--log-level",
-        log_level,
-        command,
-        "--index",
-        str(INDEX),
-        "--host",
-        "127.0.0.1",
-        *args,
-    ]
+    """The argv of `fraudscore COMMAND ARGS` with the bench's index, on the test address."""
+    return cli(command, "--index", str(INDEX), "--host", "127.0.0.1", *args, log_level=log_level)
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -85,7 +88,7 @@ def cpu_seconds(pid: int) -> float:
 
 def loadtest(
     url: str, target: float, duration: float, out: Path, *, chart: bool = True, path: str = SCORE_PATH
-) -> dict[str, object]:
+) -> dict[str, Any]:
     subprocess.run(
         [
             sys.executable,
@@ -111,3 +114,68 @@ def loadtest(
     )
     result: dict[str, Any] = json.loads((out / "result.json").read_text())
     return result
+
+
+def outer_cgroup() -> tuple[CgroupManager, Cgroup]:
+    """A cgroup with the whole stack's limits (1 CPU / 350 MB): what runs inside shares that one
+    ceiling, as the stack does in `bench/stack.py --outer`.  ``manager.cleanup(kill=True)`` removes it."""
+    manager = CgroupManager()
+    return manager, manager.create_outer(DEFAULT_STACK)
+
+
+def cpu_stat(cgroup: Cgroup) -> dict[str, int]:
+    """The cgroup's cpu.stat (nr_periods, nr_throttled, and throttled_time in ns on v1 or
+    throttled_usec on v2): how often the CFS quota held its processes back."""
+    if isinstance(cgroup, V1Cgroup):
+        path = cgroup.cpu_dir / "cpu.stat"
+    elif isinstance(cgroup, V2Cgroup):
+        path = cgroup.directory / "cpu.stat"
+    else:  # pragma: no cover - the two versions are the only kinds
+        return {}
+    stat = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        stat[key] = int(value)
+    return stat
+
+
+def cpu_counters(cgroup: Cgroup) -> dict[str, float]:
+    """The cgroup's cumulative CPU and throttling counters, to take differences over a load test."""
+    stat = cpu_stat(cgroup)
+    return {
+        "cpu_seconds": cgroup.cpu_seconds() or 0.0,
+        "throttled_seconds": cgroup.throttled_seconds() or 0.0,
+        "nr_periods": stat.get("nr_periods", 0),
+        "nr_throttled": stat.get("nr_throttled", 0),
+    }
+
+
+def outer_figures(cgroup: Cgroup, requests: int, before: dict[str, float]) -> dict[str, float]:
+    """What the outer cgroup accounted during the load test (``before``: ``cpu_counters`` taken as
+    it began, so start-up is left out): CPU in total and per request, CFS throttling; and the peak
+    memory since the cgroup was made.  Read before the cgroup is removed."""
+    now = cpu_counters(cgroup)
+    figures = {key: now[key] - before[key] for key in now}
+    figures["cpu_us_per_request"] = figures["cpu_seconds"] / requests * 1e6 if requests else 0.0
+    figures["peak_memory_mib"] = (cgroup.peak_memory_bytes() or 0) / 2**20
+    return figures
+
+
+def run_line(name: str, result: dict[str, Any]) -> str:
+    """One run's k6 figures, as every harness prints them."""
+    lat = result["latency_ms"]
+    return (
+        f"{name}: requests {result['requests']}, p50 {lat['p50']:.3f} p90 {lat['p90']:.3f} "
+        f"p99 {lat['p99']:.3f} max {lat['max']:.2f} ms; counts {result['counts']}; "
+        f"score {result['score']['final']:.2f}"
+    )
+
+
+def outer_line(outer: dict[str, float]) -> str:
+    """The outer cgroup's figures (``outer_figures``) in one line."""
+    return (
+        f"outer cgroup: peak {outer['peak_memory_mib']:.1f} MiB; "
+        f"during the load: CPU {outer['cpu_seconds']:.1f} s "
+        f"({outer['cpu_us_per_request']:.0f} us per request), throttled {outer['throttled_seconds']:.2f} s "
+        f"in {outer['nr_throttled']:.0f} of {outer['nr_periods']:.0f} periods"
+    )

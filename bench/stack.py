@@ -20,25 +20,48 @@ import os
 import signal
 import subprocess
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, fraudscore, free_port, loadtest, machine
+from _common import (
+    ROOT,
+    Observer,
+    cpu_counters,
+    fraudscore,
+    free_port,
+    loadtest,
+    machine,
+    outer_cgroup,
+    outer_figures,
+    outer_line,
+    run_line,
+)
 from fraudscore.loadtest.profile import DURATION_S, TARGET_RATE
 from fraudscore.stack.cgroups import Cgroup, CgroupManager
-from fraudscore.stack.limits import DEFAULT_STACK
 from fraudscore.stack.runner import wait_ready
+
+
+def stack_processes(stack_pid: int) -> dict[str, int]:
+    """The stack's children by name: each instance by its socket's name, and "lb"."""
+    children = subprocess.run(["pgrep", "-P", str(stack_pid)], capture_output=True, text=True).stdout.split()
+    found = {}
+    for pid in map(int, children):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"serve" in argv:
+            sock = next((a for a in argv if a.endswith(b".sock")), b"")
+            found[Path(sock.decode()).stem or f"serve-{pid}"] = pid
+        else:
+            found["lb"] = pid
+    return found
 
 
 def kill_instance(stack_pid: int, name: str) -> None:
     """SIGKILL the stack's child that serves ``name`` (its socket is named after it)."""
-    children = subprocess.run(["pgrep", "-P", str(stack_pid)], capture_output=True, text=True).stdout.split()
-    for pid in map(int, children):
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if b"serve" in argv and any(arg.endswith(f"/{name}.sock".encode()) for arg in argv):
-            os.kill(pid, signal.SIGKILL)
-            print(f"    killed {name} (pid {pid})")
-            return
+    pid = stack_processes(stack_pid).get(name)
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)
+        print(f"    killed {name} (pid {pid})")
 
 
 def run_once(
@@ -49,6 +72,7 @@ def run_once(
     out: Path,
     kill_at: float | None = None,
     chart: bool = True,
+    observe: Observer | None = None,
 ) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -57,8 +81,7 @@ def run_once(
     manager: CgroupManager | None = None
     outer_cg: Cgroup | None = None
     if outer:
-        manager = CgroupManager()
-        outer_cg = manager.create_outer(DEFAULT_STACK)
+        manager, outer_cg = outer_cgroup()
         argv.append("--no-limits")
     # the stack's log goes to a file: a pipe read only at the end would fill during the run and
     # block every process of the stack on its next log line
@@ -69,10 +92,15 @@ def run_once(
     killer = None
     try:
         wait_ready(url, timeout=60)
+        before = cpu_counters(outer_cg) if outer_cg is not None else {}
+        outer_during: dict[str, float] = {}
         if kill_at is not None:
             killer = threading.Timer(kill_at, kill_instance, (stack.pid, "api1"))
             killer.start()
-        result = loadtest(url, target, duration, out, chart=chart)
+        with observe(stack_processes(stack.pid)) if observe else nullcontext():
+            result = loadtest(url, target, duration, out, chart=chart)
+        if outer_cg is not None:  # before the stack stops: its shutdown is not the load's
+            outer_during = outer_figures(outer_cg, result["requests"], before)
     finally:
         if killer is not None:
             killer.cancel()
@@ -86,9 +114,7 @@ def run_once(
     ]
     result["processes"] = processes
     if outer_cg is not None and manager is not None:
-        peak = outer_cg.peak_memory_bytes()
-        cpu = outer_cg.cpu_seconds()
-        result["outer"] = {"peak_memory_mib": (peak or 0) / 2**20, "cpu_seconds": cpu}
+        result["outer"] = outer_during
         manager.cleanup(kill=True)
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -115,19 +141,11 @@ def main() -> None:
         result = run_once(
             args.lb, args.outer, args.target, args.duration, out, args.kill_at, chart=not args.no_chart
         )
-        lat = result["latency_ms"]
-        print(
-            f"{name}: requests {result['requests']}, p50 {lat['p50']:.3f} p90 {lat['p90']:.3f} "
-            f"p99 {lat['p99']:.3f} max {lat['max']:.2f} ms; counts {result['counts']}; "
-            f"score {result['score']['final']:.2f}"
-        )
+        print(run_line(name, result))
         for line in result["processes"]:
             print(f"    {line}")
         if "outer" in result:
-            print(
-                f"    outer cgroup: peak {result['outer']['peak_memory_mib']:.1f} MiB, "
-                f"CPU {result['outer']['cpu_seconds']:.1f} s"
-            )
+            print(f"    {outer_line(result['outer'])}")
 
 
 if __name__ == "__main__":
