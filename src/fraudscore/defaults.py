@@ -6,3 +6,7 @@ without loading each other's code.
 
 PORT = 9999
 """The contract's public port: the load balancer listens on it (and a lone ``fraudscore serve``)."""
+
+METRICS_PORT = 9101
+"""The first instance's metrics port in ``fraudscore stack --metrics-port`` as
+deploy/prometheus/prometheus.yml scrapes it (instance i on METRICS_PORT + i)."""

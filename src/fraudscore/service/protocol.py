@@ -31,7 +31,8 @@ from fraudscore.contract.vectorize import NORMALIZATION_KEYS, UNKNOWN_MCC_RISK, 
 from fraudscore.errors import PayloadError
 from fraudscore.scorer import KnnScorer
 from fraudscore.service import responses
-from fraudscore.service._fastpath import FastPath
+from fraudscore.service._fastpath import FastPath, RequestMetrics
+from fraudscore.service.metrics import METRICS_PATH
 from fraudscore.service.state import ServiceState
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,12 @@ class _Refused(Exception):
     """Raised from a parser callback once the request is refused, so httptools stops parsing it."""
 
 
-def fast_path(scorer: KnnScorer, constants: Constants, max_body_bytes: int) -> FastPath:
+def fast_path(
+    scorer: KnnScorer, constants: Constants, max_body_bytes: int, metrics: RequestMetrics | None = None
+) -> FastPath:
     """The native answerer of ordinary scoring requests, with this service's data and answers:
-    every constant of the vector comes from here, none is the C code's own."""
+    every constant of the vector comes from here, none is the C code's own.  It counts and times
+    what it answers in ``metrics``."""
     return FastPath(
         scorer.index.native,
         divisors={key: getattr(constants, key) for key in NORMALIZATION_KEYS},
@@ -57,6 +61,7 @@ def fast_path(scorer: KnnScorer, constants: Constants, max_body_bytes: int) -> F
         unknown_mcc_risk=UNKNOWN_MCC_RISK,
         answers=responses.SCORES,
         max_body=max_body_bytes,
+        metrics=metrics,
     )
 
 
@@ -76,6 +81,7 @@ class HttpConnection(asyncio.Protocol):
         "_linger",
         "_method",
         "_parser",
+        "_record",
         "_request_started",
         "_state",
         "_transport",
@@ -85,6 +91,8 @@ class HttpConnection(asyncio.Protocol):
 
     def __init__(self, state: ServiceState) -> None:
         self._state = state
+        # record(url, response, started): one native call counts and times a response (metrics.py)
+        self._record = state.metrics.native.record
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._linger: asyncio.TimerHandle | None = None
@@ -223,6 +231,7 @@ class HttpConnection(asyncio.Protocol):
         if self._transport is None:
             return
         answer = self._respond()
+        self._record(self._url, answer, self._request_started)
         if self._method == b"HEAD":  # the same head, and no body (RFC 9110 9.3.2)
             answer = answer[: answer.index(b"\r\n\r\n") + 4]
         self._transport.write(answer)
@@ -242,6 +251,10 @@ class HttpConnection(asyncio.Protocol):
             if self._method != b"GET" and self._method != b"HEAD":
                 return responses.READY_METHOD
             return responses.READY if self._state.ready else responses.WARMING
+        if path == METRICS_PATH:
+            if self._method != b"GET" and self._method != b"HEAD":
+                return responses.METRICS_METHOD
+            return self._state.metrics.response()
         return responses.NOT_FOUND
 
     def _score(self) -> bytes:
@@ -254,7 +267,11 @@ class HttpConnection(asyncio.Protocol):
         except orjson.JSONDecodeError as exc:
             return responses.error(400, f"malformed JSON: {exc}")
         try:
-            return responses.SCORES[state.scorer.fraud_count(vectorize(payload, state.constants))]
+            vector = vectorize(payload, state.constants)
+            started = time.perf_counter_ns()
+            frauds = state.scorer.fraud_count(vector)
+            state.metrics.native.searched(time.perf_counter_ns() - started)
+            return responses.SCORES[frauds]
         except PayloadError as exc:
             return responses.error(400, str(exc))
         except ValueError as exc:  # a vector the index refuses (out of range): still the client's input
@@ -283,6 +300,10 @@ class HttpConnection(asyncio.Protocol):
         if transport is None or self._closing:
             return
         self._closing = True
+        if self._in_request:
+            self._record(self._url, response, self._request_started)
+        else:  # bytes that began no request: counted under no route, timed from their read
+            self._record(b"", response, self._last_active)
         transport.write(response)
         if transport.can_write_eof():
             transport.write_eof()
@@ -326,6 +347,7 @@ class HttpConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         if self._transport is not None and not self._closing:
+            self._record(self._url, responses.SHUTTING_DOWN, self._request_started)
             self._transport.write(responses.SHUTTING_DOWN)
         self._close()
         self._state.connections.discard(self)
