@@ -300,10 +300,8 @@ class HttpConnection(asyncio.Protocol):
         if transport is None or self._closing:
             return
         self._closing = True
-        if self._in_request:
-            self._record(self._url, response, self._request_started)
-        else:  # bytes that began no request: counted under no route, timed from their read
-            self._record(b"", response, self._last_active)
+        # the request last begun is the one refused (or whose answer broke); timed from its start
+        self._record(self._url, response, self._request_started or self._last_active)
         transport.write(response)
         if transport.can_write_eof():
             transport.write_eof()
