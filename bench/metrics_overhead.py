@@ -5,12 +5,14 @@
 The same dev payloads, as whole HTTP requests, go through ``HttpConnection.data_received`` (over
 service/memory.py's transport, as in request_path.py) to two native fast paths that differ only
 in whether they count and time what they answer (``FastPath(metrics=...)``: two clock reads
-around the search, one at the start, and a few increments).  Rounds alternate which goes first;
-each round times all the payloads in one loop per variant (no timer per request), so a figure is
-the mean time per request of that round.  Printed: the median over rounds of each, and of the
-per-round difference.  The Python path's recording (one native call per response, and the
-search's two clock reads) cannot be switched off in process: compare request_path.py's runs of
-the commits before and after instead.
+around the search and a few increments).  A round times every payload once through each, one
+whole pass after the other, the order alternating from round to round; a pass gives the
+median of its per-request wall times (a median: on a shared machine a few requests are
+preempted for milliseconds) and the mean of its thread's CPU time per request (preemption is
+not in it).  Printed for both: each variant's median over rounds, and the median over rounds
+of the difference between the two passes of a round.  The Python path's recording (one
+native call per response, two clock reads around its search) cannot be switched off in process:
+compare request_path.py's runs of the commits before and after instead.
 """
 
 from __future__ import annotations
@@ -28,13 +30,20 @@ from fraudscore.service.protocol import HttpConnection, fast_path
 from fraudscore.service.state import ServiceConfig, ServiceState
 
 
-def mean_us(conn: HttpConnection, transport: MemoryTransport, requests: list[bytes]) -> float:
+def timed(conn: HttpConnection, data: bytes) -> int:
     start = time.perf_counter_ns()
-    for data in requests:
-        conn.data_received(data)
-    elapsed = time.perf_counter_ns() - start
+    conn.data_received(data)
+    return time.perf_counter_ns() - start
+
+
+def one_pass(conn: HttpConnection, transport: MemoryTransport, requests: list[bytes]) -> tuple[float, float]:
+    """(median wall time per request, mean CPU time per request), in microseconds.  The CPU time
+    is this thread's (CLOCK_THREAD_CPUTIME_ID) over the whole pass: time preempted is not in it."""
+    cpu = time.thread_time_ns()
+    times = [timed(conn, data) for data in requests]
+    cpu = time.thread_time_ns() - cpu
     assert transport.last in responses.SCORES
-    return elapsed / len(requests) / 1000
+    return statistics.median(times) / 1000, cpu / len(requests) / 1000
 
 
 def main() -> None:
@@ -55,30 +64,25 @@ def main() -> None:
         metrics = state.metrics.native if counting else None
         state.fast = fast_path(scorer, DEFAULT_CONSTANTS, config.max_body_bytes, metrics)
         variants[name] = memory_connection(state, keep=False)
-    for conn, transport in variants.values():  # warm both once: caches, branch predictors
-        mean_us(conn, transport, requests)
+    for conn, transport in variants.values():  # warm both once
+        one_pass(conn, transport, requests)
 
-    figures: dict[str, list[float]] = {name: [] for name in variants}
+    figures: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for r in range(args.rounds):
-        order = list(variants) if r % 2 == 0 else list(reversed(variants))
-        for name in order:
-            figures[name].append(mean_us(*variants[name], requests))
-    off, on = figures["metrics off"], figures["metrics on"]
-    diffs = [b - a for a, b in zip(off, on, strict=True)]
+        for name in list(variants) if r % 2 == 0 else list(reversed(variants)):
+            figures[name].append(one_pass(*variants[name], requests))
 
     print(f"machine: {machine()}")
     print(f"requests: {len(requests):,} dev payloads x {args.rounds} rounds, fast path, in process")
-    for name, rows in figures.items():
+    for i, what in enumerate(("wall time per request, median", "CPU time per request, mean")):
+        off = [row[i] for row in figures["metrics off"]]
+        on = [row[i] for row in figures["metrics on"]]
+        diff = statistics.median(b - a for a, b in zip(off, on, strict=True))
+        base = statistics.median(off)
         print(
-            f"{name:12s} mean per request (us): median over rounds {statistics.median(rows):.3f}  "
-            f"min {min(rows):.3f}  max {max(rows):.3f}"
+            f"{what} (us): metrics off {base:.3f}, on {statistics.median(on):.3f}; "
+            f"cost {diff * 1000:+.0f} ns ({diff / base * 100:+.2f} %)"
         )
-    base = statistics.median(off)
-    diff = statistics.median(diffs)
-    print(
-        f"cost of the metrics: median per-round difference {diff * 1000:+.0f} ns per request "
-        f"({diff / base * 100:+.2f} % of {base:.3f} us)"
-    )
 
 
 if __name__ == "__main__":

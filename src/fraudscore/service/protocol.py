@@ -134,7 +134,7 @@ class HttpConnection(asyncio.Protocol):
         self._last_active = time.monotonic()
         fast = self._state.fast
         if fast is not None and not self._in_request and self._transport is not None:
-            answer = fast.answer(data)
+            answer = fast.answer(data, self._last_active)  # timed from this read, as the Python path
             if answer is not None:
                 self._transport.write(answer)
                 return
