@@ -9,6 +9,8 @@ Two paths answer.  A read that is exactly one ordinary scoring request, arriving
 parser is between requests, is answered by the native fast path (``_fastpath.c``) in one call;
 for everything else that path declines and httptools with ``vectorize`` answer, as they define
 what the answer is.  Both give the same bytes for what both accept (tests/test_fastpath.py).
+Every response is counted and timed for ``GET /metrics`` (``metrics.py``): the fast path does it
+in C, the Python path with one native call per response (``_record``), never prometheus_client.
 
 No client can make a request's head cost more than a bounded amount of memory or time: the URL,
 the header section and the number of headers have limits (``ServiceConfig``), answered with 414
