@@ -7,9 +7,9 @@ BIN     = $(VENV)/bin
 INDEX  ?= data/references.fsidx
 PORT   ?= 9999
 
-.PHONY: install index run test lint typecheck unit bench clean
+.PHONY: install index run test lint typecheck unit sanitize stubtest bench clean
 
-$(BIN)/.installed: pyproject.toml setup.py src/fraudscore/index/_knn.c
+$(BIN)/.installed: pyproject.toml setup.py $(wildcard src/fraudscore/*/_*.c src/fraudscore/*/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
@@ -35,7 +35,37 @@ typecheck: install
 unit: install index
 	$(BIN)/python -m pytest
 
-test: lint typecheck unit
+# The native code under AddressSanitizer and UndefinedBehaviorSanitizer: every extension rebuilt
+# with them into $(SAN_DIR) (a copy of the package, so the venv's own build is untouched), then
+# a quick sample of the index, fuzz, fast-path and tree tests run against that copy (FRAUDSCORE_SANITIZER
+# makes the long loops short).  Any invalid access or undefined behaviour aborts the run, its report
+# on stderr (--capture=sys: pytest leaves the sanitizers' file descriptor alone).
+SAN_DIR   = build/sanitize
+SAN_FLAGS = -O1 -g -std=c11 -ffp-contract=off -fno-strict-aliasing -fPIC -shared \
+            -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+SAN_TESTS = tests/test_index.py tests/test_index_fuzz.py tests/test_fastpath.py tests/test_models_native.py
+
+sanitize: install index
+	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)
+	cp -r src/fraudscore $(SAN_DIR)/
+	find $(SAN_DIR) \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
+	inc=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])') && \
+	ext=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))') && \
+	gcc $(SAN_FLAGS) -I$$inc src/fraudscore/index/_knn.c -o $(SAN_DIR)/fraudscore/index/_knn$$ext && \
+	gcc $(SAN_FLAGS) -I$$inc -Isrc/fraudscore/index src/fraudscore/service/_fastpath.c \
+	    -o $(SAN_DIR)/fraudscore/service/_fastpath$$ext && \
+	gcc $(SAN_FLAGS) -I$$inc src/fraudscore/models/_trees.c -o $(SAN_DIR)/fraudscore/models/_trees$$ext
+	export LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+	       UBSAN_OPTIONS=print_stacktrace=1 PYTHONPATH=$(CURDIR)/$(SAN_DIR) FRAUDSCORE_SANITIZER=1 && \
+	$(BIN)/python -c 'import fraudscore.index._knn as k, fraudscore.service._fastpath as f, fraudscore.models._trees as t; \
+	    assert all(m.__file__.startswith("$(CURDIR)/$(SAN_DIR)/") for m in (k, f, t)), (k, f, t)' && \
+	$(BIN)/python -m pytest -q -p no:cacheprovider --capture=sys $(SAN_TESTS)
+
+# the native modules' type stubs (.pyi) against what the modules really define
+stubtest: install
+	$(BIN)/python -m mypy.stubtest fraudscore.index._knn fraudscore.service._fastpath fraudscore.models._trees
+
+test: lint typecheck stubtest unit sanitize
 
 bench: install index
 	$(BIN)/python bench/search.py

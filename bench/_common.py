@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fraudscore.defaults import SCORE_PATH
 from fraudscore.loadtest.profile import TARGET_RATE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,10 +20,10 @@ DEV_DATA = Path(os.environ.get("FRAUDSCORE_TEST_DATA", ROOT.parent / "shared" / 
 INDEX = ROOT / "data" / "references.fsidx"
 
 
-def scoring_request(payload: Any) -> bytes:
-    """One whole POST /fraud-score request, compact JSON body, headers as a load tester sends."""
+def scoring_request(payload: Any, path: str = SCORE_PATH) -> bytes:
+    """One whole POST request to path, compact JSON body, headers as a load tester sends."""
     body = json.dumps(payload, separators=(",", ":")).encode()
-    head = b"POST /fraud-score HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+    head = b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n" % path.encode()
     return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
 
 
@@ -82,7 +83,9 @@ def cpu_seconds(pid: int) -> float:
     return ticks / 100.0
 
 
-def loadtest(url: str, target: float, duration: float, out: Path, *, chart: bool = True) -> dict[str, object]:
+def loadtest(
+    url: str, target: float, duration: float, out: Path, *, chart: bool = True, path: str = SCORE_PATH
+) -> dict[str, object]:
     subprocess.run(
         [
             sys.executable,
@@ -91,6 +94,8 @@ def loadtest(url: str, target: float, duration: float, out: Path, *, chart: bool
             "loadtest",
             "--url",
             url,
+            "--path",
+            path,
             "--data",
             str(DEV_DATA),
             "--rate-multiplier",

@@ -1,10 +1,13 @@
 """One instance over HTTP: the contract's k6 ramp (scaled to 1,000 req/s), and its memory.
 
     python bench/http_single.py [--target 1000] [--duration 120] [--no-fast-path] [--no-chart]
+                                [--path /v1/score] [--registry DIR]
 
 Starts `fraudscore serve` on a free port, waits for /ready, runs `fraudscore loadtest --cycle`
 against it (the dev payloads, reused once exhausted, so the ramp reaches its target), then reads
-the instance's peak resident memory (VmHWM) and CPU time from /proc.
+the instance's peak resident memory (VmHWM) and CPU time from /proc.  ``--path /v1/score`` drives
+the models' endpoint instead of the contract's; ``--registry`` is passed to the server (without it
+the server finds its default registry itself).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from pathlib import Path
 
 from _common import ROOT, cpu_seconds, fraudscore, free_port, loadtest, machine, proc_status
+from fraudscore.defaults import SCORE_PATH
 from fraudscore.loadtest.profile import DURATION_S
 from fraudscore.stack.runner import wait_ready
 
@@ -30,17 +34,21 @@ def main() -> None:
         "--no-fast-path", action="store_true", help="serve every request through httptools and Python"
     )
     parser.add_argument("--no-chart", action="store_true", help="k6 without per-request samples")
+    parser.add_argument("--path", default=SCORE_PATH, help="the endpoint k6 posts to (default: %(default)s)")
+    parser.add_argument("--registry", type=Path, help="the server's --registry")
     args = parser.parse_args()
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     extra = ["--no-fast-path"] if args.no_fast_path else []
+    if args.registry is not None:
+        extra += ["--registry", str(args.registry)]
     server = subprocess.Popen(fraudscore("serve", "--port", str(port), *extra))
     try:
         ready = wait_ready(url)
         rss_ready = proc_status(server.pid)["VmRSS"]
-        result = loadtest(url, args.target, args.duration, args.out, chart=not args.no_chart)
+        result = loadtest(url, args.target, args.duration, args.out, chart=not args.no_chart, path=args.path)
         status = proc_status(server.pid)
         cpu = cpu_seconds(server.pid)
     finally:
@@ -48,7 +56,7 @@ def main() -> None:
         server.wait(timeout=15)
     latency = result["latency_ms"]
     assert isinstance(latency, dict)
-    print(f"machine: {machine()}; fast path {'off' if args.no_fast_path else 'on'}")
+    print(f"machine: {machine()}; fast path {'off' if args.no_fast_path else 'on'}; {args.path}")
     print(f"ready {ready:.2f} s after start ({time.monotonic() - started:.0f} s total run)")
     print(f"memory: VmRSS at ready {rss_ready}, peak VmHWM {status['VmHWM']}")
     print(f"requests {result['requests']}, CPU {cpu:.1f} s in the server")

@@ -1,11 +1,13 @@
-"""One scoring request through the service's code, in process: the fast path against the Python path.
+"""One scoring request through the service's code, in process: the fast path against the Python path,
+and POST /v1/score (the kNN, the model and its reasons in one answer).
 
-    python bench/request_path.py [--repeats 5]
+    python bench/request_path.py [--repeats 5] [--registry DIR]
 
 Feeds each dev payload, as the bytes of a whole HTTP request, to ``HttpConnection.data_received``
 (the service's own connection class, over the in-memory transport of ``service/memory.py`` that
 the protocol tests also use), once with the native fast path and once with httptools, orjson and
-the Python vectorizer.  What this leaves
+the Python vectorizer; then to /v1/score, with the registry's model (``--registry``, default
+as ``fraudscore serve`` finds it).  What this leaves
 out is the socket: the event loop, the system calls and the wake-ups, which ``http_single.py``
 measures with the rest.  Figures are medians over the repeats.
 """
@@ -15,12 +17,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 from _common import DEV_DATA, INDEX, dev_entries, machine, scoring_request
 from fraudscore.contract.vectorize import DEFAULT_CONSTANTS
+from fraudscore.defaults import SCORE_PATH
 from fraudscore.loadtest.results import percentile
 from fraudscore.scorer import KnnScorer
-from fraudscore.service import responses
+from fraudscore.service import v1
 from fraudscore.service.memory import MemoryTransport, memory_connection
 from fraudscore.service.protocol import HttpConnection, fast_path
 from fraudscore.service.state import ServiceConfig, ServiceState
@@ -32,7 +36,7 @@ def time_path(conn: HttpConnection, transport: MemoryTransport, requests: list[b
         t0 = time.perf_counter_ns()
         conn.data_received(data)
         times.append((time.perf_counter_ns() - t0) / 1000)
-        assert transport.last in responses.SCORES
+        assert bytes(transport.last[:15]) == b"HTTP/1.1 200 OK", transport.last
     times.sort()
     return times
 
@@ -43,9 +47,13 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--index", default=str(INDEX))
+    parser.add_argument("--registry", type=Path, help="the model registry (default: as `fraudscore serve`)")
     args = parser.parse_args()
 
-    requests = [scoring_request(e["request"]) for e in dev_entries(DEV_DATA)]
+    entries = dev_entries(DEV_DATA)
+    requests = {
+        path: [scoring_request(e["request"], path) for e in entries] for path in (SCORE_PATH, "/v1/score")
+    }
     scorer = KnnScorer.open(args.index)
     scorer.index.warm()
     config = ServiceConfig(index_path=scorer.index.path, port=9999)  # never listens
@@ -55,15 +63,19 @@ def main() -> None:
         if fast:
             state.fast = fast_path(scorer, DEFAULT_CONSTANTS, config.max_body_bytes)
         paths[name] = memory_connection(state, keep=False)
+    v1_scorers = v1.load(v1.resolve_registry(args.registry), scorer)
+    state = ServiceState(config=config, scorer=scorer, constants=DEFAULT_CONSTANTS, ready=True, v1=v1_scorers)
+    paths["/v1/score"] = memory_connection(state, keep=False)
 
     figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in paths}
     for _ in range(args.repeats):
         for name, (conn, transport) in paths.items():
-            times = time_path(conn, transport, requests)
+            times = time_path(conn, transport, requests["/v1/score" if name == "/v1/score" else SCORE_PATH])
             figures[name].append((percentile(times, 50), percentile(times, 90), percentile(times, 99)))
 
     print(f"machine: {machine()}")
-    print(f"requests: {len(requests):,} dev payloads x {args.repeats} repeats (medians over repeats)")
+    print(v1_scorers.describe())
+    print(f"requests: {len(entries):,} dev payloads x {args.repeats} repeats (medians over repeats)")
     for name, rows in figures.items():
         p50, p90, p99 = (statistics.median(r[i] for r in rows) for i in range(3))
         print(f"{name:12s} data_received (us): median {p50:.1f}  p90 {p90:.1f}  p99 {p99:.1f}")

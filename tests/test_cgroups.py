@@ -16,15 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from fraudscore.stack.cgroups import (
-    OWN,
-    CgroupError,
-    CgroupManager,
-    V1Cgroup,
-    V2Cgroup,
-    detect,
-    parse_hierarchies,
-)
+from fraudscore.errors import CgroupError
+from fraudscore.stack.cgroups import OWN, CgroupManager, V1Cgroup, V2Cgroup, detect, parse_hierarchies
 from fraudscore.stack.limits import DEFAULT_STACK, MIB, ServiceLimits
 
 # Grows by 8 MiB a step, touching every byte so the pages are really charged.

@@ -71,7 +71,7 @@ def flood_round(port: int, kind: str, deadline: float) -> dict[str, Any]:
 
 def flood(port: int, kinds: list[str], seconds: float) -> list[dict[str, Any]]:
     """Rounds of the given kinds, in turn, for ``seconds``."""
-    rounds = []
+    rounds: list[dict[str, Any]] = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         kind = kinds[len(rounds) % len(kinds)]

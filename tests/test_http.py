@@ -372,3 +372,17 @@ def test_shutdown_finishes_in_flight_then_exits(
     code, log = srv.stop()
     assert code == 0
     assert "shutting down" in log and "stopped" in log
+
+
+def test_the_readmes_example_file_is_sent_as_is(
+    server: Server, example_payloads: list[dict[str, Any]]
+) -> None:
+    """`curl -d @data/example-payload.json` (curl drops the file's newlines): one of the contract's
+    examples, answered as that example is."""
+    raw = (Path(__file__).resolve().parent.parent / "data" / "example-payload.json").read_bytes()
+    assert json.loads(raw) == example_payloads[0]
+    as_curl_sends_it = raw.replace(b"\r", b"").replace(b"\n", b"")
+    assert (
+        post(server, as_curl_sends_it) == post(server, raw) == post(server, json.dumps(example_payloads[0]))
+    )
+    assert post(server, raw)[0] == 200

@@ -48,7 +48,7 @@ class Layout:
     """Where the sections of an index file are, read from its header."""
 
     fields: dict[str, Any]
-    groups: list[tuple[int, ...]]
+    groups: list[tuple[Any, ...]]  # numbers, and the dimension pairs as bytes
 
     @classmethod
     def of(cls, data: bytes | bytearray) -> Layout:
@@ -333,3 +333,59 @@ def test_the_real_index_refuses_damage(index_path: Path, tmp_path: Path) -> None
     assert refusal is not None and "child link" in refusal
     reserved = judge.layout.entry_at(root) + LINK_AT + 8  # entry_t.reserved: read by nothing
     assert judge.check(_craft(judge, reserved, "<i", 12345), "real reserved field") is None
+
+
+def chain_index(depth: int) -> bytearray:
+    """A valid index written by hand: one group whose tree is a chain of `depth` internal nodes,
+    each with a one-point leaf and the rest of the chain as children (the last has two leaves).
+    The search's stack needs depth + 1 slots for it."""
+    stored = [0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 13, 255]  # group key 0: dimensions 9-11 constant 0
+    n_points = depth + 1
+    n_entries = 2 * depth + 1
+    boxes: list[tuple[int, int]] = []  # per entry: the range of dimension 0 (the point's number)
+    links: list[tuple[int, int]] = []  # per entry: (link, count)
+    boxes.append((0, depth))
+    links.append((1, -2))
+    for level in range(depth):  # entries 2*level+1 (a leaf) and 2*level+2 (the chain, or a last leaf)
+        boxes.append((level, level))
+        links.append((level, 1))
+        if level < depth - 1:
+            boxes.append((level + 1, depth))
+            links.append((2 * level + 3, -2))
+        else:
+            boxes.append((depth, depth))
+            links.append((depth, 1))
+
+    def align(x: int) -> int:
+        return (x + 63) // 64 * 64
+
+    entries_off = align(4096 + GROUP_BYTES)
+    blocks_off = align(entries_off + 64 * n_entries)
+    ids_off = align(blocks_off + n_points * 6 * 2 * 8 * 2)
+    file_size = align(ids_off + 4 * 8 * n_points)
+    data = bytearray(file_size)
+    header = [b"FSKNNIDX", _knn.FORMAT_VERSION, 4096, 0, n_points, 8 * n_points, 1, 8, n_entries, 4096]
+    header += [entries_off, blocks_off, ids_off, file_size, bytes(32), 0]
+    HEADER.pack_into(data, 0, *header)
+    GROUP.pack_into(data, 4096, 0, n_points, 12, 6, 0, n_entries, n_points, 0, 0, 0, bytes(stored), *[0] * 14)
+    for i, ((lo, hi), (link, count)) in enumerate(zip(boxes, links, strict=True)):
+        ENTRY.pack_into(data, entries_off + 64 * i, lo, *[0] * 11, hi, *[0] * 11, link, count)
+    for p in range(n_points):
+        for slot in range(8):  # padding slots repeat the point
+            struct.pack_into("<h", data, blocks_off + p * 192 + slot * 4, p)  # pair 0, first of the two
+            struct.pack_into("<I", data, ids_off + 4 * (8 * p + slot), p if slot == 0 else ID_PADDING)
+    seal(data)
+    return data
+
+
+def test_tree_depth_is_bounded_by_the_search_stack(tmp_path: Path) -> None:
+    """1023 levels of fan-out 2 fill the 1024-slot traversal stack exactly: accepted and exact;
+    one level more would overflow it: refused at open, not found out by a query."""
+    path = tmp_path / "chain.fsidx"
+    path.write_bytes(chain_index(1023))
+    with Index(path) as idx:
+        for q in [[0.0] * 14, [0.05] + [0.0] * 13, [1.0] * 9 + [0.0] * 5]:
+            assert idx.knn(q) == idx.brute_force(q), q
+    path.write_bytes(chain_index(1024))
+    with pytest.raises(IndexFormatError, match="too deep"):
+        Index(path)

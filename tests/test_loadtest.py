@@ -19,8 +19,16 @@ from typing import Any
 
 import pytest
 
+from fraudscore import cli
 from fraudscore.contract.testdata import Entry
-from fraudscore.errors import DataFileError, LoadTestError
+from fraudscore.errors import (
+    ConfigError,
+    DataFileError,
+    FraudscoreError,
+    LoadTestError,
+    TransientError,
+    exit_code,
+)
 from fraudscore.loadtest import command as loadtest
 from fraudscore.loadtest import driver, k6, profile, results
 from fraudscore.loadtest.contest import Counts, detection_score, final_score, p99_score
@@ -299,23 +307,24 @@ def _free_port() -> int:
         return port
 
 
-def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+def _fails(capsys: pytest.CaptureFixture[str], error: FraudscoreError, *argv: str) -> str:
+    """`fraudscore loadtest ARGV` fails with ``error``'s exit code and one line on stderr."""
+    assert cli.main(["--log-level", "ERROR", "loadtest", *argv]) == exit_code(error)
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
+    assert err.startswith("fraudscore loadtest: ")
     return err
 
 
 def test_missing_data_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _k6_or_skip()
-    args = _parse("--data", str(tmp_path / "nope.json.gz"), "--out", str(tmp_path / "out"))
-    assert loadtest.run(args) == 1
-    assert "test data not found" in _one_line_error(capsys)
+    argv = ("--data", str(tmp_path / "nope.json.gz"), "--out", str(tmp_path / "out"))
+    assert "test data not found" in _fails(capsys, DataFileError(""), *argv)
 
 
 def test_k6_not_found(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = _parse("--k6", str(tmp_path / "no-k6"), "--out", str(tmp_path / "out"))
-    assert loadtest.run(args) == 1
-    assert "k6 not found" in _one_line_error(capsys)
+    argv = ("--k6", str(tmp_path / "no-k6"), "--out", str(tmp_path / "out"))
+    assert "--k6: not found" in _fails(capsys, ConfigError(""), *argv)
 
 
 def test_service_not_answering(
@@ -324,9 +333,8 @@ def test_service_not_answering(
     _k6_or_skip()
     _, data, _ = stand_in
     url = f"http://127.0.0.1:{_free_port()}"
-    args = _parse("--url", url, "--data", str(data), "--out", str(tmp_path / "out"))
-    assert loadtest.run(args) == 1
-    assert f"does not answer at {url}" in _one_line_error(capsys)
+    argv = ("--url", url, "--data", str(data), "--out", str(tmp_path / "out"))
+    assert f"does not answer at {url}" in _fails(capsys, TransientError(""), *argv)
     assert not (tmp_path / "out").exists()
 
 

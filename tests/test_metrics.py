@@ -30,8 +30,9 @@ from fraudscore.contract.vectorize import DEFAULT_CONSTANTS
 from fraudscore.defaults import METRICS_PORT
 from fraudscore.errors import Category, ModelFormatError
 from fraudscore.index.search import Index
+from fraudscore.models.registry import Registry
 from fraudscore.scorer import KnnScorer
-from fraudscore.service import metrics, responses
+from fraudscore.service import metrics, responses, v1
 from fraudscore.service.memory import memory_connection
 from fraudscore.service.protocol import fast_path
 from fraudscore.service.state import ServiceConfig, ServiceState
@@ -433,3 +434,61 @@ def test_stack_exposes_each_instance(index_path: Path, example_payloads: list[An
     log = (tmp_path / "stack.log").read_text()
     for i, api in enumerate(DEFAULT_STACK.apis):
         assert f"{api.name} metrics: http://127.0.0.1:{base + i}/metrics" in log, log
+
+
+# -- /v1/score: models loaded and their decisions ---------------------------------------------------
+
+
+def test_v1_counts_model_loads_and_the_deciding_scorer(
+    index_path: Path, tmp_path: Path, example_payloads: list[Any]
+) -> None:
+    """A server whose registry has a model in production: the load is counted once, and each
+    /v1/score decision under the model's name and version (the model decides)."""
+    from .models_support import small_model
+
+    source, report = small_model()
+    registry = tmp_path / "registry"
+    shutil.copytree(source.root, registry)
+    Registry(registry).promote(report.version)
+    metrics_port = free_port()
+    srv = Server(index_path, "--registry", str(registry), "--metrics-port", str(metrics_port))
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+            answers = [exchange(sock, scoring(p, "/v1/score")) for p in example_payloads[:N_FAST]]
+        samples = parse(get(f"http://127.0.0.1:{metrics_port}/metrics"))
+    finally:
+        srv.stop()
+    decided = [json.loads(a.split(b"\r\n\r\n", 1)[1]) for a in answers]
+    assert all(d["decided_by"]["version"] == report.version for d in decided), decided
+    name = decided[0]["decided_by"]["name"]
+    loads = "fraudscore_model_loads_total"
+    assert value(samples, loads, model=name, version=report.version, result="ok") == 1
+    assert value(samples, loads, version=report.version, result="failed") == 0
+    requests = "fraudscore_http_requests_total"
+    assert value(samples, requests, route="/v1/score", status="200", answerer="python") == N_FAST
+    model = {"scorer": name, "version": report.version}
+    approved = sum(d["approved"] for d in decided)
+    assert value(samples, "fraudscore_decisions_total", **model, outcome="approved") == approved
+    assert value(samples, "fraudscore_decisions_total", **model, outcome="denied") == N_FAST - approved
+
+
+def test_a_model_that_fails_to_load_is_counted(tmp_path: Path, state: ServiceState) -> None:
+    """A damaged version: its load counted as failed, and one error in its category (bad input)."""
+    from .models_support import small_model
+
+    source, report = small_model()
+    registry = tmp_path / "registry"
+    shutil.copytree(source.root, registry)
+    model_file = registry / "versions" / report.version / "model.txt"
+    model_file.write_text(model_file.read_text() + "\n# altered\n")
+    before = parse(state.metrics.exposition().decode())
+    with pytest.raises(ModelFormatError):
+        v1.load(registry, state.scorer)  # the newest model beside the kNN: the damaged one
+    after = parse(state.metrics.exposition().decode())
+    loads = "fraudscore_model_loads_total"
+    failed = {"version": report.version, "result": "failed"}
+    assert value(after, loads, **failed) == value(before, loads, **failed) + 1
+    bad = {"category": Category.BAD_INPUT.value}
+    assert (
+        value(after, "fraudscore_errors_total", **bad) == value(before, "fraudscore_errors_total", **bad) + 1
+    )

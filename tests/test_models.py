@@ -77,7 +77,7 @@ def test_threshold_minimises_cost_like_a_brute_force_scan(seed: int) -> None:
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, 400)
     p = np.round(np.clip(y * 0.3 + rng.random(400) * 0.7, 0, 1), 2)  # ties on purpose
-    threshold, cost = best_threshold(p, y)
+    threshold, cost = best_threshold(p.astype(np.float64), y)
     scan = [*np.unique(p), 0.0, 0.5, 1.0, 1.01, *np.linspace(0, 1, 201)]
     assert cost == _cost(p, y, threshold)
     assert cost == min(_cost(p, y, t) for t in scan)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from fraudscore.errors import DataFileError, exit_code
 from tests.models_support import INDEX, ROOT, small_references
 
 ACTIONS = ["train", "list", "show", "promote", "rollback", "add-knn", "explain"]
@@ -105,8 +106,14 @@ def test_explain(registry: Path, version: str, tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([payloads[0], {"id": "tx-bad", "transaction": {}}]))
     proc = run("explain", str(bad), "--version", version, registry=registry)
-    assert proc.returncode == 1
-    assert json.loads(proc.stdout.splitlines()[1]) == {"id": "tx-bad", "error": "customer must be an object"}
+    assert proc.returncode == exit_code(DataFileError("")), proc.stderr  # after the good ones
+    assert "bad.json: 1 of 2 payloads could not be scored (the first, at [1]" in proc.stderr
+    assert json.loads(proc.stdout.splitlines()[0])["id"] == payloads[0]["id"]
+    assert json.loads(proc.stdout.splitlines()[1]) == {
+        "id": "tx-bad",
+        "at": "[1]",
+        "error": "customer must be an object",
+    }
 
 
 def test_one_line_errors(registry: Path, version: str, tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from fraudscore.errors import ProxyError
 from fraudscore.stack.proxies import (
-    ProxyError,
     find_haproxy,
     find_nginx,
     haproxy_command,

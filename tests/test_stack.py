@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,12 +19,14 @@ from typing import Any
 
 import pytest
 
+from fraudscore.errors import Category
 from fraudscore.stack import proxies
 from fraudscore.stack.cgroups import CgroupManager
 from fraudscore.stack.limits import DEFAULT_STACK
-from fraudscore.stack.runner import StackConfig
+from fraudscore.stack.runner import BACKOFF_FIRST, RESTART_LIMIT, RESTART_WINDOW, StackConfig
 
 from .conftest import Server, free_port
+from .test_cli import error_line
 
 
 class FakeInstance:
@@ -226,6 +231,17 @@ def gone(pid: int) -> bool:
     return not Path(f"/proc/{pid}").exists()
 
 
+def read_until(stack: Stack, text: bytes) -> bytes:
+    """The stack's stderr up to the line that holds ``text`` (which the stack is bound to log)."""
+    assert stack.proc.stderr is not None
+    seen = b""
+    while text not in seen:
+        line = stack.proc.stderr.readline()
+        assert line, f"the stack ended without saying {text!r}: {seen.decode()}"
+        seen += line
+    return seen
+
+
 def test_runner_limits_are_the_compose_numbers() -> None:
     assert StackConfig(index=Path("x")).stack_limits == DEFAULT_STACK
 
@@ -258,12 +274,12 @@ def test_stack_serves_restarts_and_stops_cleanly(
     # once it is dead, new connections go to the live instance: none fails
     failures = sum(score(stack.url, p) != 200 for p in example_payloads[:20])
     assert failures == 0
-    wait_for(lambda: instance_pids(stack).get("api1") not in (None, pids["api1"]), timeout=30)
-    time.sleep(0.5)
+    before = read_until(stack, b"api1 is back")  # restarted, after the first backoff, and ready
+    assert b"api1 was killed by signal 9 (no error message): restarting it in 0.1 s" in before
+    assert instance_pids(stack).get("api1") not in (None, pids["api1"])
     for payload in example_payloads[:10]:
         assert score(stack.url, payload) == 200
     log = stack.stop_log()
-    assert "api1 exited" in log and "api1 is back" in log
     assert "restarts 1" in log
     assert not [p for p in pids.values() if Path(f"/proc/{p}").exists()]
     if CgroupManager.available():
@@ -321,3 +337,90 @@ def test_external_balancers(lb: str, start_stack: Any, example_payloads: list[di
     # balancer can answer /ready a moment before the runner sees it do so
     for name in ("api1", "api2", "lb"):
         assert f"{name}: peak RSS" in log, log
+
+
+# -- a stack that cannot start, or cannot stay up, gives up with one line ----------------------
+
+
+def run_stack(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    argv = [sys.executable, "-m", "fraudscore.cli", "stack", "--host", "127.0.0.1", "--no-limits", *args]
+    return subprocess.run(argv, capture_output=True, timeout=timeout)
+
+
+class Answers200(http.server.BaseHTTPRequestHandler):
+    """Whatever holds the port answers /ready: the stack must not take that for its balancer."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("holder", ["a listening socket", "an HTTP server"])
+def test_a_taken_port_ends_the_stack_with_the_balancers_error(holder: str, index_path: Path) -> None:
+    port = free_port()
+    if holder == "a listening socket":
+        taken = socket.create_server(("127.0.0.1", port))
+        when, close = f"before :{port} was ready", taken.close
+    else:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Answers200)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        when, close = "right after it started", server.shutdown
+    try:
+        result = run_stack("--index", str(index_path), "--port", str(port))
+    finally:
+        close()
+    line = error_line(result, Category.BAD_CONFIG)
+    assert line == (
+        f"fraudscore stack: lb exited with 4 {when}: fraudscore balance: Address already in use "
+        f"(while attempting to bind on address ('127.0.0.1', {port}))"
+    )
+    assert b"stack up" not in result.stderr and b"restarting" not in result.stderr
+    assert b"api1: peak RSS" in result.stderr  # stopped in order and reported
+
+
+def test_an_instance_that_cannot_start_ends_the_stack_with_its_error(tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.fsidx"
+    damaged.write_bytes(b"not an index at all")
+    result = run_stack("--index", str(damaged), "--port", str(free_port()))
+    line = error_line(result, Category.BAD_CONFIG)
+    said = "fraudscore stack: api1 exited with 3 before it was ready: fraudscore serve: "
+    assert line.startswith(f"{said}{damaged}")
+
+
+def balancer_pid(stack: Stack) -> int | None:
+    for pid in stack.children():
+        with contextlib.suppress(OSError):
+            if b"balance" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                return pid
+    return None
+
+
+def test_a_process_that_keeps_dying_is_restarted_with_backoff_then_given_up(start_stack: Any) -> None:
+    stack = start_stack()
+    before = read_until(stack, b"stack up")  # past the start-up grace: from now on deaths are restarted
+    kills: list[float] = []
+    pid = balancer_pid(stack)
+    while pid is not None and len(kills) <= RESTART_LIMIT + 1:  # bounded: a runner that never gives up fails
+        os.kill(pid, signal.SIGKILL)
+        kills.append(time.monotonic())
+        dead = pid
+        wait_for(lambda: stack.proc.poll() is not None or balancer_pid(stack) not in (None, dead), timeout=30)  # noqa: B023
+        pid = balancer_pid(stack)
+    _, err = stack.proc.communicate(timeout=60)
+    err = before + err
+    result = subprocess.CompletedProcess(stack.proc.args, stack.proc.returncode, b"", err)
+    line = error_line(result, Category.BAD_CONFIG)
+    assert len(kills) == RESTART_LIMIT + 1, err.decode()
+    assert line == (
+        f"fraudscore stack: lb died {RESTART_LIMIT + 1} times within {RESTART_WINDOW:.0f} s; "
+        "giving up: the last time it was killed by signal 9 (no error message)"
+    )
+    # each restart waited twice as long as the one before
+    said = rb"lb was killed by signal 9 \(no error message\): restarting it in ([\d.]+) s"
+    delays = [float(d) for d in re.findall(said, err)]
+    assert delays == [round(BACKOFF_FIRST * 2**i, 1) for i in range(RESTART_LIMIT)]
+    assert b"api1: peak RSS" in err  # and the stack was stopped in order

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
+from fraudscore.errors import LimitsError
 from fraudscore.stack import compose
 from fraudscore.stack.limits import (
     CONTRACT_CPUS,
     CONTRACT_MEMORY_MIB,
     DEFAULT_STACK,
-    LimitsError,
     ServiceLimits,
     StackLimits,
     check,

@@ -156,7 +156,8 @@ def test_bad_payloads_say_which_field(path: str, value: Any, message: str) -> No
 
 
 def test_payload_must_be_an_object() -> None:
-    for bad in ([], "x", 1, None):
+    bads: tuple[object, ...] = ([], "x", 1, None)
+    for bad in bads:
         with pytest.raises(PayloadError):
             vectorize(bad)
 

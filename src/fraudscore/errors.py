@@ -11,6 +11,7 @@ score) and retries ``TRANSIENT`` (the next try may work)::
     │   ├── IndexFormatError            an index file that is damaged, truncated or of another version
     │   ├── DataFileError               a data file (constants, test data, payloads) missing or malformed
     │   ├── ModelFormatError            a model or registry version that is damaged or fails validation
+    │   ├── EventError                  a stream event that cannot be used (dead-lettered)
     │   └── LoadTestError               k6's results cannot be read
     ├── ConfigError                     BAD_CONFIG: a flag, variable or setting that cannot work
     │   ├── UsageError                  a command line that cannot be carried out as given
@@ -90,6 +91,10 @@ class DataFileError(BadInputError):
 class ModelFormatError(BadInputError):
     """A model file or registry version that cannot be used: unreadable, of another schema, or one
     whose files or stored predictions do not check out."""
+
+
+class EventError(BadInputError):
+    """A raw stream event that is malformed; the message names the field.  It is dead-lettered."""
 
 
 class LoadTestError(BadInputError):

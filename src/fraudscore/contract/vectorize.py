@@ -99,19 +99,28 @@ class Constants:
     @classmethod
     def load(cls, normalization: Path | None = None, mcc_risk: Path | None = None) -> Constants:
         """Read ``normalization.json`` and ``mcc_risk.json``; ``None`` means the copies bundled here."""
+        norm_name, risk_name = str(normalization or "normalization.json"), str(mcc_risk or "mcc_risk.json")
         norm = _read_json(normalization, "normalization.json")
         risk = _read_json(mcc_risk, "mcc_risk.json")
-        if not isinstance(norm, dict) or not isinstance(risk, dict):
-            raise DataFileError("normalization and mcc_risk files must each hold a JSON object")
-        try:
-            values = {key: float(norm[key]) for key in NORMALIZATION_KEYS}
-            risks = {str(code): float(value) for code, value in risk.items()}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DataFileError(f"bad contract constants: {exc!r}") from exc
+        for name, document in ((norm_name, norm), (risk_name, risk)):
+            if not isinstance(document, dict):
+                raise DataFileError(f"{name}: must hold a JSON object")
+        missing = [key for key in NORMALIZATION_KEYS if key not in norm]
+        if missing:
+            raise DataFileError(f"{norm_name}: {', '.join(missing)} missing")
+        values = {key: _constant(norm[key], f"{norm_name}: {key}") for key in NORMALIZATION_KEYS}
+        risks = {str(code): _constant(value, f"{risk_name}: MCC {code}") for code, value in risk.items()}
         for key, value in values.items():
             if not value > 0 or math.isinf(value):
-                raise DataFileError(f"normalization {key} must be a positive number, got {value}")
+                raise DataFileError(f"{norm_name}: {key} must be a positive number, got {value}")
         return cls(**values, mcc_risk=risks)
+
+
+def _constant(value: Any, where: str) -> float:
+    """A constant from a JSON file: a number (not a boolean, not a string of one)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise DataFileError(f"{where} must be a number, got {value!r}")
+    return float(value)
 
 
 DEFAULT_CONSTANTS = Constants.load()

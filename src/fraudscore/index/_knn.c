@@ -176,7 +176,7 @@ static uint64_t file_checksum(const char *base, size_t len) {
 }
 
 PyDoc_STRVAR(checksum_doc,
-"checksum(data) -> int\n\n"
+"checksum($module, data, /)\n--\n\n"
 "XXH64 (seed 0) of data.  An index file's header holds the XXH64 of its bytes\n"
 "from offset 24 (just after the checksum field) to the end.");
 
@@ -308,7 +308,8 @@ static int parse_record(const char *p, const char *close, int16_t *vec, uint8_t 
 }
 
 PyDoc_STRVAR(parse_references_doc,
-"parse_references(chunk, state, final, offset) -> (consumed, state, vectors, labels)\n\n"
+"parse_references($module, chunk, state, final, offset, /)\n--\n\n"
+"-> (consumed, state, vectors, labels)\n\n"
 "Parse the complete records at the start of chunk (bytes of the reference\n"
 "JSON array). Returns how many bytes were consumed, the new parser state, the\n"
 "records' vectors (int16 * 14 each, value * 10000) and labels (1 = fraud).");
@@ -576,7 +577,7 @@ static void group_layout(uint32_t key, group_t *g) {
 }
 
 PyDoc_STRVAR(build_index_doc,
-"build_index(vectors, labels, sha256, leaf_size=64, fanout_levels=3) -> bytes\n\n"
+"build_index($module, /, vectors, labels, sha256, leaf_size=64, fanout_levels=3)\n--\n\n"
 "Build the index file's bytes from int16 vectors (value * 10000, 14 per\n"
 "reference, in file order) and labels (one byte each, 1 = fraud).");
 
@@ -1107,6 +1108,9 @@ static int index_check_and_map(IndexObject *self, char *msg, size_t msglen) {
     const char *base = self->base;
     size_t len = (size_t)self->view.len;
     if (len < HEADER_BYTES || memcmp(base, MAGIC, 8) != 0) { snprintf(msg, msglen, "not a fraudscore index (bad magic)"); return -1; }
+    /* sections are 64-byte aligned within the file; the file itself must be 8-byte aligned in memory
+     * for its fields to be read in place (a mapping is page-aligned; a slice of bytes may not be) */
+    if ((uintptr_t)base % 8) { snprintf(msg, msglen, "index buffer is not 8-byte aligned in memory"); return -1; }
     const file_header_t *h = (const file_header_t *)base;
     if (h->version != FORMAT_VERSION) {
         snprintf(msg, msglen, "index format version %u, this fraudscore reads version %u: rebuild it with `fraudscore index build`",
@@ -1409,7 +1413,7 @@ static PyObject *Index_brute_force(IndexObject *self, PyObject *args, PyObject *
 }
 
 PyDoc_STRVAR(fraud_counts_doc,
-"fraud_counts(queries) -> bytes\n\n"
+"fraud_counts($self, queries, /)\n--\n\n"
 "For a buffer of n * 14 doubles, the number of frauds among each query's 5\n"
 "nearest neighbours, one byte per query. Runs without the GIL.");
 
@@ -1452,7 +1456,7 @@ static PyObject *Index_fraud_counts(IndexObject *self, PyObject *obj) {
     return out;
 }
 
-PyDoc_STRVAR(warm_doc, "warm() -> int\n\nTouch every page of the index so the first queries do not fault; returns a checksum.");
+PyDoc_STRVAR(warm_doc, "warm($self, /)\n--\n\nTouch every page of the index so the first queries do not fault; returns a checksum.");
 
 static PyObject *Index_warm(IndexObject *self, PyObject *unused) {
     if (!ready(self)) return NULL;
@@ -1497,12 +1501,12 @@ static PyGetSetDef Index_getset[] = {
 };
 
 static PyMethodDef Index_methods[] = {
-    {"fraud_count", (PyCFunction)Index_fraud_count, METH_O, "fraud_count(query) -> int: frauds among the 5 nearest"},
+    {"fraud_count", (PyCFunction)Index_fraud_count, METH_O, "fraud_count($self, query, /)\n--\n\nThe frauds among the 5 nearest."},
     {"knn", (PyCFunction)(void (*)(void))Index_knn, METH_VARARGS | METH_KEYWORDS,
-     "knn(query, k=5) -> [(position, distance, is_fraud)] * k, nearest first, ties to the lower position"},
-    {"search_stats", (PyCFunction)Index_search_stats, METH_O, "search_stats(query) -> dict of work done by one search"},
+     "knn($self, /, query, k=5)\n--\n\n[(position, distance, is_fraud)] * k, nearest first, ties to the lower position."},
+    {"search_stats", (PyCFunction)Index_search_stats, METH_O, "search_stats($self, query, /)\n--\n\nA dict of the work done by one search."},
     {"brute_force", (PyCFunction)(void (*)(void))Index_brute_force, METH_VARARGS | METH_KEYWORDS,
-     "brute_force(query, k=5) -> like knn, by scanning every reference (the test oracle)"},
+     "brute_force($self, /, query, k=5)\n--\n\nLike knn, by scanning every reference (the test oracle)."},
     {"fraud_counts", (PyCFunction)Index_fraud_counts, METH_O, fraud_counts_doc},
     {"warm", (PyCFunction)Index_warm, METH_NOARGS, warm_doc},
     {NULL, NULL, 0, NULL},
@@ -1513,7 +1517,7 @@ static PyTypeObject IndexType = {
     .tp_name = "fraudscore.index._knn.Index",
     .tp_basicsize = sizeof(IndexObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Index(buffer, kernel=None): exact 5-NN search over an index file's bytes (kept referenced).",
+    .tp_doc = "Index(buffer, kernel=None)\n--\n\nExact 5-NN search over an index file's bytes (kept referenced).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Index_init,
     .tp_dealloc = (destructor)Index_dealloc,

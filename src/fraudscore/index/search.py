@@ -118,15 +118,15 @@ class Index:
             "checksum": f"xxh64:{core.checksum}",
         }
 
-    def fraud_count(self, vector: Sequence[float]) -> int:
+    def fraud_count(self, vector: Iterable[float]) -> int:
         """How many of the 5 nearest references are frauds."""
         return self._core.fraud_count(vector)
 
-    def knn(self, vector: Sequence[float], k: int = K) -> list[Neighbour]:
+    def knn(self, vector: Iterable[float], k: int = K) -> list[Neighbour]:
         """The k nearest references, nearest first (ties: lower position first)."""
         return [Neighbour(*n) for n in self._core.knn(vector, k)]
 
-    def brute_force(self, vector: Sequence[float], k: int = K) -> list[Neighbour]:
+    def brute_force(self, vector: Iterable[float], k: int = K) -> list[Neighbour]:
         """The k nearest by scanning every reference: slow, and the oracle the tests trust."""
         return [Neighbour(*n) for n in self._core.brute_force(vector, k)]
 
@@ -139,7 +139,7 @@ class Index:
             flat.extend(vector)
         return list(self._core.fraud_counts(flat))
 
-    def search_stats(self, vector: Sequence[float]) -> dict[str, int]:
+    def search_stats(self, vector: Iterable[float]) -> dict[str, int]:
         """Nodes visited, blocks scanned and exact distances computed by one search."""
         return self._core.search_stats(vector)
 

@@ -8,14 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fraudscore.errors import LoadTestError
+from fraudscore.errors import ConfigError
 from fraudscore.loadtest.results import Second
 
 
 def check_available() -> None:
     """Fail before a run, not after it, when the chart could not be drawn."""
     if importlib.util.find_spec("matplotlib") is None:
-        raise LoadTestError("matplotlib is needed for the chart: install the dev extras")
+        raise ConfigError("matplotlib is needed for the chart: install the dev extras")
 
 
 def write_chart(series: Sequence[Second], path: Path, result: dict[str, Any]) -> None:

@@ -17,11 +17,9 @@ import argparse
 import logging
 import math
 import os
-import sys
 from pathlib import Path
 
-from fraudscore.defaults import PORT
-from fraudscore.errors import FraudscoreError
+from fraudscore.defaults import PORT, SCORE_PATH
 from fraudscore.loadtest.profile import DURATION_S, START_RATE, TARGET_RATE, Profile
 
 DEFAULT_URL = f"http://localhost:{PORT}"
@@ -51,13 +49,26 @@ def _positive(text: str) -> float:
     return value
 
 
+def _endpoint_path(text: str) -> str:
+    if not text.startswith("/") or any(c.isspace() for c in text) or "?" in text or "#" in text:
+        raise argparse.ArgumentTypeError(f"not an absolute path like /v1/score: {text!r}")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `fraudscore loadtest`."""
     parser.add_argument(
         "--url",
         default=os.environ.get("FRAUDSCORE_URL", DEFAULT_URL),
-        help=f"base URL of the service; requests go to URL/fraud-score "
+        help=f"base URL of the service; requests go to URL + --path "
         f"(default: $FRAUDSCORE_URL, else {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--path",
+        type=_endpoint_path,
+        default=SCORE_PATH,
+        help=f"the endpoint posted to, e.g. /v1/score; its answers are judged by their `approved` "
+        f"and `fraud_score` fields (default: {SCORE_PATH})",
     )
     parser.add_argument(
         "--data",
@@ -110,28 +121,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the load test as the options say; 0 when it ran (whatever the score), 1 when it could not."""
+    """Run the load test as the options say; 0 when it ran (whatever the score).  When it cannot,
+    its error goes up to the command line, which ends with the error's category's exit code."""
     # The run's code is imported here, not with the command: every `fraudscore` command registers
     # this one, and `fraudscore balance` should not load what reads test data and k6's results.
     from fraudscore.loadtest.driver import human_summary, load_test
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        result = load_test(
-            url=args.url,
-            data=Path(args.data),
-            profile=Profile(rate_multiplier=args.rate_multiplier, duration_s=args.duration),
-            out_dir=Path(args.out),
-            k6_binary=args.k6,
-            cycle=args.cycle,
-            draw_chart=not args.no_chart,
-        )
-    except (FraudscoreError, OSError) as exc:
-        print(f"fraudscore loadtest: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("fraudscore loadtest: interrupted", file=sys.stderr)
-        return 130
+    result = load_test(
+        url=args.url,
+        path=args.path,
+        data=Path(args.data),
+        profile=Profile(rate_multiplier=args.rate_multiplier, duration_s=args.duration),
+        out_dir=Path(args.out),
+        k6_binary=args.k6,
+        cycle=args.cycle,
+        draw_chart=not args.no_chart,
+    )
     print(human_summary(result, Path(args.out)))
     return 0

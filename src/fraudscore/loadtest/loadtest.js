@@ -1,5 +1,5 @@
-// The contract's load test: POST /fraud-score requests at the rates of the profile, each answer
-// judged against the expected one. Driven by fraudscore/loadtest/k6.py, which passes one input:
+// The contract's load test: POST requests (to /fraud-score, or the endpoint given) at the rates of
+// the profile, each answer judged against the expected one by its `approved` and `fraud_score`. Driven by fraudscore/loadtest/k6.py, which passes one input:
 //   LOADTEST_RUN  absolute path of a JSON object written by k6.py's run_description():
 //     endpoint             the URL requests are posted to
 //     entries              absolute path of a JSON array [[body, expected_approved, expected_fraud_score], ...]

@@ -1,11 +1,13 @@
 """Type stub of the native forest evaluator (``_trees.c``)."""
 
 from collections.abc import Sequence
+from typing import final
 
 from typing_extensions import Buffer
 
 MAX_FEATURES: int
 
+@final
 class Forest:
     n_trees: int
     n_nodes: int

@@ -134,11 +134,12 @@ def cmd_add_knn(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from fraudscore.contract.testdata import read_json
-    from fraudscore.contract.vectorize import vectorize
-    from fraudscore.errors import PayloadError, UsageError
+    """One JSON line per record, like ``fraudscore score``: bad records get an error line naming
+    their position, and the command fails at the end with one line about them."""
+    from fraudscore.contract.testdata import read_records
+    from fraudscore.errors import UsageError
     from fraudscore.models.scorer import ModelScorer
-    from fraudscore.offline import iter_payloads
+    from fraudscore.offline import Scored, failure, vector_of
 
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
@@ -149,16 +150,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if registry.meta(version).get("kind") != "model":
         raise UsageError(f"{version} is not a model version: only models give reasons (see --version)")
     scorer = ModelScorer.from_registry(registry, version)
+    records = read_records(args.file)
     out = sys.stdout.buffer
-    bad = total = 0
-    for payload in iter_payloads(read_json(args.file)):
-        total += 1
-        ident = payload.get("id") if isinstance(payload, dict) else None
-        try:
-            vector = vectorize(payload)
-        except PayloadError as exc:
-            bad += 1
-            out.write(orjson.dumps({"id": ident, "error": str(exc)}) + b"\n")
+    failed: list[Scored] = []
+    for record in records:
+        ident = record.value.get("id") if isinstance(record.value, dict) else None
+        vector = vector_of(record)
+        if isinstance(vector, tuple):
+            error, category = vector
+            failed.append(Scored(ident, None, None, error, record.where, category))
+            out.write(orjson.dumps(failed[-1].as_json()) + b"\n")
             continue
         probability, reasons = scorer.reasons(vector, args.top)
         line = {
@@ -168,9 +169,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
             "reasons": reasons,
         }
         out.write(orjson.dumps(line) + b"\n")
-    if bad:
-        print(f"fraudscore model explain: {bad} of {total} payloads could not be scored", file=sys.stderr)
-    return 1 if bad else 0
+    if failed:
+        out.flush()
+        raise failure(args.file, failed, len(records), "payloads")
+    return 0
 
 
 def _registry_option(p: argparse.ArgumentParser) -> None:

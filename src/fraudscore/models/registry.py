@@ -47,6 +47,11 @@ NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 VERSION_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}-[0-9a-zA-Z_-]{1,64}$")
 
 
+def knn_version(checksum: str) -> str:
+    """The version name of the exact kNN over the index whose checksum this is."""
+    return f"knn-{checksum[:16]}"
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -164,7 +169,7 @@ class Registry:
                 return version
         base = self.root / VERSIONS
         base.mkdir(parents=True, exist_ok=True)
-        version = f"knn-{checksum[:16]}"
+        version = knn_version(checksum)
         meta = {
             "version": version,
             "created": datetime.now(UTC).isoformat(),

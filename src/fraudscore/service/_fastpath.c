@@ -719,9 +719,10 @@ fail:
 
 static PyMethodDef Metrics_methods[] = {
     {"record", (PyCFunction)(void (*)(void))Metrics_record, METH_FASTCALL,
-     "record(target, response, started): count one response of the Python path and its latency"},
-    {"searched", (PyCFunction)Metrics_searched, METH_O, "searched(ns): one search of the Python path, in nanoseconds"},
-    {"snapshot", (PyCFunction)Metrics_snapshot, METH_NOARGS, "snapshot() -> dict: every count as it is now"},
+     "record($self, target, response, started, /)\n--\n\nCount one response of the Python path and its latency."},
+    {"searched", (PyCFunction)Metrics_searched, METH_O,
+     "searched($self, ns, /)\n--\n\nOne search of the Python path, in nanoseconds."},
+    {"snapshot", (PyCFunction)Metrics_snapshot, METH_NOARGS, "snapshot($self, /)\n--\n\nEvery count as it is now."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -730,7 +731,7 @@ static PyTypeObject MetricsType = {
     .tp_name = "fraudscore.service._fastpath.RequestMetrics",
     .tp_basicsize = sizeof(MetricsObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "RequestMetrics(routes, answers): the service's request counters and histograms, kept natively.",
+    .tp_doc = "RequestMetrics(routes, answers)\n--\n\nThe service's request counters and histograms, kept natively.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Metrics_init,
     .tp_dealloc = (destructor)Metrics_dealloc,
@@ -943,10 +944,10 @@ static PyObject *py_round4(PyObject *module, PyObject *arg) {
 
 static PyMethodDef FastPath_methods[] = {
     {"answer", (PyCFunction)(void (*)(void))FastPath_answer, METH_FASTCALL,
-     "answer(data[, started]) -> bytes | None: the response when data is exactly one ordinary scoring request, "
-     "else None; started: the time.monotonic() at which data was read (for the metrics' latency)"},
+     "answer($self, data, started=-1.0, /)\n--\n\nThe response when data is exactly one ordinary scoring request, else None; "
+     "started: the time.monotonic() at which data was read (the metrics' latency starts there)"},
     {"vectorize", (PyCFunction)FastPath_vectorize, METH_O,
-     "vectorize(body) -> list[float] | None: the payload's vector as the fast path computes it, or None where it declines"},
+     "vectorize($self, body, /)\n--\n\nThe payload's vector as the fast path computes it, or None where it declines"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -961,7 +962,8 @@ static PyTypeObject FastPathType = {
     .tp_name = "fraudscore.service._fastpath.FastPath",
     .tp_basicsize = sizeof(FastPathObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "FastPath(index, divisors, mcc_risk, unknown_mcc_risk, answers, max_body): whole scoring requests answered natively.",
+    .tp_doc = "FastPath(index, divisors, mcc_risk, unknown_mcc_risk, answers, max_body, *, metrics=None)\n--\n\n"
+              "Whole scoring requests answered natively; what it answers is counted in metrics.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)FastPath_init,
     .tp_dealloc = (destructor)FastPath_dealloc,
@@ -970,7 +972,7 @@ static PyTypeObject FastPathType = {
 };
 
 static PyMethodDef module_methods[] = {
-    {"round4", py_round4, METH_O, "round4(x) -> float: round(x, 4), as the fast path computes it"},
+    {"round4", py_round4, METH_O, "round4($module, x, /)\n--\n\nround(x, 4), as the fast path computes it."},
     {NULL, NULL, 0, NULL},
 };
 

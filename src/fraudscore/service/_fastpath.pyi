@@ -1,6 +1,6 @@
 """Type stub of the service's native fast path (``_fastpath.c``)."""
 
-from typing import Any
+from typing import Any, final
 
 from typing_extensions import Buffer
 
@@ -12,15 +12,19 @@ SEARCH_BOUNDS: tuple[float, ...]
 
 def round4(x: float, /) -> float: ...
 
+@final
 class RequestMetrics:
     def __init__(self, routes: tuple[bytes, ...], answers: tuple[bytes, ...]) -> None: ...
     def record(self, target: bytes | list[bytes], response: bytes, started: float, /) -> None: ...
     def searched(self, ns: int, /) -> None: ...
     def snapshot(self) -> dict[str, Any]: ...
 
+@final
 class FastPath:
-    answered: int
-    declined: int
+    @property
+    def answered(self) -> int: ...
+    @property
+    def declined(self) -> int: ...
     def __init__(
         self,
         index: Index,
@@ -32,5 +36,5 @@ class FastPath:
         *,
         metrics: RequestMetrics | None = None,
     ) -> None: ...
-    def answer(self, data: bytes, started: float = ..., /) -> bytes | None: ...
+    def answer(self, data: bytes, started: float = -1.0, /) -> bytes | None: ...
     def vectorize(self, body: Buffer, /) -> list[float] | None: ...

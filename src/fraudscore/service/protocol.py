@@ -27,13 +27,12 @@ import time
 from typing import NoReturn, cast
 
 import httptools
-import orjson
 
-from fraudscore.contract.vectorize import NORMALIZATION_KEYS, UNKNOWN_MCC_RISK, Constants, vectorize
-from fraudscore.errors import PayloadError
+from fraudscore.contract.vectorize import NORMALIZATION_KEYS, UNKNOWN_MCC_RISK, Constants
 from fraudscore.scorer import KnnScorer
 from fraudscore.service import responses
 from fraudscore.service._fastpath import FastPath, RequestMetrics
+from fraudscore.service.decode import read_payload, unsearchable
 from fraudscore.service.metrics import METRICS_PATH
 from fraudscore.service.state import ServiceState
 
@@ -249,6 +248,8 @@ class HttpConnection(asyncio.Protocol):
             if self._method != b"POST":
                 return responses.FRAUD_SCORE_METHOD
             return self._score()
+        if path == b"/v1/score":
+            return self._score_v1() if self._method == b"POST" else responses.V1_SCORE_METHOD
         if path == b"/ready":
             if self._method != b"GET" and self._method != b"HEAD":
                 return responses.READY_METHOD
@@ -264,20 +265,26 @@ class HttpConnection(asyncio.Protocol):
         if not state.ready:
             return responses.WARMING
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        decoded = read_payload(body, state.constants)
+        if isinstance(decoded, bytes):
+            return decoded
         try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            return responses.error(400, f"malformed JSON: {exc}")
-        try:
-            vector = vectorize(payload, state.constants)
             started = time.perf_counter_ns()
-            frauds = state.scorer.fraud_count(vector)
+            frauds = state.scorer.fraud_count(decoded[1])
             state.metrics.native.searched(time.perf_counter_ns() - started)
             return responses.SCORES[frauds]
-        except PayloadError as exc:
-            return responses.error(400, str(exc))
-        except ValueError as exc:  # a vector the index refuses (out of range): still the client's input
-            return responses.error(400, f"cannot score this transaction: {exc}")
+        except ValueError as exc:
+            return unsearchable(exc)
+
+    def _score_v1(self) -> bytes:
+        state = self._state
+        if not state.ready or state.v1 is None:
+            return responses.WARMING
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        decoded = read_payload(body, state.constants)
+        if isinstance(decoded, bytes):
+            return decoded
+        return state.v1.answer(*decoded)
 
     def _headers_too_large(self) -> bytes:
         config = self._state.config

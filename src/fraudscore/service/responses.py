@@ -38,6 +38,15 @@ def response(status: int, body: object, *, close: bool = False, extra: str = "")
     return head.encode("ascii") + payload
 
 
+_OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+
+
+def ok(body: bytes) -> bytes:
+    """A 200 whose JSON body the caller serialized (an answer that varies per request):
+    the same bytes as ``response(200, …)``, with the head's fixed part built once."""
+    return b"%s%d\r\n\r\n%s" % (_OK_HEAD, len(body), body)
+
+
 def error(status: int, message: str, *, close: bool = False) -> bytes:
     return response(status, {"error": message}, close=close)
 
@@ -51,8 +60,9 @@ def _answer(frauds: int) -> bytes:
 SCORES: tuple[bytes, ...] = tuple(_answer(n) for n in range(K + 1))
 READY = response(200, {"status": "ready"})
 WARMING = response(503, {"status": "warming up"})
-NOT_FOUND = error(404, "not found: the endpoints are POST /fraud-score and GET /ready")
+NOT_FOUND = error(404, "not found: the endpoints are POST /fraud-score, POST /v1/score and GET /ready")
 FRAUD_SCORE_METHOD = response(405, {"error": "use POST for /fraud-score"}, extra="Allow: POST\r\n")
+V1_SCORE_METHOD = response(405, {"error": "use POST for /v1/score"}, extra="Allow: POST\r\n")
 READY_METHOD = response(405, {"error": "use GET or HEAD for /ready"}, extra="Allow: GET, HEAD\r\n")
 METRICS_METHOD = response(405, {"error": "use GET or HEAD for /metrics"}, extra="Allow: GET, HEAD\r\n")
 TOO_LARGE = error(413, "request body too large", close=True)

@@ -16,6 +16,7 @@ import time
 
 from fraudscore.index.search import random_queries
 from fraudscore.scorer import KnnScorer
+from fraudscore.service import v1
 from fraudscore.service.handoff import HandoffListener
 from fraudscore.service.metrics import MetricsConnection
 from fraudscore.service.protocol import HttpConnection, fast_path
@@ -65,8 +66,15 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
         )
         log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
 
-    # warm in a thread (the native page walk releases the GIL) so /ready can say 503 meanwhile
-    await loop.run_in_executor(None, index.warm, random_queries(config.warm_queries))
+    # warm in a thread (the native page walk releases the GIL) so /ready can say 503 meanwhile;
+    # /v1/score's models load beside it, also off the loop (they read and check files)
+    _, v1_scorers = await asyncio.gather(
+        loop.run_in_executor(None, index.warm, random_queries(config.warm_queries)),
+        loop.run_in_executor(None, v1.load, config.registry, scorer),
+    )
+    state.v1 = v1_scorers
+    v1_scorers.count_decision = state.metrics.decided
+    log.info("%s", v1_scorers.describe())
     gc.collect()
     gc.freeze()  # what exists now lives forever: keep the collector from walking it under load
     if config.fast_path:

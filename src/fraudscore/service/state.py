@@ -10,13 +10,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants
 from fraudscore.errors import ConfigError
 from fraudscore.scorer import KnnScorer
 from fraudscore.service._fastpath import FastPath
 from fraudscore.service.metrics import ServiceMetrics
+
+if TYPE_CHECKING:
+    from fraudscore.service.v1 import V1Scorer
 
 
 class Connection(Protocol):
@@ -32,6 +35,7 @@ MIN_PORT, MAX_PORT = 1, 65535
 # the command-line flag of each setting that has one (cli.py), so an error names what to change
 FLAGS = {
     "port": "--port",
+    "registry": "--registry",
     "max_body_bytes": "--max-body-bytes",
     "request_timeout": "--request-timeout",
     "max_url_bytes": "--max-url-bytes",
@@ -68,6 +72,7 @@ class ServiceConfig:
     idle_timeout: float = 75.0
     shutdown_timeout: float = 10.0
     warm_queries: int = 256
+    registry: Path | None = None  # the model registry behind /v1/score (v1.resolve_registry)
     fast_path: bool = True  # answer ordinary scoring requests natively (protocol.py)
     backlog: int = 4096
     # also serve GET /metrics alone on metrics_host:metrics_port (service/metrics.py), for an
@@ -115,6 +120,7 @@ class ServiceState:
     ready: bool = False
     draining: bool = False
     fast: FastPath | None = None  # set while ready and not draining, when config.fast_path
+    v1: V1Scorer | None = None  # /v1/score's scorers, loaded before ready (v1.load)
     connections: set[Connection] = field(default_factory=set)
     metrics: ServiceMetrics = field(init=False)  # the counts behind GET /metrics
 

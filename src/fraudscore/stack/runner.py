@@ -6,6 +6,13 @@ whole stack inside one outer limit.  The runner waits for every instance's ``/re
 any process that dies, and on SIGINT/SIGTERM (even one that arrives while it is starting)
 stops in order: the balancer first (no new connections), then the instances (they finish what
 they have begun), then removes its cgroups and socket files.
+
+A process that dies while the stack starts, or a balancer that dies within ``STARTUP_GRACE`` of
+its start (a busy port can look ready: whatever holds it may answer ``/ready``), is not
+restarted: the runner gives up with that process's own last error line.  One that dies later
+is restarted after a delay that doubles with each death, and more than ``RESTART_LIMIT`` deaths
+in ``RESTART_WINDOW`` seconds make the runner give up the same way.  Each child's stderr passes
+through the runner: its log records as they are, anything else as a warning naming the process.
 """
 
 from __future__ import annotations
@@ -18,15 +25,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Literal
 
-from fraudscore.defaults import PORT
+from fraudscore.defaults import LOG_RECORD, PORT
 from fraudscore.errors import StackError, StackStopped
 from fraudscore.stack import proxies
 from fraudscore.stack.cgroups import Cgroup, CgroupManager
@@ -36,6 +45,14 @@ log = logging.getLogger(__name__)
 
 Balancer = Literal["builtin", "nginx", "haproxy"]
 READY_TIMEOUT = 30.0
+# A process still up this long after its start has started: its death is then restarted.  Long
+# enough for the balancer's Python to start under its 0.1 CPU quota (about 1.7 s) and bind.
+STARTUP_GRACE = 3.0
+# More deaths of one process than this within the window: something is wrong, stop trying.
+RESTART_LIMIT, RESTART_WINDOW = 5, 60.0
+# The delay before restarting: the first, doubled with each death in the window, up to the last.
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
+STDERR_TAIL_LINES = 5
 
 
 def wait_ready(
@@ -89,9 +106,20 @@ def _ask(sock: socket.socket, request: bytes, timeout: float) -> bool:
     return answer.startswith(b"HTTP/1.1 200")
 
 
+def _error_line(line: bytes) -> bytes:
+    """The error in a child's stderr line: a line that is not a log record (the command's own
+    one-line error), or the message of an ERROR log record; b"" for anything else."""
+    record = LOG_RECORD.match(line)
+    if record is None:
+        return line.strip()
+    if record.group(1) in (b"ERROR", b"CRITICAL"):
+        return line[record.end() :].strip()
+    return b""
+
+
 @dataclass
 class Process:
-    """One process of the stack: how to start it, its cgroup, and the running child."""
+    """One process of the stack: how to start it, its cgroup, the running child, and its deaths."""
 
     name: str
     argv: list[str]
@@ -101,10 +129,47 @@ class Process:
     child: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     peak_rss_kib: int = 0
+    started_at: float = 0.0
+    deaths: list[float] = field(default_factory=list)  # when it was found dead, within the window
+    restart_at: float | None = None  # when a dead process is due to start again
+    _tail: deque[bytes] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL_LINES))
+    _relay: threading.Thread | None = None
 
     def start(self) -> None:
         preexec = self.cgroup.enter if self.cgroup is not None else None
-        self.child = subprocess.Popen(self.argv, preexec_fn=preexec)
+        self._tail.clear()
+        self.child = subprocess.Popen(self.argv, preexec_fn=preexec, stderr=subprocess.PIPE)
+        self.started_at = time.monotonic()
+        self.restart_at = None
+        self._relay = threading.Thread(
+            target=self._pass_stderr, args=(self.child,), name=f"{self.name}-stderr", daemon=True
+        )
+        self._relay.start()
+
+    def _pass_stderr(self, child: subprocess.Popen[bytes]) -> None:
+        """The child's stderr, line by line, to ours; the last lines kept for its error."""
+        assert child.stderr is not None
+        with child.stderr:
+            for line in child.stderr:
+                self._tail.append(line.rstrip())
+                if LOG_RECORD.match(line):
+                    sys.stderr.buffer.write(line)
+                    sys.stderr.buffer.flush()
+                elif line.strip():
+                    log.warning("%s: %s", self.name, line.decode(errors="replace").rstrip())
+
+    def exit_reason(self, when: str = "") -> str:
+        """How the dead child ended (and ``when``), with its own last error line: its output is
+        read to the end first."""
+        assert self.child is not None and self.child.returncode is not None
+        if self._relay is not None:
+            self._relay.join(timeout=1.0)  # a grandchild holding the pipe must not hold us
+        code = self.child.returncode
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
+        how += f" {when}" if when else ""
+        errors = [_error_line(x) for x in self._tail]
+        last = next((x for x in reversed(errors) if x), b"").decode(errors="replace")
+        return f"{how}: {last}" if last else f"{how} (no error message)"
 
     def sample(self) -> None:
         """Keep the peak RSS seen in /proc: it counts the mapped index, which a cgroup may not."""
@@ -134,6 +199,7 @@ class StackConfig:
     port: int = PORT
     instances: int = 2
     balancer: Balancer = "builtin"
+    registry: Path | None = None  # passed on to every instance's --registry
     limits: bool = True
     host: str = "0.0.0.0"
     log_level: str = "INFO"
@@ -164,6 +230,8 @@ class Stack:
         sock = self.workdir / f"{limits.name}.sock"
         mode = "--handoff" if self.config.balancer == "builtin" else "--uds"
         argv = self._fraudscore("serve", "--index", str(self.config.index), mode, str(sock))
+        if self.config.registry is not None:
+            argv += ["--registry", str(self.config.registry)]
         if self.config.metrics_port is not None:
             # each instance its own scrape target (service/metrics.py says why, not an aggregate)
             argv += ["--metrics-port", str(self.config.metrics_port + i)]
@@ -201,10 +269,21 @@ class Stack:
             proc.start()
         for proc in self.instances:
             self._wait_ready(proc)
+        if cfg.metrics_port is not None:  # each instance serves them from its start: say where
+            for i, proc in enumerate(self.instances):
+                log.info("%s metrics: http://127.0.0.1:%d/metrics", proc.name, cfg.metrics_port + i)
         self.balancer.start()
         assert self.balancer.child is not None
         host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
-        wait_ready(f"http://{host}:{cfg.port}", process=self.balancer.child, stopping=self.stopping)
+        try:
+            wait_ready(f"http://{host}:{cfg.port}", process=self.balancer.child, stopping=self.stopping)
+        except StackStopped:
+            raise
+        except StackError:
+            if self.balancer.child.poll() is None:
+                raise
+            raise self._failed(self.balancer, f"before :{cfg.port} was ready") from None
+        self._hold_through_grace()
         log.info(
             "stack up in %.1f s: %s balancer on :%d, %d instances%s",
             time.monotonic() - started,
@@ -218,9 +297,6 @@ class Stack:
                 else ", no limits"
             ),
         )
-        if cfg.metrics_port is not None:
-            for i, proc in enumerate(self.instances):
-                log.info("%s metrics: http://127.0.0.1:%d/metrics", proc.name, cfg.metrics_port + i)
 
     def _wait_ready(self, proc: Process) -> None:
         assert proc.socket is not None and proc.child is not None
@@ -229,11 +305,28 @@ class Stack:
             if self._stopping:
                 raise StackStopped(f"stopped before {proc.name} was ready")
             if proc.child.poll() is not None:
-                raise StackError(f"{proc.name} exited with {proc.child.returncode} before it was ready")
+                raise self._failed(proc, "before it was ready")
             if probe(proc.socket, handoff=self.config.balancer == "builtin"):
                 return
             time.sleep(0.02)
         raise StackError(f"{proc.name} not ready in {READY_TIMEOUT:.0f} s")
+
+    def _failed(self, proc: Process, when: str) -> StackError:
+        """The error that ends a start: the process's own last words."""
+        return StackError(f"{proc.name} {proc.exit_reason(when)}")
+
+    def _hold_through_grace(self) -> None:
+        """Wait until the balancer has been up ``STARTUP_GRACE`` seconds: if it dies by then it
+        failed to start, even though something answered for it (a port already taken).  The
+        instances need no grace: each answered on its own socket, so they did start."""
+        assert self.balancer is not None and self.balancer.child is not None
+        until = self.balancer.started_at + STARTUP_GRACE
+        while time.monotonic() < until:
+            if self._stopping:
+                raise StackStopped("stopped while starting")
+            if self.balancer.child.poll() is not None:
+                raise self._failed(self.balancer, "right after it started")
+            time.sleep(0.02)
 
     # -- running ----------------------------------------------------------------------------
 
@@ -251,21 +344,38 @@ class Stack:
         return self._stopping
 
     def watch(self) -> None:
-        """Restart what dies, until SIGINT or SIGTERM (``catch_signals``)."""
+        """Restart what dies, with backoff, until SIGINT or SIGTERM (``catch_signals``); StackError
+        when one process dies more than ``RESTART_LIMIT`` times in ``RESTART_WINDOW`` seconds."""
         while not self._stopping:
             for proc in self.processes:
                 proc.sample()
-                if proc.child is not None and proc.child.poll() is not None and not self._stopping:
+                if self._stopping or proc.child is None or proc.child.poll() is None:
+                    continue
+                now = time.monotonic()
+                if proc.restart_at is None:
+                    self._schedule_restart(proc, now)
+                elif now >= proc.restart_at:
                     self._restart(proc)
             time.sleep(0.05)
+
+    def _schedule_restart(self, proc: Process, now: float) -> None:
+        """A death seen: count it, give up if it is one too many, else set the restart's time."""
+        proc.deaths = [t for t in proc.deaths if now - t < RESTART_WINDOW] + [now]
+        reason = proc.exit_reason()
+        if len(proc.deaths) > RESTART_LIMIT:
+            raise StackError(
+                f"{proc.name} died {len(proc.deaths)} times within {RESTART_WINDOW:.0f} s; "
+                f"giving up: the last time it {reason}"
+            )
+        delay = min(BACKOFF_FIRST * 2 ** (len(proc.deaths) - 1), BACKOFF_MAX)
+        log.warning("%s %s: restarting it in %.1f s", proc.name, reason, delay)
+        proc.restart_at = now + delay
 
     @property
     def processes(self) -> list[Process]:
         return [*self.instances, *([self.balancer] if self.balancer else [])]
 
     def _restart(self, proc: Process) -> None:
-        assert proc.child is not None
-        log.warning("%s exited with %s: restarting it", proc.name, proc.child.returncode)
         proc.restarts += 1
         proc.start()
         if proc.socket is not None:
@@ -274,8 +384,9 @@ class Stack:
             except StackStopped:
                 return
             except StackError as exc:
-                log.error("%s", exc)
-                return
+                if proc.child is not None and proc.child.poll() is None:
+                    log.error("%s", exc)  # alive, not ready in time
+                return  # or dead again: watch() counts the death and says why
         log.info("%s is back", proc.name)
 
     # -- stopping ---------------------------------------------------------------------------

@@ -1,0 +1,67 @@
+"""Every Redis key the pipeline uses, and the partition of a customer.  The one owner of key names.
+
+Each partition's keys share the hash tag ``{fs:p<i>}``, so every atomic call (a Redis function
+touches one partition's keys only) lands on one slot, as Redis Cluster requires.  The kinds of
+key have distinct prefixes (``c:``, ``cw:``, ``ck:``, ``m:``, ``ev:``), so no id, whatever
+characters it holds, can make two keys collide::
+
+    {fs}:meta               hash: partitions (the partition count, fixed when first set)
+    {fs}:workers            sorted set: live workers' tokens, scored by heartbeat expiry (ms)
+    {fs:p<i>}:events        stream: raw events (field ``event``); consumer group ``scorers``
+    {fs:p<i>}:results       stream: one result per event (``worker.RESULT_FIELDS``), capped
+    {fs:p<i>}:dead          stream: dead letters (source entry, reason, raw event), capped
+    {fs:p<i>}:lease         string: the token of the worker that owns the partition, with a TTL
+    {fs:p<i>}:ev:<event>    hash: the idempotency record: ``pre`` (the state before the event,
+                            until its result is written), ``res`` (the result's entry id); TTL
+    {fs:p<i>}:c:<customer>  hash: n, sum (cents), t (last event time, ms), lat/lon (last
+                            terminal), hlat/hlon (home); TTL after the customer's last event
+    {fs:p<i>}:cw:<customer> sorted set: event ids scored by event time (the 24 h window); TTL
+    {fs:p<i>}:ck:<customer> sorted set: merchants scored by the customer's event number; TTL
+    {fs:p<i>}:m:<merchant>  hash: n, sum (cents) of the merchant's events in the partition; TTL
+"""
+
+from __future__ import annotations
+
+import zlib
+
+NAMESPACE = "fs"
+META = "{fs}:meta"
+WORKERS = "{fs}:workers"
+GROUP = "scorers"
+
+
+def partition_of(customer_id: str, partitions: int) -> int:
+    """The partition of a customer: CRC-32 of its id, so every producer and language agrees.
+
+    >>> partition_of("C-0001", 8), partition_of("C-0001", 1)
+    (4, 0)
+    """
+    return zlib.crc32(customer_id.encode()) % partitions
+
+
+class PartitionKeys:
+    """The key names of one partition."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        tag = f"{{{NAMESPACE}:p{index}}}"
+        self.tag = tag
+        self.events = f"{tag}:events"
+        self.results = f"{tag}:results"
+        self.dead = f"{tag}:dead"
+        self.lease = f"{tag}:lease"
+
+    def record(self, event_id: str) -> str:
+        return f"{self.tag}:ev:{event_id}"
+
+    def customer(self, customer_id: str) -> str:
+        return f"{self.tag}:c:{customer_id}"
+
+    def window(self, customer_id: str) -> str:
+        return f"{self.tag}:cw:{customer_id}"
+
+    def known(self, customer_id: str) -> str:
+        return f"{self.tag}:ck:{customer_id}"
+
+    def merchant(self, merchant_id: str) -> str:
+        return f"{self.tag}:m:{merchant_id}"
