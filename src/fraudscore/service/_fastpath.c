@@ -875,8 +875,8 @@ static int check_initialised(FastPathObject *self) {
 }
 
 /* answer(data[, started]): started is the time.monotonic() at which data was read (the Python path
- * times its requests from the same moment); without it the time is taken here, at a clock read's
- * cost (~25-40 ns here: a tenth of what all the counting costs). */
+ * times its requests from the same moment); without it the time is taken here, at the cost of one
+ * more clock read (37-60 ns on the development machine, BENCHMARKS.md "Metrics"). */
 static PyObject *FastPath_answer(FastPathObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (check_initialised(self)) return NULL;
     if (nargs < 1 || nargs > 2) return PyErr_Format(PyExc_TypeError, "answer() takes 1 or 2 arguments (%zd given)", nargs);
