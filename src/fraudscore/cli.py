@@ -249,6 +249,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_headers=args.max_headers,
         request_timeout=args.request_timeout,
         fast_path=not args.no_fast_path,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     run(config)
     return 0
@@ -395,6 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="answer every request through httptools and the Python vectorizer (for comparison)",
     )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="also serve GET /metrics, and only that, on this TCP port (for an instance on a socket)",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="the --metrics-port listener's address (default: %(default)s)",
+    )
     _add_constants_options(serve)
     _add_registry_option(serve)
     serve.set_defaults(func=cmd_serve)
@@ -451,6 +463,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
             limits=not args.no_limits,
             host=args.host,
             log_level=args.log_level,
+            metrics_port=args.metrics_port,
         )
     )
     return 0
@@ -497,6 +510,12 @@ def _register_optional(sub: Any) -> None:
         "--no-limits",
         action="store_true",
         help="no cgroup per process (to run the whole stack inside one outer limit)",
+    )
+    stack.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="BASE",
+        help="serve instance i's GET /metrics on 127.0.0.1:BASE+i (i from 0; default: not at all)",
     )
     stack.set_defaults(func=cmd_stack)
 

@@ -15,3 +15,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 """Every command's log lines; the stack runner reads its children's stderr by it."""
 LOG_RECORD = re.compile(rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ([A-Z]+) ")
 """A line LOG_FORMAT wrote (group 1: the level): on stderr, a log record rather than a message."""
+
+METRICS_PORT = 9101
+"""The first instance's metrics port in ``fraudscore stack --metrics-port`` as
+deploy/prometheus/prometheus.yml scrapes it (instance i on METRICS_PORT + i)."""

@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "knn_api.h"
 
@@ -428,7 +429,8 @@ static int vectorize(const payload_t *pl, const constants_t *k, double *v) {
 
 /* ---- HTTP framing ------------------------------------------------------------------------------- */
 
-static const char REQUEST_LINE[] = "POST /fraud-score HTTP/1.1\r\n";
+#define SCORE_PATH "/fraud-score"
+static const char REQUEST_LINE[] = "POST " SCORE_PATH " HTTP/1.1\r\n";
 
 static inline int is_tchar(unsigned char ch) {
     return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
@@ -487,6 +489,255 @@ static int frame(const char *data, size_t n, Py_ssize_t max_body, const char **b
     return 0;
 }
 
+/* ---- Request metrics: counted here, read only when scraped (service/metrics.py) --------------------
+ *
+ * A counter costs an increment and a histogram a few comparisons, so the fast path's ~5 us answer
+ * pays nanoseconds for them; prometheus_client's objects (about a microsecond per call) are used
+ * only at scrape time, to write out what these arrays hold.  Everything runs on the event loop's
+ * thread under the GIL (answer, record and snapshot alike), so plain integers are enough. */
+
+#define MAX_ROUTES 8       /* named routes; one more slot counts every other path */
+#define ROUTE_CHARS 32     /* a route's path, at most */
+#define MIN_STATUS 100
+#define MAX_STATUS 600     /* statuses 100..599 */
+enum { NATIVE, PYTHON, N_ANSWERERS }; /* who answered: this file's fast path, or httptools and Python */
+
+/* Upper bounds of the histograms' buckets, in nanoseconds (a last bucket holds what is above).
+ * Latency: the fast path answers in ~5 us, the Python path in ~15-50 us, a slow request or a
+ * timeout takes milliseconds to seconds.  The search: median ~5 us, p99 ~40 us. */
+static const uint64_t LATENCY_BOUNDS[] = {2500, 5000, 7500, 10000, 15000, 25000, 50000, 100000, 250000,
+                                          500000, 1000000, 2500000, 10000000, 100000000, 1000000000};
+static const uint64_t SEARCH_BOUNDS[] = {1000, 2000, 3000, 4000, 5000, 7500, 10000, 15000, 20000,
+                                         30000, 40000, 60000, 100000, 250000, 1000000};
+#define N_LATENCY (sizeof LATENCY_BOUNDS / sizeof LATENCY_BOUNDS[0])
+#define N_SEARCH (sizeof SEARCH_BOUNDS / sizeof SEARCH_BOUNDS[0])
+
+typedef struct { uint64_t buckets[N_LATENCY + 1]; uint64_t sum_ns; } latency_t;
+typedef struct { uint64_t buckets[N_SEARCH + 1]; uint64_t sum_ns; } search_t;
+
+typedef struct {
+    PyObject_HEAD
+    int n_routes;
+    char route[MAX_ROUTES][ROUTE_CHARS];
+    size_t route_len[MAX_ROUTES];
+    PyObject *answers[N_ANSWERS]; /* the scoring answers: a response that is one of them is a decision */
+    uint64_t requests[N_ANSWERERS][MAX_ROUTES + 1][MAX_STATUS - MIN_STATUS];
+    latency_t latency[N_ANSWERERS][MAX_ROUTES + 1];
+    search_t search[N_ANSWERERS];
+    uint64_t decisions[N_ANSWERS]; /* by frauds among the neighbours */
+    uint64_t declined;             /* reads the fast path passed to the Python path */
+} MetricsObject;
+
+static inline uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* the clock of Python's time.monotonic(), through the vDSO */
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static inline size_t bucket_of(const uint64_t *bounds, size_t n, uint64_t ns) {
+    size_t i = 0;
+    while (i < n && ns > bounds[i]) i++;
+    return i;
+}
+
+static inline void observe_latency(latency_t *h, uint64_t ns) {
+    h->buckets[bucket_of(LATENCY_BOUNDS, N_LATENCY, ns)]++;
+    h->sum_ns += ns;
+}
+
+static inline void observe_search(search_t *h, uint64_t ns) {
+    h->buckets[bucket_of(SEARCH_BOUNDS, N_SEARCH, ns)]++;
+    h->sum_ns += ns;
+}
+
+static int match_route(const MetricsObject *m, const char *path, size_t n) {
+    for (int r = 0; r < m->n_routes; r++)
+        if (m->route_len[r] == n && memcmp(m->route[r], path, n) == 0) return r;
+    return m->n_routes;
+}
+
+/* The route of a request target: its path (up to '?') among the named routes, else n_routes.
+ * The target may come in pieces (a list of bytes, as httptools reports it); only the first
+ * ROUTE_CHARS + 1 bytes can matter. */
+static int route_of(const MetricsObject *m, PyObject *target) {
+    char path[ROUTE_CHARS + 1];
+    size_t n = 0;
+    PyObject *const *pieces = &target;
+    Py_ssize_t count = 1;
+    if (PyList_Check(target)) {
+        pieces = ((PyListObject *)target)->ob_item;
+        count = PyList_GET_SIZE(target);
+    }
+    for (Py_ssize_t i = 0; i < count && n <= ROUTE_CHARS; i++) {
+        if (!PyBytes_Check(pieces[i])) return m->n_routes;
+        const char *s = PyBytes_AS_STRING(pieces[i]);
+        for (Py_ssize_t j = 0; j < PyBytes_GET_SIZE(pieces[i]) && n <= ROUTE_CHARS; j++) {
+            if (s[j] == '?') goto done;
+            path[n++] = s[j];
+        }
+    }
+done:
+    return match_route(m, path, n);
+}
+
+static int Metrics_init(MetricsObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"routes", "answers", NULL};
+    PyObject *routes, *answers;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!", kwlist, &PyTuple_Type, &routes, &PyTuple_Type, &answers))
+        return -1;
+    if (PyTuple_GET_SIZE(routes) > MAX_ROUTES) {
+        PyErr_Format(PyExc_ValueError, "at most %d routes", MAX_ROUTES);
+        return -1;
+    }
+    if (PyTuple_GET_SIZE(answers) != N_ANSWERS) {
+        PyErr_Format(PyExc_ValueError, "answers must be a tuple of %d bytes (0 to %d frauds)", N_ANSWERS, FS_KNN_K);
+        return -1;
+    }
+    for (Py_ssize_t r = 0; r < PyTuple_GET_SIZE(routes); r++) {
+        PyObject *route = PyTuple_GET_ITEM(routes, r);
+        if (!PyBytes_Check(route) || PyBytes_GET_SIZE(route) == 0 || PyBytes_GET_SIZE(route) > ROUTE_CHARS) {
+            PyErr_Format(PyExc_ValueError, "a route must be a path of 1 to %d bytes", ROUTE_CHARS);
+            return -1;
+        }
+        memcpy(self->route[r], PyBytes_AS_STRING(route), (size_t)PyBytes_GET_SIZE(route));
+        self->route_len[r] = (size_t)PyBytes_GET_SIZE(route);
+    }
+    for (int i = 0; i < N_ANSWERS; i++) {
+        PyObject *a = PyTuple_GET_ITEM(answers, i);
+        if (!PyBytes_Check(a)) { PyErr_SetString(PyExc_TypeError, "answers must be bytes"); return -1; }
+        Py_INCREF(a);
+        Py_XSETREF(self->answers[i], a);
+    }
+    self->n_routes = (int)PyTuple_GET_SIZE(routes);
+    return 0;
+}
+
+static void Metrics_dealloc(MetricsObject *self) {
+    for (int i = 0; i < N_ANSWERS; i++) Py_CLEAR(self->answers[i]);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* record(target, response, started): one response of the Python path.  target is the request's
+ * URL (bytes, or the list of pieces httptools gave), response the bytes written (the status is
+ * read from "HTTP/1.1 NNN"), started the time.monotonic() at which the request's first byte was
+ * read. */
+static PyObject *Metrics_record(MetricsObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "record() takes 3 arguments (%zd given)", nargs);
+    PyObject *response = args[1];
+    double started = PyFloat_AsDouble(args[2]);
+    if (started == -1.0 && PyErr_Occurred()) return NULL;
+    if (!PyBytes_Check(response) || PyBytes_GET_SIZE(response) < 12)
+        return PyErr_Format(PyExc_ValueError, "record() takes an HTTP response's bytes");
+    const char *s = PyBytes_AS_STRING(response) + 9;
+    int status = 0;
+    if (digits(s, 3, &status) || status < MIN_STATUS || status >= MAX_STATUS)
+        return PyErr_Format(PyExc_ValueError, "record() takes an HTTP response's bytes");
+    int route = route_of(self, args[0]);
+    double elapsed = (double)now_ns() - started * 1e9;
+    self->requests[PYTHON][route][status - MIN_STATUS]++;
+    observe_latency(&self->latency[PYTHON][route], elapsed > 0 ? (uint64_t)elapsed : 0);
+    for (int i = 0; i < N_ANSWERS; i++)
+        if (response == self->answers[i]) { self->decisions[i]++; break; }
+    Py_RETURN_NONE;
+}
+
+/* searched(ns): one search of the Python path, timed by its caller. */
+static PyObject *Metrics_searched(MetricsObject *self, PyObject *arg) {
+    long long ns = PyLong_AsLongLong(arg);
+    if (ns == -1 && PyErr_Occurred()) return NULL;
+    observe_search(&self->search[PYTHON], ns > 0 ? (uint64_t)ns : 0);
+    Py_RETURN_NONE;
+}
+
+static PyObject *bounds_tuple(const uint64_t *bounds, size_t n) {
+    PyObject *out = PyTuple_New((Py_ssize_t)n);
+    if (!out) return NULL;
+    for (size_t i = 0; i < n; i++) {
+        PyObject *x = PyFloat_FromDouble((double)bounds[i] / 1e9);
+        if (!x) { Py_DECREF(out); return NULL; }
+        PyTuple_SET_ITEM(out, (Py_ssize_t)i, x);
+    }
+    return out;
+}
+
+/* (bucket counts, not cumulative; sum in seconds) */
+static PyObject *histogram_tuple(const uint64_t *buckets, size_t n, uint64_t sum_ns) {
+    PyObject *counts = PyTuple_New((Py_ssize_t)n);
+    if (!counts) return NULL;
+    for (size_t i = 0; i < n; i++) {
+        PyObject *x = PyLong_FromUnsignedLongLong(buckets[i]);
+        if (!x) { Py_DECREF(counts); return NULL; }
+        PyTuple_SET_ITEM(counts, (Py_ssize_t)i, x);
+    }
+    return Py_BuildValue("(Nd)", counts, (double)sum_ns / 1e9);
+}
+
+static int append_new(PyObject *list, PyObject *item) {
+    if (!item) return -1;
+    int r = PyList_Append(list, item);
+    Py_DECREF(item);
+    return r;
+}
+
+/* snapshot() -> dict: every count as it is now (see _fastpath.pyi for its shape). */
+static PyObject *Metrics_snapshot(MetricsObject *self, PyObject *unused) {
+    PyObject *requests = PyList_New(0), *latency = PyList_New(0), *search = PyList_New(0), *decisions = NULL;
+    if (!requests || !latency || !search) goto fail;
+    for (int a = 0; a < N_ANSWERERS; a++) {
+        for (int r = 0; r <= self->n_routes; r++) {
+            for (int st = 0; st < MAX_STATUS - MIN_STATUS; st++)
+                if (self->requests[a][r][st] &&
+                    append_new(requests, Py_BuildValue("(iiiK)", a, r, st + MIN_STATUS,
+                                                        (unsigned long long)self->requests[a][r][st])))
+                    goto fail;
+            const latency_t *h = &self->latency[a][r];
+            uint64_t total = 0;
+            for (size_t b = 0; b <= N_LATENCY; b++) total += h->buckets[b];
+            if (total && append_new(latency, Py_BuildValue("(iiN)", a, r, histogram_tuple(h->buckets, N_LATENCY + 1, h->sum_ns))))
+                goto fail;
+        }
+        const search_t *h = &self->search[a];
+        if (append_new(search, Py_BuildValue("(iN)", a, histogram_tuple(h->buckets, N_SEARCH + 1, h->sum_ns))))
+            goto fail;
+    }
+    decisions = PyTuple_New(N_ANSWERS);
+    if (!decisions) goto fail;
+    for (int i = 0; i < N_ANSWERS; i++) {
+        PyObject *x = PyLong_FromUnsignedLongLong(self->decisions[i]);
+        if (!x) goto fail;
+        PyTuple_SET_ITEM(decisions, i, x);
+    }
+    return Py_BuildValue("{sNsNsNsNsK}", "requests", requests, "latency", latency, "search", search,
+                         "decisions", decisions, "declined", (unsigned long long)self->declined);
+fail:
+    Py_XDECREF(requests);
+    Py_XDECREF(latency);
+    Py_XDECREF(search);
+    Py_XDECREF(decisions);
+    return NULL;
+}
+
+static PyMethodDef Metrics_methods[] = {
+    {"record", (PyCFunction)(void (*)(void))Metrics_record, METH_FASTCALL,
+     "record($self, target, response, started, /)\n--\n\nCount one response of the Python path and its latency."},
+    {"searched", (PyCFunction)Metrics_searched, METH_O,
+     "searched($self, ns, /)\n--\n\nOne search of the Python path, in nanoseconds."},
+    {"snapshot", (PyCFunction)Metrics_snapshot, METH_NOARGS, "snapshot($self, /)\n--\n\nEvery count as it is now."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject MetricsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "fraudscore.service._fastpath.RequestMetrics",
+    .tp_basicsize = sizeof(MetricsObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "RequestMetrics(routes, answers)\n--\n\nThe service's request counters and histograms, kept natively.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Metrics_init,
+    .tp_dealloc = (destructor)Metrics_dealloc,
+    .tp_methods = Metrics_methods,
+};
+
 /* ---- The Python type ---------------------------------------------------------------------------- */
 
 typedef struct {
@@ -496,10 +747,13 @@ typedef struct {
     constants_t constants;
     Py_ssize_t max_body;
     unsigned long long answered, declined; /* requests, for the service's log */
+    MetricsObject *metrics;                /* or NULL: where answered requests are counted and timed */
+    int route;                             /* /fraud-score's slot in metrics */
 } FastPathObject;
 
 static void FastPath_clear_fields(FastPathObject *self) {
     Py_CLEAR(self->index);
+    Py_CLEAR(self->metrics);
     for (int i = 0; i < N_ANSWERS; i++) Py_CLEAR(self->answers[i]);
     PyMem_Free(self->constants.mcc);
     self->constants.mcc = NULL;
@@ -560,14 +814,28 @@ static int read_mcc(PyObject *dict, FastPathObject *self) {
 }
 
 static int FastPath_init(FastPathObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"index", "divisors", "mcc_risk", "unknown_mcc_risk", "answers", "max_body", NULL};
-    PyObject *index, *divisors, *mcc, *answers;
+    static char *kwlist[] = {"index", "divisors", "mcc_risk", "unknown_mcc_risk", "answers", "max_body", "metrics", NULL};
+    PyObject *index, *divisors, *mcc, *answers, *metrics = Py_None;
     double unknown_mcc_risk;
     Py_ssize_t max_body;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OOdOn", kwlist, knn->index_type, &index, &divisors, &mcc,
-                                     &unknown_mcc_risk, &answers, &max_body))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OOdOn|$O", kwlist, knn->index_type, &index, &divisors, &mcc,
+                                     &unknown_mcc_risk, &answers, &max_body, &metrics))
         return -1;
     FastPath_clear_fields(self);
+    if (metrics != Py_None) {
+        if (!PyObject_TypeCheck(metrics, &MetricsType)) {
+            PyErr_SetString(PyExc_TypeError, "metrics must be a RequestMetrics or None");
+            return -1;
+        }
+        MetricsObject *m = (MetricsObject *)metrics;
+        self->route = match_route(m, SCORE_PATH, sizeof SCORE_PATH - 1);
+        if (self->route == m->n_routes) {
+            PyErr_Format(PyExc_ValueError, "metrics has no route %s", SCORE_PATH);
+            return -1;
+        }
+        Py_INCREF(metrics);
+        self->metrics = m;
+    }
     if (read_divisors(divisors, &self->constants.divisors) || read_mcc(mcc, self)) return -1;
     if (!isfinite(unknown_mcc_risk)) { PyErr_SetString(PyExc_ValueError, "unknown_mcc_risk must be a finite number"); return -1; }
     self->constants.unknown_mcc_risk = unknown_mcc_risk;
@@ -606,21 +874,45 @@ static int check_initialised(FastPathObject *self) {
     return -1;
 }
 
-static PyObject *FastPath_answer(FastPathObject *self, PyObject *data) {
+/* answer(data[, started]): started is the time.monotonic() at which data was read (the Python path
+ * times its requests from the same moment); without it the time is taken here, at the cost of one
+ * more clock read (37-60 ns on the development machine, BENCHMARKS.md "Metrics"). */
+static PyObject *FastPath_answer(FastPathObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (check_initialised(self)) return NULL;
+    if (nargs < 1 || nargs > 2) return PyErr_Format(PyExc_TypeError, "answer() takes 1 or 2 arguments (%zd given)", nargs);
+    PyObject *data = args[0];
     if (!PyBytes_Check(data)) return PyErr_Format(PyExc_TypeError, "answer() takes bytes, not %.100s", Py_TYPE(data)->tp_name);
+    MetricsObject *m = self->metrics;
+    double read_at = -1.0;
+    if (nargs == 2) {
+        read_at = PyFloat_AsDouble(args[1]);
+        if (read_at == -1.0 && PyErr_Occurred()) return NULL;
+    }
+    uint64_t searched = 0, done = 0;
+    double started = m && read_at < 0 ? (double)now_ns() : read_at * 1e9;
     const char *body;
     size_t body_len;
     double v[DIMS];
     int frauds = -1;
     if (frame(PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data), self->max_body, &body, &body_len) == 0 &&
-        body_vector(self, body, body_len, v) == 0)
+        body_vector(self, body, body_len, v) == 0) {
+        if (m) searched = now_ns();
         frauds = knn->fraud_count(self->index, v);
+        if (m) done = now_ns(); /* what follows is a few increments: the answer's time ends here */
+    }
     if (frauds < 0 || frauds >= N_ANSWERS) {
         self->declined++;
+        if (m) m->declined++; /* its time is the Python path's: that path's clock started before this call */
         Py_RETURN_NONE;
     }
     self->answered++;
+    if (m) {
+        m->requests[NATIVE][self->route][200 - MIN_STATUS]++;
+        double elapsed = (double)done - started;
+        observe_latency(&m->latency[NATIVE][self->route], elapsed > 0 ? (uint64_t)elapsed : 0);
+        observe_search(&m->search[NATIVE], done - searched);
+        m->decisions[frauds]++;
+    }
     PyObject *answer = self->answers[frauds];
     Py_INCREF(answer);
     return answer;
@@ -651,8 +943,9 @@ static PyObject *py_round4(PyObject *module, PyObject *arg) {
 }
 
 static PyMethodDef FastPath_methods[] = {
-    {"answer", (PyCFunction)FastPath_answer, METH_O,
-     "answer($self, data, /)\n--\n\nThe response when data is exactly one ordinary scoring request, else None"},
+    {"answer", (PyCFunction)(void (*)(void))FastPath_answer, METH_FASTCALL,
+     "answer($self, data, started=-1.0, /)\n--\n\nThe response when data is exactly one ordinary scoring request, else None; "
+     "started: the time.monotonic() at which data was read (the metrics' latency starts there)"},
     {"vectorize", (PyCFunction)FastPath_vectorize, METH_O,
      "vectorize($self, body, /)\n--\n\nThe payload's vector as the fast path computes it, or None where it declines"},
     {NULL, NULL, 0, NULL},
@@ -669,7 +962,8 @@ static PyTypeObject FastPathType = {
     .tp_name = "fraudscore.service._fastpath.FastPath",
     .tp_basicsize = sizeof(FastPathObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "FastPath(index, divisors, mcc_risk, unknown_mcc_risk, answers, max_body)\n--\n\nWhole scoring requests answered natively.",
+    .tp_doc = "FastPath(index, divisors, mcc_risk, unknown_mcc_risk, answers, max_body, *, metrics=None)\n--\n\n"
+              "Whole scoring requests answered natively; what it answers is counted in metrics.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)FastPath_init,
     .tp_dealloc = (destructor)FastPath_dealloc,
@@ -687,17 +981,26 @@ static struct PyModuleDef fastpath_module = {
     module_methods, NULL, NULL, NULL, NULL,
 };
 
+/* PyModule_AddObjectRef for a new reference (NULL passes an error on) */
+static int add_new(PyObject *module, const char *name, PyObject *value) {
+    if (!value) return -1;
+    int r = PyModule_AddObjectRef(module, name, value);
+    Py_DECREF(value);
+    return r;
+}
+
 PyMODINIT_FUNC PyInit__fastpath(void) {
     knn = (const fs_knn_api *)PyCapsule_Import(FS_KNN_CAPSULE, 0);
     if (!knn) return NULL;
     c_locale = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
     if (c_locale == (locale_t)0) return PyErr_SetFromErrno(PyExc_OSError);
-    if (PyType_Ready(&FastPathType) < 0) return NULL;
+    if (PyType_Ready(&FastPathType) < 0 || PyType_Ready(&MetricsType) < 0) return NULL;
     PyObject *m = PyModule_Create(&fastpath_module);
     if (!m) return NULL;
-    Py_INCREF(&FastPathType);
-    if (PyModule_AddObject(m, "FastPath", (PyObject *)&FastPathType) < 0) {
-        Py_DECREF(&FastPathType);
+    if (PyModule_AddObjectRef(m, "FastPath", (PyObject *)&FastPathType) < 0 ||
+        PyModule_AddObjectRef(m, "RequestMetrics", (PyObject *)&MetricsType) < 0 ||
+        add_new(m, "LATENCY_BOUNDS", bounds_tuple(LATENCY_BOUNDS, N_LATENCY)) < 0 ||
+        add_new(m, "SEARCH_BOUNDS", bounds_tuple(SEARCH_BOUNDS, N_SEARCH)) < 0) {
         Py_DECREF(m);
         return NULL;
     }

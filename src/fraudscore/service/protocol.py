@@ -9,6 +9,8 @@ Two paths answer.  A read that is exactly one ordinary scoring request, arriving
 parser is between requests, is answered by the native fast path (``_fastpath.c``) in one call;
 for everything else that path declines and httptools with ``vectorize`` answer, as they define
 what the answer is.  Both give the same bytes for what both accept (tests/test_fastpath.py).
+Every response is counted and timed for ``GET /metrics`` (``metrics.py``): the fast path does it
+in C, the Python path with one native call per response (``_record``), never prometheus_client.
 
 No client can make a request's head cost more than a bounded amount of memory or time: the URL,
 the header section and the number of headers have limits (``ServiceConfig``), answered with 414
@@ -29,8 +31,9 @@ import httptools
 from fraudscore.contract.vectorize import NORMALIZATION_KEYS, UNKNOWN_MCC_RISK, Constants
 from fraudscore.scorer import KnnScorer
 from fraudscore.service import responses
-from fraudscore.service._fastpath import FastPath
+from fraudscore.service._fastpath import FastPath, RequestMetrics
 from fraudscore.service.decode import read_payload, unsearchable
+from fraudscore.service.metrics import METRICS_PATH
 from fraudscore.service.state import ServiceState
 
 log = logging.getLogger(__name__)
@@ -46,9 +49,12 @@ class _Refused(Exception):
     """Raised from a parser callback once the request is refused, so httptools stops parsing it."""
 
 
-def fast_path(scorer: KnnScorer, constants: Constants, max_body_bytes: int) -> FastPath:
+def fast_path(
+    scorer: KnnScorer, constants: Constants, max_body_bytes: int, metrics: RequestMetrics | None = None
+) -> FastPath:
     """The native answerer of ordinary scoring requests, with this service's data and answers:
-    every constant of the vector comes from here, none is the C code's own."""
+    every constant of the vector comes from here, none is the C code's own.  It counts and times
+    what it answers in ``metrics``."""
     return FastPath(
         scorer.index.native,
         divisors={key: getattr(constants, key) for key in NORMALIZATION_KEYS},
@@ -56,6 +62,7 @@ def fast_path(scorer: KnnScorer, constants: Constants, max_body_bytes: int) -> F
         unknown_mcc_risk=UNKNOWN_MCC_RISK,
         answers=responses.SCORES,
         max_body=max_body_bytes,
+        metrics=metrics,
     )
 
 
@@ -75,6 +82,7 @@ class HttpConnection(asyncio.Protocol):
         "_linger",
         "_method",
         "_parser",
+        "_record",
         "_request_started",
         "_state",
         "_transport",
@@ -84,6 +92,8 @@ class HttpConnection(asyncio.Protocol):
 
     def __init__(self, state: ServiceState) -> None:
         self._state = state
+        # record(url, response, started): one native call counts and times a response (metrics.py)
+        self._record = state.metrics.native.record
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._linger: asyncio.TimerHandle | None = None
@@ -125,7 +135,7 @@ class HttpConnection(asyncio.Protocol):
         self._last_active = time.monotonic()
         fast = self._state.fast
         if fast is not None and not self._in_request and self._transport is not None:
-            answer = fast.answer(data)
+            answer = fast.answer(data, self._last_active)  # timed from this read, as the Python path
             if answer is not None:
                 self._transport.write(answer)
                 return
@@ -222,6 +232,7 @@ class HttpConnection(asyncio.Protocol):
         if self._transport is None:
             return
         answer = self._respond()
+        self._record(self._url, answer, self._request_started)
         if self._method == b"HEAD":  # the same head, and no body (RFC 9110 9.3.2)
             answer = answer[: answer.index(b"\r\n\r\n") + 4]
         self._transport.write(answer)
@@ -243,6 +254,10 @@ class HttpConnection(asyncio.Protocol):
             if self._method != b"GET" and self._method != b"HEAD":
                 return responses.READY_METHOD
             return responses.READY if self._state.ready else responses.WARMING
+        if path == METRICS_PATH:
+            if self._method != b"GET" and self._method != b"HEAD":
+                return responses.METRICS_METHOD
+            return self._state.metrics.response()
         return responses.NOT_FOUND
 
     def _score(self) -> bytes:
@@ -254,7 +269,10 @@ class HttpConnection(asyncio.Protocol):
         if isinstance(decoded, bytes):
             return decoded
         try:
-            return responses.SCORES[state.scorer.fraud_count(decoded[1])]
+            started = time.perf_counter_ns()
+            frauds = state.scorer.fraud_count(decoded[1])
+            state.metrics.native.searched(time.perf_counter_ns() - started)
+            return responses.SCORES[frauds]
         except ValueError as exc:
             return unsearchable(exc)
 
@@ -291,6 +309,8 @@ class HttpConnection(asyncio.Protocol):
         if transport is None or self._closing:
             return
         self._closing = True
+        # the request last begun is the one refused (or whose answer broke); timed from its start
+        self._record(self._url, response, self._request_started or self._last_active)
         transport.write(response)
         if transport.can_write_eof():
             transport.write_eof()
@@ -334,6 +354,7 @@ class HttpConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         if self._transport is not None and not self._closing:
+            self._record(self._url, responses.SHUTTING_DOWN, self._request_started)
             self._transport.write(responses.SHUTTING_DOWN)
         self._close()
         self._state.connections.discard(self)

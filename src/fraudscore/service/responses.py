@@ -60,10 +60,13 @@ def _answer(frauds: int) -> bytes:
 SCORES: tuple[bytes, ...] = tuple(_answer(n) for n in range(K + 1))
 READY = response(200, {"status": "ready"})
 WARMING = response(503, {"status": "warming up"})
-NOT_FOUND = error(404, "not found: the endpoints are POST /fraud-score, POST /v1/score and GET /ready")
+NOT_FOUND = error(
+    404, "not found: the endpoints are POST /fraud-score, POST /v1/score, GET /ready and GET /metrics"
+)
 FRAUD_SCORE_METHOD = response(405, {"error": "use POST for /fraud-score"}, extra="Allow: POST\r\n")
 V1_SCORE_METHOD = response(405, {"error": "use POST for /v1/score"}, extra="Allow: POST\r\n")
 READY_METHOD = response(405, {"error": "use GET or HEAD for /ready"}, extra="Allow: GET, HEAD\r\n")
+METRICS_METHOD = response(405, {"error": "use GET or HEAD for /metrics"}, extra="Allow: GET, HEAD\r\n")
 TOO_LARGE = error(413, "request body too large", close=True)
 EXPECTATION_FAILED = error(417, "the only expectation supported is 100-continue", close=True)
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # an interim answer: the final one follows

@@ -18,6 +18,7 @@ from fraudscore.index.search import random_queries
 from fraudscore.scorer import KnnScorer
 from fraudscore.service import v1
 from fraudscore.service.handoff import HandoffListener
+from fraudscore.service.metrics import MetricsConnection
 from fraudscore.service.protocol import HttpConnection, fast_path
 from fraudscore.service.sockets import remove_own_socket, remove_socket_file
 from fraudscore.service.state import ServiceConfig, ServiceState
@@ -54,6 +55,16 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
         for sock in server.sockets:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     log.info("serving %s from %s (%d references)", config.address, config.index_path, index.n_points)
+    metrics_server: asyncio.AbstractServer | None = None
+    metrics_connections: set[MetricsConnection] = set()
+    if config.metrics_port is not None:
+        metrics_server = await loop.create_server(
+            lambda: MetricsConnection(state.metrics, metrics_connections),
+            config.metrics_host,
+            config.metrics_port,
+            reuse_address=True,  # a restarted instance takes its port back at once
+        )
+        log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
 
     # warm in a thread (the native page walk releases the GIL) so /ready can say 503 meanwhile;
     # /v1/score's models load beside it, also off the loop (they read and check files)
@@ -62,11 +73,12 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
         loop.run_in_executor(None, v1.load, config.registry, scorer),
     )
     state.v1 = v1_scorers
+    v1_scorers.count_decision = state.metrics.decided
     log.info("%s", v1_scorers.describe())
     gc.collect()
     gc.freeze()  # what exists now lives forever: keep the collector from walking it under load
     if config.fast_path:
-        state.fast = fast_path(scorer, state.constants, config.max_body_bytes)
+        state.fast = fast_path(scorer, state.constants, config.max_body_bytes, state.metrics.native)
     state.ready = True
     if config.handoff is not None:
         handoff = HandoffListener(loop, config.handoff, factory)
@@ -114,6 +126,11 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
         conn.abort()
     if server is not None:
         await server.wait_closed()
+    if metrics_server is not None:
+        metrics_server.close()
+        for metrics_conn in list(metrics_connections):
+            metrics_conn.close()
+        await metrics_server.wait_closed()
     if config.uds is not None:
         remove_own_socket(config.uds)
     scorer.close()

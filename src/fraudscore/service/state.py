@@ -16,6 +16,7 @@ from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants
 from fraudscore.errors import ConfigError
 from fraudscore.scorer import KnnScorer
 from fraudscore.service._fastpath import FastPath
+from fraudscore.service.metrics import ServiceMetrics
 
 if TYPE_CHECKING:
     from fraudscore.service.v1 import V1Scorer
@@ -40,6 +41,7 @@ FLAGS = {
     "max_url_bytes": "--max-url-bytes",
     "max_header_bytes": "--max-header-bytes",
     "max_headers": "--max-headers",
+    "metrics_port": "--metrics-port",
 }
 
 
@@ -73,14 +75,20 @@ class ServiceConfig:
     registry: Path | None = None  # the model registry behind /v1/score (v1.resolve_registry)
     fast_path: bool = True  # answer ordinary scoring requests natively (protocol.py)
     backlog: int = 4096
+    # also serve GET /metrics alone on metrics_host:metrics_port (service/metrics.py), for an
+    # instance whose main listener Prometheus cannot reach (a unix or handoff socket)
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot work, naming the flag that sets each (ConfigError)."""
         chosen = [x for x in (self.port, self.uds, self.handoff) if x is not None]
         if len(chosen) != 1:
             raise ConfigError("listen on exactly one of --port, --uds, --handoff")
-        if self.port is not None and not (isinstance(self.port, int) and MIN_PORT <= self.port <= MAX_PORT):
-            raise ConfigError(f"--port must be between {MIN_PORT} and {MAX_PORT}, got {self.port}")
+        for name in ("port", "metrics_port"):
+            port = getattr(self, name)
+            if port is not None and not (isinstance(port, int) and MIN_PORT <= port <= MAX_PORT):
+                raise ConfigError(f"{_setting(name)} must be between {MIN_PORT} and {MAX_PORT}, got {port}")
         for name in ("request_timeout", "idle_timeout", "shutdown_timeout"):
             seconds = getattr(self, name)
             # 0 would also make the deadline sweep (every request_timeout / 4) spin without pause
@@ -114,3 +122,7 @@ class ServiceState:
     fast: FastPath | None = None  # set while ready and not draining, when config.fast_path
     v1: V1Scorer | None = None  # /v1/score's scorers, loaded before ready (v1.load)
     connections: set[Connection] = field(default_factory=set)
+    metrics: ServiceMetrics = field(init=False)  # the counts behind GET /metrics
+
+    def __post_init__(self) -> None:
+        self.metrics = ServiceMetrics(self.scorer.id)

@@ -27,7 +27,9 @@ Everything in the answer that does not depend on the request is serialized once,
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +40,8 @@ from fraudscore.errors import ConfigError
 from fraudscore.index.search import K
 from fraudscore.models.registry import DEFAULT_REGISTRY, Registry, knn_version
 from fraudscore.models.scorer import ModelScorer
-from fraudscore.scorer import KnnScorer, decision
-from fraudscore.service import responses
+from fraudscore.scorer import KnnScorer, ScorerId, decision
+from fraudscore.service import metrics, responses
 from fraudscore.service.decode import unsearchable
 
 REASONS = 3  # the features that pushed the score most, per answer
@@ -83,6 +85,9 @@ class V1Scorer:
         self.knn_version = knn_version
         self.model = model
         self.model_decides = model_decides
+        # each decision, counted for GET /metrics: the server sets ServiceMetrics.decided here
+        self.count_decision: Callable[[ScorerId, bool], None] = _uncounted
+        self._knn_approves = tuple(decision(n)[0] for n in range(K + 1))
         knn_id = {"name": "knn", "version": knn_version}
         self.decided_by = (
             {"name": model.id.name, "version": model.id.version} if model_decides and model else knn_id
@@ -120,6 +125,7 @@ class V1Scorer:
             return unsearchable(exc)
         model = self.model
         if model is None:
+            self.count_decision(self.knn.id, self._knn_approves[frauds])
             return self._knn_only[frauds]
         probability, contributions = model.explain(vector)  # one native walk: both at once
         ranked = sorted(zip(map(abs, contributions), _NEGATED_POSITIONS, strict=True), reverse=True)
@@ -132,6 +138,7 @@ class V1Scorer:
             approved, score = probability < model.threshold, probability
         else:
             approved, score = decision(frauds)
+        self.count_decision(model.id if self.model_decides else self.knn.id, approved)
         return responses.ok(
             orjson.dumps(
                 {
@@ -152,6 +159,25 @@ class V1Scorer:
     def describe(self) -> str:
         model = f"model {self._model_version}" if self.model else "no model"
         return f"/v1/score: {self.decided_by['version']} decides, {model} beside the kNN {self.knn_version}"
+
+
+def _uncounted(scorer: ScorerId, approved: bool) -> None:
+    """Decisions go uncounted until the server hands the scorer its metrics."""
+
+
+def _load_model(registry: Registry, version: str) -> ModelScorer:
+    """A model version, its load counted for GET /metrics (and a failure's error, by category)."""
+    try:
+        model = ModelScorer.from_registry(registry, version)
+    except Exception as exc:
+        name = "unknown"
+        with contextlib.suppress(Exception):  # the version's metadata may be what is broken
+            name = str(registry.meta(version)["name"])
+        metrics.model_loaded(name, version, ok=False)
+        metrics.count_error(exc)
+        raise
+    metrics.model_loaded(model.id.name, model.id.version, ok=True)
+    return model
 
 
 def _newest_model(registry: Registry) -> str | None:
@@ -181,5 +207,5 @@ def load(registry_path: Path | None, knn: KnnScorer) -> V1Scorer:
             )
         own_knn = production
     model_version = production if kind == "model" else _newest_model(registry)
-    model = ModelScorer.from_registry(registry, model_version) if model_version else None
+    model = _load_model(registry, model_version) if model_version else None
     return V1Scorer(knn, own_knn, model, model_decides=kind == "model")

@@ -204,6 +204,7 @@ class StackConfig:
     host: str = "0.0.0.0"
     log_level: str = "INFO"
     workdir: Path | None = None
+    metrics_port: int | None = None  # instance i serves GET /metrics on 127.0.0.1:metrics_port + i
     stack_limits: StackLimits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -225,12 +226,15 @@ class Stack:
     def _fraudscore(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "fraudscore.cli", "--log-level", self.config.log_level, *args]
 
-    def _instance(self, limits: ServiceLimits) -> Process:
+    def _instance(self, limits: ServiceLimits, i: int) -> Process:
         sock = self.workdir / f"{limits.name}.sock"
         mode = "--handoff" if self.config.balancer == "builtin" else "--uds"
         argv = self._fraudscore("serve", "--index", str(self.config.index), mode, str(sock))
         if self.config.registry is not None:
             argv += ["--registry", str(self.config.registry)]
+        if self.config.metrics_port is not None:
+            # each instance its own scrape target (service/metrics.py says why, not an aggregate)
+            argv += ["--metrics-port", str(self.config.metrics_port + i)]
         return Process(limits.name, argv, limits, socket=sock)
 
     def _balancer(self, limits: ServiceLimits) -> Process:
@@ -255,7 +259,7 @@ class Stack:
                 self.cgroups = CgroupManager()
             else:
                 log.warning("cgroups unavailable, running without limits: %s", reason)
-        self.instances = [self._instance(api) for api in limits.apis]
+        self.instances = [self._instance(api, i) for i, api in enumerate(limits.apis)]
         self.balancer = self._balancer(limits.balancer)
         for proc in [*self.instances, self.balancer]:
             if self.cgroups is not None:
@@ -265,6 +269,9 @@ class Stack:
             proc.start()
         for proc in self.instances:
             self._wait_ready(proc)
+        if cfg.metrics_port is not None:  # each instance serves them from its start: say where
+            for i, proc in enumerate(self.instances):
+                log.info("%s metrics: http://127.0.0.1:%d/metrics", proc.name, cfg.metrics_port + i)
         self.balancer.start()
         assert self.balancer.child is not None
         host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
