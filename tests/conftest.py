@@ -24,7 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
 REFERENCES = DATA / "references.json.gz"
 INDEX_PATH = DATA / "references.fsidx"
-DEV_DATA = ROOT.parent / "shared" / "data" / "dev-data.json.gz"
+# the contract's dev data: $FRAUDSCORE_TEST_DATA, else ../shared beside the clone (README, "Test data")
+DEV_DATA = Path(
+    os.environ.get("FRAUDSCORE_TEST_DATA") or ROOT.parent / "shared" / "data" / "dev-data.json.gz"
+)
 
 
 @pytest.fixture(scope="session")

@@ -33,8 +33,7 @@ from fraudscore.loadtest import command as loadtest
 from fraudscore.loadtest import driver, k6, profile, results
 from fraudscore.loadtest.contest import Counts, detection_score, final_score, p99_score
 
-DEV_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev-data.json.gz"
-
+from .conftest import DEV_DATA
 
 # --- the contest's score -------------------------------------------------------------------------------
 
