@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from fraudscore.errors import (
     UsageError,
     exit_code,
 )
+from fraudscore.flags import parse_port, port_arg, positive_float, positive_int
 
 log = logging.getLogger("fraudscore")
 
@@ -47,53 +47,11 @@ DEFAULT_HOST = os.environ.get("FRAUDSCORE_HOST", "0.0.0.0")
 PORT_VARIABLE, FALLBACK_PORT = "FRAUDSCORE_PORT", PORT
 LOG_LEVEL_VARIABLE, FALLBACK_LOG_LEVEL = "FRAUDSCORE_LOG_LEVEL", "INFO"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-MAX_PORT = 65535
 
 Command = Callable[[argparse.Namespace], int]
 
 
 # -- values of flags and variables ------------------------------------------------------------
-
-
-def parse_port(text: str) -> int:
-    """A TCP port, 1-65535; ValueError (with the reason) otherwise."""
-    try:
-        port = int(text)
-    except ValueError:
-        port = 0
-    if not 1 <= port <= MAX_PORT:
-        raise ValueError(f"must be a port number 1-{MAX_PORT}, got {text!r}")
-    return port
-
-
-def port_arg(text: str) -> int:
-    """argparse ``type=`` for a port flag."""
-    try:
-        return parse_port(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def positive_int(text: str) -> int:
-    """argparse ``type=``: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse ``type=``: a finite number > 0 (seconds, multipliers)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
 
 
 def log_level_arg(text: str) -> str:

@@ -8,6 +8,8 @@ import re
 
 PORT = 9999
 """The contract's public port: the load balancer listens on it (and a lone ``fraudscore serve``)."""
+MIN_PORT, MAX_PORT = 1, 65535
+"""The TCP ports a flag, a variable or a setting may name."""
 SCORE_PATH = "/fraud-score"
 """The contract's scoring endpoint: what the load test posts to unless told otherwise."""
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 from pathlib import Path
 
 from fraudscore.defaults import PORT, SCORE_PATH
+from fraudscore.flags import positive_float
 from fraudscore.loadtest.profile import DURATION_S, START_RATE, TARGET_RATE, Profile
 
 DEFAULT_URL = f"http://localhost:{PORT}"
@@ -37,16 +37,6 @@ def default_data() -> str:
     if env:
         return env
     return str(SHARED_DATA if SHARED_DATA.exists() else LOCAL_DATA)
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
-    return value
 
 
 def _endpoint_path(text: str) -> str:
@@ -79,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--rate-multiplier",
-        type=_positive,
+        type=positive_float,
         default=1.0,
         metavar="X",
         help=f"multiply the start and target rates ({START_RATE:g} -> {TARGET_RATE:g} req/s) by X; "
@@ -87,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--duration",
-        type=_positive,
+        type=positive_float,
         default=DURATION_S,
         metavar="SECONDS",
         help="length of the ramp; once the entries run out the rest of the ramp sends nothing "

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from fraudscore.contract.vectorize import DEFAULT_CONSTANTS, Constants
+from fraudscore.defaults import MAX_PORT, MIN_PORT
 from fraudscore.errors import ConfigError
 from fraudscore.scorer import KnnScorer
 from fraudscore.service._fastpath import FastPath
@@ -29,8 +30,6 @@ class Connection(Protocol):
     def shutdown(self) -> None: ...
     def abort(self) -> None: ...
 
-
-MIN_PORT, MAX_PORT = 1, 65535
 
 # the command-line flag of each setting that has one (cli.py), so an error names what to change
 FLAGS = {

@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 from fraudscore.errors import EXIT_CODES, Category, TransientError, UsageError
+from fraudscore.flags import positive_int
 
 log = logging.getLogger("fraudscore.stream")
 
@@ -30,16 +31,6 @@ def _redis_url() -> str:
     from fraudscore.stream.worker import DEFAULT_REDIS_URL
 
     return os.environ.get(REDIS_URL_ENV, DEFAULT_REDIS_URL)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _add_redis_options(p: argparse.ArgumentParser) -> None:
@@ -54,7 +45,7 @@ def _add_redis_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--partitions",
-        type=_positive,
+        type=positive_int,
         default=8,
         help="partition streams; fixed in Redis by the first producer or worker (default: %(default)s)",
     )
@@ -78,21 +69,21 @@ def register(subparsers: Any) -> None:
         default=DEFAULT_REFERENCES,
         help="reference vectors, to build a missing index (default: %(default)s)",
     )
-    w.add_argument("--batch", type=_positive, default=100, help="events per read (default: %(default)s)")
+    w.add_argument("--batch", type=positive_int, default=100, help="events per read (default: %(default)s)")
     w.add_argument(
         "--claim-idle-ms",
-        type=_positive,
+        type=positive_int,
         default=5000,
         help="a partition whose worker is silent this long is taken over, with its pending entries "
         "(XAUTOCLAIM) (default: %(default)s)",
     )
     w.add_argument(
         "--max-deliveries",
-        type=_positive,
+        type=positive_int,
         default=5,
         help="an event delivered more often goes to the dead-letter stream (default: %(default)s)",
     )
-    w.add_argument("--workers", type=_positive, default=1, help="worker processes (default: %(default)s)")
+    w.add_argument("--workers", type=positive_int, default=1, help="worker processes (default: %(default)s)")
     w.add_argument("--group", default="scorers", help="consumer group (default: %(default)s)")
     w.set_defaults(func=cmd_worker)
 
@@ -105,7 +96,9 @@ def register(subparsers: Any) -> None:
     _add_redis_options(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("file", nargs="?", help="JSON lines of raw events; - for stdin")
-    source.add_argument("--generate", type=_positive, metavar="N", help="publish N generated events instead")
+    source.add_argument(
+        "--generate", type=positive_int, metavar="N", help="publish N generated events instead"
+    )
     p.add_argument("--seed", type=int, default=0, help="the generator's seed (default: %(default)s)")
     p.add_argument("--rate", type=float, help="events per second at the peak (default: as fast as possible)")
     p.add_argument(
@@ -126,7 +119,7 @@ def register(subparsers: Any) -> None:
     )
     _add_redis_options(m)
     m.add_argument("--interval", type=float, default=1.0, help="seconds between lines (default: %(default)s)")
-    m.add_argument("--count", type=_positive, help="stop after this many lines (default: never)")
+    m.add_argument("--count", type=positive_int, help="stop after this many lines (default: never)")
     m.add_argument("--group", default="scorers", help="consumer group (default: %(default)s)")
     m.set_defaults(func=cmd_monitor)
 
@@ -138,10 +131,10 @@ def register(subparsers: Any) -> None:
         "event is done; then stop everything and print a summary.",
     )
     d.add_argument("--redis", metavar="URL", help="use this Redis instead of a private redis-server")
-    d.add_argument("--partitions", type=_positive, default=4, help="default: %(default)s")
+    d.add_argument("--partitions", type=positive_int, default=4, help="default: %(default)s")
     d.add_argument("--index", type=Path, default=DEFAULT_INDEX, help="default: %(default)s")
-    d.add_argument("--events", type=_positive, default=20000, help="default: %(default)s")
-    d.add_argument("--workers", type=_positive, default=2, help="default: %(default)s")
+    d.add_argument("--events", type=positive_int, default=20000, help="default: %(default)s")
+    d.add_argument("--workers", type=positive_int, default=2, help="default: %(default)s")
     d.add_argument("--rate", type=float, default=1000.0, help="peak events/s (default: %(default)s)")
     d.add_argument("--shape", choices=["constant", "ramp", "burst", "wave"], default="wave")
     d.add_argument("--period", type=float, default=10.0, help="seconds per period (default: %(default)s)")
