@@ -138,6 +138,28 @@ def test_amounts_x3_alert_on_the_amount_features_only(
     assert "score" in alerted
 
 
+def test_too_few_requests_say_nothing(
+    model: tuple[dict[str, Any], ModelScorer], dev_vectors: list[list[float]]
+) -> None:
+    """256 ordinary requests can pass the threshold by chance: a window says nothing (and raises
+    nothing) until it holds MIN_OBSERVATIONS requests."""
+    meta, scorer = model
+    scores = scorer.scores(dev_vectors)
+    noisy = 0
+    for start in range(0, 19_968, 256):
+        chunk = slice(start, start + 256)
+        eager = Drift.for_meta(meta, min_observations=1, clock=Clock(), log_alerts=False)
+        careful = Drift.for_meta(meta, clock=Clock())
+        for vector, score in zip(dev_vectors[chunk], scores[chunk], strict=True):
+            eager.observe(vector, score)
+            careful.observe(vector, score)
+        noisy += bool(eager.snapshot()["alerts"])
+        snap = careful.snapshot()
+        assert snap["alerts"] == []
+        assert all(v is None for entry in snap["series"].values() for v in entry["psi"].values())
+    assert noisy > 0  # the noise the guard is for
+
+
 def test_the_small_models_reference_against_the_full_ones(model: tuple[dict[str, Any], ModelScorer]) -> None:
     """The small model is trained on the first 50,000 references only: its reference distribution
     is close to the full model's (edges, shares), which is why the acceptance holds for both."""

@@ -131,6 +131,7 @@ class Drift:
         threshold: float = THRESHOLD,
         min_observations: int = MIN_OBSERVATIONS,
         clock: Callable[[], float] = time.monotonic,
+        log_alerts: bool = True,
     ) -> None:
         if window < 1:
             raise UsageError(f"the drift window must hold at least 1 request, got {window}")
@@ -144,6 +145,7 @@ class Drift:
         self.threshold = float(threshold)
         self.min_observations = max(1, min_observations)
         self._clock = clock
+        self._log_alerts = log_alerts
         self._slot_seconds = self.seconds / TIME_SLOTS
         sizes = [len(s) for s in shares]
         self._starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
@@ -186,6 +188,7 @@ class Drift:
         threshold: float = THRESHOLD,
         min_observations: int = MIN_OBSERVATIONS,
         clock: Callable[[], float] = time.monotonic,
+        log_alerts: bool = True,
     ) -> Drift:
         """The drift of a model version, against the reference in its meta.json."""
         edges, shares = _reference(meta)
@@ -198,6 +201,7 @@ class Drift:
             threshold=threshold,
             min_observations=min_observations,
             clock=clock,
+            log_alerts=log_alerts,
         )
 
     # -- the answer path ---------------------------------------------------------------------
@@ -311,6 +315,9 @@ class Drift:
                 worst = np.maximum(worst, values)
         raised = ~self._alerts & (worst > self.threshold)
         cleared = self._alerts & (worst <= self.threshold * CLEAR_FRACTION)
+        self._alerts = (self._alerts | raised) & ~cleared
+        if not self._log_alerts:
+            return
         for i in np.flatnonzero(raised):
             where = [f"{w} {v[i]:.3f}" for w, (_, v) in windows.items() if v is not None]
             log.warning(
@@ -328,13 +335,14 @@ class Drift:
                 worst[i],
                 self.threshold,
             )
-        self._alerts = (self._alerts | raised) & ~cleared
 
     def snapshot(self) -> dict[str, Any]:
         """The PSI of every series over both windows, the alerts and the windows' sizes (JSON-ready).
 
-        Pending observations are binned first, so the snapshot counts every observed request."""
+        Pending observations are binned first, so the snapshot counts every observed request, and
+        the alerts are brought up to date (the time window may have moved on since the last batch)."""
         self.flush()
+        self._update_alerts()
         windows = self._windows()
         series = {}
         for i, name in enumerate(SERIES):
@@ -405,7 +413,9 @@ def offline(
     holding them all (the time window is the same requests, so it is left out)."""
     if len(vectors) != len(scores):
         raise ValueError("one score per vector")
-    drift = Drift.for_meta(meta, window=max(1, len(vectors)), min_observations=1, clock=lambda: 0.0)
+    drift = Drift.for_meta(
+        meta, window=max(1, len(vectors)), min_observations=1, clock=lambda: 0.0, log_alerts=False
+    )
     for vector, score in zip(vectors, scores, strict=True):
         drift.observe(vector, score)
     snap = drift.snapshot()
