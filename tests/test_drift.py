@@ -85,7 +85,7 @@ def tripled_vectors(dev_entries: list[dict[str, Any]]) -> list[list[float]]:
     return [vectorize(tripled(e["request"])) for e in dev_entries]
 
 
-def first_alerts(drift: Drift, vectors: Sequence[Sequence[float]], scores: Sequence[float]) -> dict[str, int]:
+def first_alerts(drift: Drift, vectors: Sequence[list[float]], scores: Sequence[float]) -> dict[str, int]:
     """Each series that alerted, with the number of requests observed when it first did."""
     first: dict[str, int] = {}
     for i, (vector, score) in enumerate(zip(vectors, scores, strict=True), 1):

@@ -13,18 +13,22 @@ a bin empty on one side adds a large but finite amount.  The usual reading: < 0.
 0.1-0.2 a shift to watch, > 0.2 (``THRESHOLD``) a significant shift.
 
 Bins are the reference's: (-inf, e0], (e0, e1], ..., (e_last, inf), a value equal to an edge in
-the bin the edge closes, exactly as training counted them.  The contract's vector is rounded to
-4 decimals (``vectorize``) and so were the references, so a flag (0 or 1), the -1 sentinel or an
-MCC risk level lands in the same bin here as in training, bit for bit: the features' values are
-binned through a table indexed by the value x 10,000 (built with the same ``searchsorted`` as
-training), which is exact for 4-decimal values and puts any other value in the bin of its
-nearest 4-decimal neighbour.  The score is continuous and is binned by ``searchsorted``.
+the bin the edge closes, exactly as training counted them (``searchsorted``, side "left"): a
+value's bin is the number of edges strictly below it, compared as the same doubles.  The
+contract's vector is rounded to 4 decimals (``vectorize``) and so were the references, so a flag
+(0 or 1), the -1 sentinel or an MCC risk level lands in the same bin here as in training, bit for
+bit.  No categorical bins are needed for the flags: training's deciles of a 0/1 flag are the
+edges [0, 1], i.e. the bins (-inf, 0], (0, 1] and an always empty (1, inf), and the dev
+payloads' flags land in them as the references' did (PSI 0.01-0.05 for the flags).
 
-Cost on the answer path: ``observe`` appends one tuple to a list (a few hundred nanoseconds);
-every ``BATCH`` observations the batch is binned and both windows updated at once with numpy
-(measured by bench/drift_overhead.py).  The count window is a ring of the last ``window``
-requests' bin codes with running counts; the time window is ``TIME_SLOTS`` slots of
-``seconds / TIME_SLOTS`` each, so it spans the last ``seconds`` to within one slot.
+Cost on the answer path: ``observe`` bins the request natively (``_drift.Binner``: one call, a
+scan of at most 10 edges per feature, writing 15 int16 codes into the batch) and stores a clock
+reading.  numpy, binning whole batches, cost about 1 us per request once the request path had
+cooled its caches (measured in the service's loop); the native call is a small fraction of that
+(bench/drift_overhead.py).  Every ``BATCH`` requests the batch's codes are counted into both
+windows with numpy: the count window is a ring of the last ``window`` requests' codes with
+running counts per bin; the time window is ``TIME_SLOTS`` slots of ``seconds / TIME_SLOTS``
+each, so it spans the last ``seconds`` to within one slot.
 
 A PSI over few requests is noise (over 256 of the dev payloads, in their own order, up to 0.24
 against the training data), so a window's PSI is only computed once it holds
@@ -38,9 +42,9 @@ run on the service's one event-loop thread.
 
 from __future__ import annotations
 
+import array
 import logging
 import math
-import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -51,23 +55,21 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from fraudscore.contract.vectorize import FEATURES
 from fraudscore.errors import ModelFormatError, UsageError
+from fraudscore.models import _drift
 
 log = logging.getLogger(__name__)
 
 THRESHOLD = 0.2  # PSI above which a feature has drifted (the usual rule of thumb)
 CLEAR_FRACTION = 0.8  # an alert clears when the PSI falls back to this fraction of the threshold
 EPSILON = 1e-4  # floor of both shares in the PSI, so an empty bin counts as finite
-BATCH = 256  # observations binned at once
+BATCH = 1024  # requests counted into the windows at once (alerts are checked as often)
 MIN_OBSERVATIONS = 1000  # a window's PSI is reported from this many requests on
 TIME_SLOTS = 30  # the time window's resolution: seconds / TIME_SLOTS
 WINDOWS = ("count", "time")
 SCORE = "score"  # the score's series name, beside the features'
 SERIES = (*FEATURES, SCORE)
-SCALE = 10_000  # the vector's precision: 4 decimals
-ROW = len(FEATURES) + 2  # a pending observation: its features, its score, its time
-GRID = SCALE + 1  # the lookup table covers -1.0001 .. 1.0001: the contract's values and beyond
 
-Ints = npt.NDArray[np.intp]
+Ints = npt.NDArray[np.integer[Any]]
 Floats = npt.NDArray[np.float64]
 
 
@@ -153,28 +155,21 @@ class Drift:
         self._sentinel = self._bins  # the code of "no observation": counted in a bin nobody reads
         self._reference = np.maximum(np.concatenate(shares), EPSILON)
         self._log_reference = np.log(self._reference)
-        self._score_edges = edges[-1]
-        # features' bin codes by 4-decimal value: _table[f * (2 GRID + 1) + k + GRID] for value k / SCALE
-        grid = np.arange(-GRID, GRID + 1, dtype=np.float64) / SCALE
-        self._table = np.concatenate(
-            [
-                np.searchsorted(e, grid, side="left") + start
-                for e, start in zip(edges[:-1], self._starts[:-1], strict=True)
-            ]
-        ).astype(np.int16)  # 14 x 20,003 codes: small, to stay in cache
-        self._table_rows = np.arange(len(FEATURES), dtype=np.int64) * (2 * GRID + 1) + GRID
+        # each request's codes, binned natively on the answer path (_drift.c), and its time
+        codes = bytearray(2 * BATCH * len(SERIES))  # int16 rows, written by the binner
+        self._batch = np.frombuffer(codes, dtype=np.int16).reshape(BATCH, len(SERIES))
+        self._binner = _drift.Binner([[float(e) for e in series] for series in edges], codes)
+        self._bin = self._binner.bin
+        self._times = array.array("d", bytes(8 * BATCH))
+        self._n = 0
         # the count window: a ring of each request's bin codes and the running count per bin
-        self._ring = np.full((window, len(SERIES)), self._sentinel, dtype=np.intp)
+        self._ring = np.full((window, len(SERIES)), self._sentinel, dtype=np.int16)  # codes < 32767
         self._ring_at = 0
         self._in_ring = 0
         self._counts = np.zeros(self._bins + 1, dtype=np.int64)
         # the time window: per-slot counts per bin, each slot tagged with its number (time // slot)
         self._slot_counts = np.zeros((TIME_SLOTS, self._bins + 1), dtype=np.int64)
         self._slot_ids = np.full(TIME_SLOTS, -(1 << 62), dtype=np.int64)
-        # observations not binned yet, flat: 14 features, the score and the time, per request
-        self._pending: list[float] = []
-        self._full = BATCH * ROW
-        self._pack = struct.Struct(f"{self._full}d").pack
         self.observed = 0
         self._alerts = np.zeros(len(SERIES), dtype=bool)
 
@@ -206,43 +201,29 @@ class Drift:
 
     # -- the answer path ---------------------------------------------------------------------
 
-    def observe(self, vector: Sequence[float], score: float) -> None:
-        """Count one request: its contract vector and the model's score (probability).
-
-        ``vector`` must be the contract's 14 values (as ``vectorize`` makes them)."""
-        pending = self._pending
-        pending += vector  # flat: the cheapest way to keep 14 floats (one C loop of references)
-        pending.append(score)
-        pending.append(self._clock())
-        if len(pending) >= self._full:
+    def observe(self, vector: list[float], score: float) -> None:
+        """Count one request: its contract vector (a list of the 14 floats ``vectorize`` makes)
+        and the model's score (probability).  ValueError if the vector is not such a list."""
+        n = self._n
+        self._bin(vector, score, n)
+        self._times[n] = self._clock()
+        n += 1
+        self._n = n
+        if n == BATCH:
             self.flush()
 
     # -- batches -----------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Bin the pending observations into both windows and update the alerts."""
-        pending = self._pending
-        if not pending:
+        """Count the batch's requests into both windows and update the alerts."""
+        n = self._n
+        if not n:
             return
-        self._pending = []
-        if len(pending) % ROW:
-            raise ValueError(f"drift: a vector of other than {len(FEATURES)} values was observed")
-        # struct packs a list of floats into doubles several times faster than numpy converts it
-        packed = (
-            self._pack(*pending) if len(pending) == self._full else struct.pack(f"{len(pending)}d", *pending)
-        )
-        rows = np.frombuffer(packed, dtype=np.float64).reshape(-1, ROW)
-        n = len(rows)
-        x = rows[:, : len(FEATURES)] * SCALE
-        np.rint(x, out=x)
-        np.clip(x, -GRID, GRID, out=x)
-        codes = np.empty((n, len(SERIES)), dtype=np.intp)
-        codes[:, :-1] = self._table[x.astype(np.intp) + self._table_rows]
-        codes[:, -1] = np.searchsorted(self._score_edges, rows[:, -2], side="left")
-        codes[:, -1] += self._starts[-1]
+        self._n = 0
+        codes = self._batch[:n]
         added = np.bincount(codes.ravel(), minlength=self._bins + 1)
         self._count_window(codes, added)
-        self._time_window(codes, added, rows[:, -1])
+        self._time_window(codes, added, np.frombuffer(self._times, dtype=np.float64, count=n))
         self.observed += n
         self._update_alerts()
 
@@ -406,9 +387,7 @@ class DriftCollector:
         yield observations
 
 
-def offline(
-    meta: dict[str, Any], vectors: Sequence[Sequence[float]], scores: Sequence[float]
-) -> dict[str, Any]:
+def offline(meta: dict[str, Any], vectors: Sequence[list[float]], scores: Sequence[float]) -> dict[str, Any]:
     """The drift snapshot of a whole set of requests (a payload file) against a version: one window
     holding them all (the time window is the same requests, so it is left out)."""
     if len(vectors) != len(scores):
