@@ -1,17 +1,19 @@
-/* Drift's per-request binning (models/drift.py): one request's 14 features and score to their
- * reference bins, written as int16 codes into a caller's buffer.
+/* Drift's answer-path work (models/drift.py): one request's 14 features and score to their
+ * reference bins, counted into both windows at once.
  *
- * numpy bins a batch at 10-20 ns per value once the request path has cooled its caches (about
- * 1 us per request in all); here a request costs one call and a short scan of each series'
- * edges (at most 10 for a feature, 19 for the score), a few tens of nanoseconds.
+ * numpy, counting batches, cost about 1 us per request once the request path had cooled its
+ * caches; here a request is one call: a short scan of each series' edges (at most 10 for a
+ * feature, 19 for the score), then 15 decrements and 15 increments for the count window (a ring
+ * of the last `window` requests' codes) and 15 increments for the time window's current slot.
  *
  * A value's bin is the number of its series' edges strictly below it: (-inf, e0], (e0, e1], ...,
  * exactly as training counted (numpy.searchsorted, side="left"); NaN goes to the first bin.  Its
- * code is the bin plus the series' first code, so one bincount over all codes counts every
- * series at once.
+ * code is the bin plus the series' first code, so the counts of every series share one array.
+ * The arrays are the caller's (bytearrays that drift.py also reads through numpy views).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -22,12 +24,22 @@ typedef struct {
     Py_ssize_t *offset;  /* per series: its first edge in edges */
     int16_t *start;      /* per series: its first code */
     double *edges;       /* every series' edges, one after the other, increasing within a series */
-    Py_buffer out;       /* the codes: rows of `series` int16, held for the binner's life */
-    Py_ssize_t rows;     /* rows the buffer holds */
-} Binner;
+    Py_ssize_t bins;     /* codes 0 .. bins - 1; code `bins` marks a ring row never written */
+    Py_buffer ring_buf, counts_buf, slot_counts_buf, slot_ids_buf; /* held for the tracker's life */
+    int16_t *ring;        /* window rows of `series` codes */
+    int64_t *counts;      /* bins + 1: per code, in the count window */
+    int64_t *slot_counts; /* slots rows of bins + 1: per code, per time slot */
+    int64_t *slot_ids;    /* slots: which slot (time // slot_seconds) each row holds */
+    Py_ssize_t window, pos, filled, slots, every, since;
+    double slot_seconds;
+    unsigned long long observed;
+} Tracker;
 
-static void Binner_dealloc(Binner *self) {
-    if (self->out.obj != NULL) PyBuffer_Release(&self->out);
+static void Tracker_dealloc(Tracker *self) {
+    if (self->ring_buf.obj != NULL) PyBuffer_Release(&self->ring_buf);
+    if (self->counts_buf.obj != NULL) PyBuffer_Release(&self->counts_buf);
+    if (self->slot_counts_buf.obj != NULL) PyBuffer_Release(&self->slot_counts_buf);
+    if (self->slot_ids_buf.obj != NULL) PyBuffer_Release(&self->slot_ids_buf);
     PyMem_Free(self->nedges);
     PyMem_Free(self->offset);
     PyMem_Free(self->start);
@@ -35,13 +47,31 @@ static void Binner_dealloc(Binner *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Binner(edges: sequence of sequences of float, out: writable buffer of int16 rows) */
-static int Binner_init(Binner *self, PyObject *args, PyObject *kwargs) {
-    static char *keywords[] = {"edges", "out", NULL};
-    PyObject *edges_arg, *out_arg;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO", keywords, &edges_arg, &out_arg)) return -1;
-    if (self->out.obj != NULL || self->nedges != NULL) {
-        PyErr_SetString(PyExc_TypeError, "a Binner is initialised once");
+static int take(PyObject *obj, Py_buffer *view, Py_ssize_t unit, Py_ssize_t *units, const char *name) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return -1;
+    if (view->len == 0 || view->len % unit != 0) {
+        PyErr_Format(PyExc_ValueError, "%s must hold a whole, non-zero number of %zd-byte rows", name, unit);
+        return -1;
+    }
+    *units = view->len / unit;
+    return 0;
+}
+
+/* Tracker(edges, ring, counts, slot_counts, slot_ids, slot_seconds, every) */
+static int Tracker_init(Tracker *self, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"edges", "ring", "counts", "slot_counts", "slot_ids", "slot_seconds", "every", NULL};
+    PyObject *edges_arg, *ring_arg, *counts_arg, *slot_counts_arg, *slot_ids_arg;
+    double slot_seconds;
+    Py_ssize_t every;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOdn", keywords, &edges_arg, &ring_arg, &counts_arg,
+                                     &slot_counts_arg, &slot_ids_arg, &slot_seconds, &every))
+        return -1;
+    if (!(slot_seconds > 0) || isinf(slot_seconds) || every < 1) {
+        PyErr_SetString(PyExc_ValueError, "slot_seconds must be positive and finite, every at least 1");
+        return -1;
+    }
+    if (self->ring_buf.obj != NULL || self->nedges != NULL) {
+        PyErr_SetString(PyExc_TypeError, "a Tracker is initialised once");
         return -1;
     }
     PyObject *outer = PySequence_Fast(edges_arg, "edges must be a sequence of sequences of floats");
@@ -105,17 +135,33 @@ static int Binner_init(Binner *self, PyObject *args, PyObject *kwargs) {
     Py_DECREF(outer);
     if (!ok) return -1;
     self->series = series;
-    if (PyObject_GetBuffer(out_arg, &self->out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return -1;
-    if (self->out.itemsize != 1 && self->out.itemsize != (Py_ssize_t)sizeof(int16_t)) {
-        PyErr_SetString(PyExc_TypeError, "out must be a buffer of bytes or int16");
-        PyBuffer_Release(&self->out);
+    self->bins = codes;
+    Py_ssize_t n_counts, n_ids, n_slot_rows;
+    if (take(ring_arg, &self->ring_buf, series * (Py_ssize_t)sizeof(int16_t), &self->window, "ring") < 0) return -1;
+    if (take(counts_arg, &self->counts_buf, (codes + 1) * 8, &n_counts, "counts") < 0) return -1;
+    if (take(slot_counts_arg, &self->slot_counts_buf, (codes + 1) * 8, &n_slot_rows, "slot_counts") < 0) return -1;
+    if (take(slot_ids_arg, &self->slot_ids_buf, 8, &n_ids, "slot_ids") < 0) return -1;
+    if (n_counts != 1 || n_ids != n_slot_rows) {
+        PyErr_SetString(PyExc_ValueError, "counts must hold one row, slot_ids one id per slot_counts row");
         return -1;
     }
-    self->rows = self->out.len / (Py_ssize_t)(series * sizeof(int16_t));
+    self->ring = self->ring_buf.buf;
+    self->counts = self->counts_buf.buf;
+    self->slot_counts = self->slot_counts_buf.buf;
+    self->slot_ids = self->slot_ids_buf.buf;
+    self->slots = n_ids;
+    self->slot_seconds = slot_seconds;
+    self->every = every;
+    for (Py_ssize_t i = 0; i < self->window * series; i++) {
+        if (self->ring[i] < 0 || self->ring[i] > codes) {
+            PyErr_SetString(PyExc_ValueError, "the ring holds a code out of range");
+            return -1;
+        }
+    }
     return 0;
 }
 
-static inline int16_t bin_of(const Binner *self, Py_ssize_t s, double x) {
+static inline int16_t bin_of(const Tracker *self, Py_ssize_t s, double x) {
     const double *e = self->edges + self->offset[s];
     Py_ssize_t n = self->nedges[s], b = 0;
     while (b < n && x > e[b]) b++; /* increasing edges: stop at the first not below x */
@@ -131,64 +177,97 @@ static inline int value_of(PyObject *o, double *x) {
     return (*x == -1.0 && PyErr_Occurred()) ? -1 : 0;
 }
 
-/* bin(vector: list[float], score: float, row: int) -> None: codes of one request into row `row` */
-static PyObject *Binner_bin(Binner *self, PyObject *const *args, Py_ssize_t nargs) {
+/* observe(vector: list[float], score: float, time: float) -> bool: count one request in both
+ * windows; True every `every` requests (time for the caller to check its alerts) */
+static PyObject *Tracker_observe(Tracker *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "bin(vector, score, row) takes 3 arguments");
+        PyErr_SetString(PyExc_TypeError, "observe(vector, score, time) takes 3 arguments");
         return NULL;
     }
     PyObject *vector = args[0];
-    Py_ssize_t features = self->series - 1;
+    Py_ssize_t series = self->series, features = series - 1;
     if (!PyList_Check(vector) || PyList_GET_SIZE(vector) != features) {
         PyErr_Format(PyExc_ValueError, "the vector must be a list of %zd floats", features);
         return NULL;
     }
-    Py_ssize_t row = PyLong_AsSsize_t(args[2]);
-    if (row == -1 && PyErr_Occurred()) return NULL;
-    if (row < 0 || row >= self->rows) {
-        PyErr_Format(PyExc_IndexError, "row %zd is outside the buffer's %zd rows", row, self->rows);
+    int16_t codes[64];
+    if (series > 64) {
+        PyErr_SetString(PyExc_ValueError, "at most 64 series");
         return NULL;
     }
-    int16_t codes[64];
-    int16_t *dst = (int16_t *)self->out.buf + row * self->series;
-    int16_t *tmp = self->series <= 64 ? codes : dst; /* whole row or nothing: written at the end */
-    double x;
+    double x, t;
     for (Py_ssize_t s = 0; s < features; s++) {
         if (value_of(PyList_GET_ITEM(vector, s), &x) < 0) return NULL;
-        tmp[s] = bin_of(self, s, x);
+        codes[s] = bin_of(self, s, x);
     }
     if (value_of(args[1], &x) < 0) return NULL;
-    tmp[features] = bin_of(self, features, x);
-    if (tmp != dst) memcpy(dst, tmp, (size_t)self->series * sizeof(int16_t));
-    Py_RETURN_NONE;
+    codes[features] = bin_of(self, features, x);
+    if (value_of(args[2], &t) < 0) return NULL;
+    /* the count window: this request replaces the oldest in the ring */
+    int16_t *row = self->ring + self->pos * series;
+    for (Py_ssize_t s = 0; s < series; s++) {
+        self->counts[row[s]]--;
+        self->counts[codes[s]]++;
+        row[s] = codes[s];
+    }
+    self->pos = self->pos + 1 == self->window ? 0 : self->pos + 1;
+    if (self->filled < self->window) self->filled++;
+    /* the time window: the slot of `t`, unless its row already holds a later slot */
+    double q = floor(t / self->slot_seconds);
+    if (q > -9.0e15 && q < 9.0e15) {
+        int64_t slot = (int64_t)q;
+        int64_t r = slot % self->slots;
+        if (r < 0) r += self->slots;
+        if (self->slot_ids[r] <= slot) {
+            int64_t *counts = self->slot_counts + r * (self->bins + 1);
+            if (self->slot_ids[r] != slot) {
+                memset(counts, 0, (size_t)(self->bins + 1) * sizeof(int64_t));
+                self->slot_ids[r] = slot;
+            }
+            for (Py_ssize_t s = 0; s < series; s++) counts[codes[s]]++;
+        }
+    }
+    self->observed++;
+    if (++self->since >= self->every) {
+        self->since = 0;
+        Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
 }
 
-static PyObject *Binner_get_rows(Binner *self, void *closure) {
+static PyObject *Tracker_get_filled(Tracker *self, void *closure) {
     (void)closure;
-    return PyLong_FromSsize_t(self->rows);
+    return PyLong_FromSsize_t(self->filled);
 }
 
-static PyMethodDef Binner_methods[] = {
-    {"bin", (PyCFunction)(void (*)(void))Binner_bin, METH_FASTCALL,
-     "bin($self, vector, score, row, /)\n--\n\nWrite the codes of one request's features and score into row ``row``."},
+static PyObject *Tracker_get_observed(Tracker *self, void *closure) {
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(self->observed);
+}
+
+static PyMethodDef Tracker_methods[] = {
+    {"observe", (PyCFunction)(void (*)(void))Tracker_observe, METH_FASTCALL,
+     "observe($self, vector, score, time, /)\n--\n\nCount one request in both windows; True every ``every`` requests."},
     {NULL, NULL, 0, NULL},
 };
 
-static PyGetSetDef Binner_getset[] = {
-    {"rows", (getter)Binner_get_rows, NULL, "Rows the codes buffer holds.", NULL},
+static PyGetSetDef Tracker_getset[] = {
+    {"filled", (getter)Tracker_get_filled, NULL, "Requests in the count window.", NULL},
+    {"observed", (getter)Tracker_get_observed, NULL, "Requests observed in all.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-static PyTypeObject BinnerType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fraudscore.models._drift.Binner",
-    .tp_doc = PyDoc_STR("Binner(edges, out)\n--\n\nBins requests against each series' edges into ``out``'s int16 rows."),
-    .tp_basicsize = sizeof(Binner),
+static PyTypeObject TrackerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fraudscore.models._drift.Tracker",
+    .tp_doc = PyDoc_STR("Tracker(edges, ring, counts, slot_counts, slot_ids, slot_seconds, every)\n--\n\n"
+                        "Bins requests against each series' edges and counts them in both windows."),
+    .tp_basicsize = sizeof(Tracker),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)Binner_init,
-    .tp_dealloc = (destructor)Binner_dealloc,
-    .tp_methods = Binner_methods,
-    .tp_getset = Binner_getset,
+    .tp_init = (initproc)Tracker_init,
+    .tp_dealloc = (destructor)Tracker_dealloc,
+    .tp_methods = Tracker_methods,
+    .tp_getset = Tracker_getset,
 };
 
 static struct PyModuleDef module = {
@@ -196,12 +275,12 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__drift(void) {
-    if (PyType_Ready(&BinnerType) < 0) return NULL;
+    if (PyType_Ready(&TrackerType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    Py_INCREF(&BinnerType);
-    if (PyModule_AddObject(m, "Binner", (PyObject *)&BinnerType) < 0) {
-        Py_DECREF(&BinnerType);
+    Py_INCREF(&TrackerType);
+    if (PyModule_AddObject(m, "Tracker", (PyObject *)&TrackerType) < 0) {
+        Py_DECREF(&TrackerType);
         Py_DECREF(m);
         return NULL;
     }

@@ -1,4 +1,4 @@
-"""Type stub of drift's native binning (``_drift.c``, see models/drift.py)."""
+"""Type stub of drift's native answer-path work (``_drift.c``, see models/drift.py)."""
 
 from collections.abc import Sequence
 from typing import final
@@ -6,12 +6,24 @@ from typing import final
 from typing_extensions import Buffer
 
 @final
-class Binner:
-    """Bins requests against each series' edges into ``out``'s int16 rows."""
+class Tracker:
+    """Bins requests against each series' edges and counts them in both windows."""
 
-    def __init__(self, edges: Sequence[Sequence[float]], out: Buffer) -> None: ...
-    def bin(self, vector: list[float], score: float, row: int, /) -> None:
-        """Write the codes of one request's features and score into row ``row``."""
+    def __init__(
+        self,
+        edges: Sequence[Sequence[float]],
+        ring: Buffer,
+        counts: Buffer,
+        slot_counts: Buffer,
+        slot_ids: Buffer,
+        slot_seconds: float,
+        every: int,
+    ) -> None: ...
+    def observe(self, vector: list[float], score: float, time: float, /) -> bool:
+        """Count one request in both windows; True every ``every`` requests."""
     @property
-    def rows(self) -> int:
-        """Rows the codes buffer holds."""
+    def filled(self) -> int:
+        """Requests in the count window."""
+    @property
+    def observed(self) -> int:
+        """Requests observed in all."""

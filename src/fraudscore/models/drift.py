@@ -21,14 +21,14 @@ bit.  No categorical bins are needed for the flags: training's deciles of a 0/1 
 edges [0, 1], i.e. the bins (-inf, 0], (0, 1] and an always empty (1, inf), and the dev
 payloads' flags land in them as the references' did (PSI 0.01-0.05 for the flags).
 
-Cost on the answer path: ``observe`` bins the request natively (``_drift.Binner``: one call, a
-scan of at most 10 edges per feature, writing 15 int16 codes into the batch) and stores a clock
-reading.  numpy, binning whole batches, cost about 1 us per request once the request path had
-cooled its caches (measured in the service's loop); the native call is a small fraction of that
-(bench/drift_overhead.py).  Every ``BATCH`` requests the batch's codes are counted into both
-windows with numpy: the count window is a ring of the last ``window`` requests' codes with
-running counts per bin; the time window is ``TIME_SLOTS`` slots of ``seconds / TIME_SLOTS``
-each, so it spans the last ``seconds`` to within one slot.
+Cost on the answer path: ``observe`` is one native call (``_drift.Tracker``, models/_drift.c)
+and a clock reading: it bins the request (a scan of at most 10 edges per feature) and counts its
+15 codes into both windows.  The count window is a ring of the last ``window`` requests' codes
+with a running count per bin; the time window is ``TIME_SLOTS`` slots of ``seconds /
+TIME_SLOTS`` each, so it spans the last ``seconds`` to within one slot.  The PSI (numpy) is
+computed every ``BATCH`` requests, to check the alerts, and at every snapshot.  numpy binning
+batches instead cost about 1 us per request once the request path had cooled its caches;
+bench/drift_overhead.py measures what this costs.
 
 A PSI over few requests is noise (over 256 of the dev payloads, in their own order, up to 0.24
 against the training data), so a window's PSI is only computed once it holds
@@ -42,7 +42,6 @@ run on the service's one event-loop thread.
 
 from __future__ import annotations
 
-import array
 import logging
 import math
 import time
@@ -62,7 +61,7 @@ log = logging.getLogger(__name__)
 THRESHOLD = 0.2  # PSI above which a feature has drifted (the usual rule of thumb)
 CLEAR_FRACTION = 0.8  # an alert clears when the PSI falls back to this fraction of the threshold
 EPSILON = 1e-4  # floor of both shares in the PSI, so an empty bin counts as finite
-BATCH = 1024  # requests counted into the windows at once (alerts are checked as often)
+BATCH = 1024  # the alerts are checked every BATCH requests (and at every snapshot)
 MIN_OBSERVATIONS = 1000  # a window's PSI is reported from this many requests on
 TIME_SLOTS = 30  # the time window's resolution: seconds / TIME_SLOTS
 WINDOWS = ("count", "time")
@@ -155,22 +154,29 @@ class Drift:
         self._sentinel = self._bins  # the code of "no observation": counted in a bin nobody reads
         self._reference = np.maximum(np.concatenate(shares), EPSILON)
         self._log_reference = np.log(self._reference)
-        # each request's codes, binned natively on the answer path (_drift.c), and its time
-        codes = bytearray(2 * BATCH * len(SERIES))  # int16 rows, written by the binner
-        self._batch = np.frombuffer(codes, dtype=np.int16).reshape(BATCH, len(SERIES))
-        self._binner = _drift.Binner([[float(e) for e in series] for series in edges], codes)
-        self._bin = self._binner.bin
-        self._times = array.array("d", bytes(8 * BATCH))
-        self._n = 0
-        # the count window: a ring of each request's bin codes and the running count per bin
-        self._ring = np.full((window, len(SERIES)), self._sentinel, dtype=np.int16)  # codes < 32767
-        self._ring_at = 0
-        self._in_ring = 0
-        self._counts = np.zeros(self._bins + 1, dtype=np.int64)
-        # the time window: per-slot counts per bin, each slot tagged with its number (time // slot)
-        self._slot_counts = np.zeros((TIME_SLOTS, self._bins + 1), dtype=np.int64)
-        self._slot_ids = np.full(TIME_SLOTS, -(1 << 62), dtype=np.int64)
-        self.observed = 0
+        # both windows' counts, kept natively on the answer path (_drift.c) in these arrays
+        width = self._bins + 1  # the last code marks a ring row not yet written
+        ring = bytearray(2 * window * len(SERIES))
+        counts = bytearray(8 * width)
+        slot_counts = bytearray(8 * TIME_SLOTS * width)
+        slot_ids = bytearray(8 * TIME_SLOTS)
+        # the count window: a ring of the last `window` requests' codes, and the count per code
+        np.frombuffer(ring, dtype=np.int16)[:] = self._sentinel
+        self._counts = np.frombuffer(counts, dtype=np.int64)
+        # the time window: per-slot counts per code, each slot tagged with its number (time // slot)
+        self._slot_counts = np.frombuffer(slot_counts, dtype=np.int64).reshape(TIME_SLOTS, width)
+        self._slot_ids = np.frombuffer(slot_ids, dtype=np.int64)
+        self._slot_ids[:] = -(1 << 62)
+        self._tracker = _drift.Tracker(
+            [[float(e) for e in series] for series in edges],
+            ring,
+            counts,
+            slot_counts,
+            slot_ids,
+            self._slot_seconds,
+            BATCH,
+        )
+        self._observe = self._tracker.observe
         self._alerts = np.zeros(len(SERIES), dtype=bool)
 
     @classmethod
@@ -204,61 +210,13 @@ class Drift:
     def observe(self, vector: list[float], score: float) -> None:
         """Count one request: its contract vector (a list of the 14 floats ``vectorize`` makes)
         and the model's score (probability).  ValueError if the vector is not such a list."""
-        n = self._n
-        self._bin(vector, score, n)
-        self._times[n] = self._clock()
-        n += 1
-        self._n = n
-        if n == BATCH:
-            self.flush()
+        if self._observe(vector, score, self._clock()):
+            self._update_alerts()  # every BATCH requests
 
-    # -- batches -----------------------------------------------------------------------------
-
-    def flush(self) -> None:
-        """Count the batch's requests into both windows and update the alerts."""
-        n = self._n
-        if not n:
-            return
-        self._n = 0
-        codes = self._batch[:n]
-        added = np.bincount(codes.ravel(), minlength=self._bins + 1)
-        self._count_window(codes, added)
-        self._time_window(codes, added, np.frombuffer(self._times, dtype=np.float64, count=n))
-        self.observed += n
-        self._update_alerts()
-
-    def _count_window(self, codes: Ints, added: Ints) -> None:
-        if len(codes) > self.window:
-            codes = codes[-self.window :]
-            added = np.bincount(codes.ravel(), minlength=self._bins + 1)
-        start, n = self._ring_at, len(codes)
-        first = min(n, self.window - start)  # up to the ring's end, then from its start
-        for ring_part, new in (
-            (self._ring[start : start + first], codes[:first]),
-            (self._ring[: n - first], codes[first:]),
-        ):
-            if len(new):
-                self._counts -= np.bincount(ring_part.ravel(), minlength=self._bins + 1)
-                ring_part[:] = new
-        self._counts += added
-        self._ring_at = (start + n) % self.window
-        self._in_ring = min(self.window, self._in_ring + n)
-
-    def _time_window(self, codes: Ints, added: Ints, times: Floats) -> None:
-        slots = np.floor(times / self._slot_seconds).astype(np.int64)
-        first, last = int(slots[0]), int(slots[-1])
-        batch = [(first, added)] if first == last else []  # usually the whole batch is in one slot
-        if not batch:
-            for slot in np.unique(slots):
-                batch.append((int(slot), np.bincount(codes[slots == slot].ravel(), minlength=self._bins + 1)))
-        for slot, counts in batch:
-            row = slot % TIME_SLOTS
-            if self._slot_ids[row] > slot:
-                continue  # older than the window: its slot already holds newer requests
-            if self._slot_ids[row] != slot:
-                self._slot_ids[row] = slot
-                self._slot_counts[row] = 0
-            self._slot_counts[row] += counts
+    @property
+    def observed(self) -> int:
+        """Requests observed since the start."""
+        return self._tracker.observed
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -284,7 +242,7 @@ class Drift:
         time_counts = self._time_counts()
         n_time = int(time_counts[self._starts[-1] : self._bins].sum())  # each request has one score bin
         return {
-            "count": (self._in_ring, self._psi(self._counts, self._in_ring)),
+            "count": (self._tracker.filled, self._psi(self._counts, self._tracker.filled)),
             "time": (n_time, self._psi(time_counts, n_time)),
         }
 
@@ -320,9 +278,7 @@ class Drift:
     def snapshot(self) -> dict[str, Any]:
         """The PSI of every series over both windows, the alerts and the windows' sizes (JSON-ready).
 
-        Pending observations are binned first, so the snapshot counts every observed request, and
-        the alerts are brought up to date (the time window may have moved on since the last batch)."""
-        self.flush()
+        The alerts are brought up to date first (the windows may have moved on since the last check)."""
         self._update_alerts()
         windows = self._windows()
         series = {}
