@@ -260,12 +260,14 @@ def test_the_time_window_expires_old_observations(
     snap = drift.snapshot()
     assert snap["windows"]["time"]["observations"] == 1000
     assert snap["series"]["amount_vs_avg"]["psi"]["time"] > 1.0
-    clock.now = 62.0  # their slot (0-2 s) has left the window
+    assert "amount_vs_avg" in snap["alerts"]
+    clock.now = 61.0  # their slot (0-2 s) has left the window
     snap = drift.snapshot()
     assert snap["windows"]["time"]["observations"] == 0
     assert snap["series"]["amount_vs_avg"]["psi"]["time"] is None  # too few to say
     assert snap["windows"]["count"]["observations"] == 1000  # the count window keeps them
-    for vector in dev_vectors[:500]:
+    assert "amount_vs_avg" in snap["alerts"]  # and still alerts on them
+    for vector in dev_vectors[:500]:  # slot 30: the row slot 0 had, reused
         drift.observe(vector, 0.1)
     clock.now = 70.0
     snap = drift.snapshot()
@@ -326,6 +328,19 @@ def test_an_alert_is_logged_once_per_crossing(
         for vector, score in zip(tripled_vectors[8000:16000], drifted[8000:16000], strict=True):
             drift.observe(vector, score)
         assert messages("alert", "amount") == 2 and messages("cleared", "amount") == 1
+
+
+def test_a_vector_of_another_shape_is_refused_and_not_counted(dev_vectors: list[list[float]]) -> None:
+    registry, report = small_model()
+    drift = Drift.for_meta(registry.meta(report.version), clock=Clock())
+    drift.observe(dev_vectors[0], 0.5)
+    for bad in (dev_vectors[0][:13], [*dev_vectors[0], 0.0], tuple(dev_vectors[0])):
+        with pytest.raises(ValueError, match="14 floats"):
+            drift.observe(bad, 0.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        drift.observe([*dev_vectors[0][:13], "x"], 0.5)  # type: ignore[list-item]
+    snap = drift.snapshot()
+    assert snap["observed"] == 1 and snap["windows"]["count"]["observations"] == 1
 
 
 def test_bad_references_and_settings_are_refused() -> None:
