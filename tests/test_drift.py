@@ -138,6 +138,21 @@ def test_amounts_x3_alert_on_the_amount_features_only(
     assert "score" in alerted
 
 
+def test_amounts_x3_alert_by_themselves_within_5000_requests(
+    model: tuple[dict[str, Any], ModelScorer],
+    tripled_vectors: list[list[float]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No snapshot taken: the alerts the service logs on its own (checked every BATCH requests)."""
+    meta, scorer = model
+    drift = Drift.for_meta(meta)
+    with caplog.at_level(logging.WARNING, logger="fraudscore.models.drift"):
+        for vector, score in zip(tripled_vectors[:5000], scorer.scores(tripled_vectors[:5000]), strict=True):
+            drift.observe(vector, score)
+    alerted = {r.getMessage().split()[2] for r in caplog.records if r.getMessage().startswith("drift alert")}
+    assert alerted - {"score"} == AMOUNT_FEATURES
+
+
 def test_too_few_requests_say_nothing(
     model: tuple[dict[str, Any], ModelScorer], dev_vectors: list[list[float]]
 ) -> None:
