@@ -9,6 +9,7 @@ against a real HTTP server in the test."""
 
 from __future__ import annotations
 
+import gc
 import http.server
 import json
 import logging
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -356,6 +358,17 @@ def test_a_vector_of_another_shape_is_refused_and_not_counted(dev_vectors: list[
         drift.observe([*dev_vectors[0][:13], "x"], 0.5)  # type: ignore[list-item]
     snap = drift.snapshot()
     assert snap["observed"] == 1 and snap["windows"]["count"]["observations"] == 1
+
+
+def test_a_dropped_drift_is_freed() -> None:
+    """The native tracker calls back into its Drift (the alerts): the cycle must be collectable,
+    or every model swap would leak its windows."""
+    registry, report = small_model()
+    drift = Drift.for_meta(registry.meta(report.version))
+    ref = weakref.ref(drift)
+    del drift
+    gc.collect()
+    assert ref() is None
 
 
 def test_bad_references_and_settings_are_refused() -> None:

@@ -16,6 +16,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 typedef struct {
     PyObject_HEAD
@@ -32,10 +33,26 @@ typedef struct {
     int64_t *slot_ids;    /* slots: which slot (time // slot_seconds) each row holds */
     Py_ssize_t window, pos, filled, slots, every, since;
     double slot_seconds;
+    PyObject *clock;    /* a callable giving the time in seconds, or NULL: CLOCK_MONOTONIC */
+    PyObject *on_every; /* called every `every` requests (drift.py checks its alerts) */
     unsigned long long observed;
 } Tracker;
 
+static int Tracker_traverse(Tracker *self, visitproc visit, void *arg) {
+    Py_VISIT(self->clock);
+    Py_VISIT(self->on_every);
+    return 0;
+}
+
+static int Tracker_clear(Tracker *self) {
+    Py_CLEAR(self->clock);
+    Py_CLEAR(self->on_every);
+    return 0;
+}
+
 static void Tracker_dealloc(Tracker *self) {
+    PyObject_GC_UnTrack(self);
+    Tracker_clear(self);
     if (self->ring_buf.obj != NULL) PyBuffer_Release(&self->ring_buf);
     if (self->counts_buf.obj != NULL) PyBuffer_Release(&self->counts_buf);
     if (self->slot_counts_buf.obj != NULL) PyBuffer_Release(&self->slot_counts_buf);
@@ -59,13 +76,18 @@ static int take(PyObject *obj, Py_buffer *view, Py_ssize_t unit, Py_ssize_t *uni
 
 /* Tracker(edges, ring, counts, slot_counts, slot_ids, slot_seconds, every) */
 static int Tracker_init(Tracker *self, PyObject *args, PyObject *kwargs) {
-    static char *keywords[] = {"edges", "ring", "counts", "slot_counts", "slot_ids", "slot_seconds", "every", NULL};
-    PyObject *edges_arg, *ring_arg, *counts_arg, *slot_counts_arg, *slot_ids_arg;
+    static char *keywords[] = {"edges", "ring",  "counts", "slot_counts", "slot_ids", "slot_seconds",
+                               "every", "clock", "on_every", NULL};
+    PyObject *edges_arg, *ring_arg, *counts_arg, *slot_counts_arg, *slot_ids_arg, *clock, *on_every;
     double slot_seconds;
     Py_ssize_t every;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOdn", keywords, &edges_arg, &ring_arg, &counts_arg,
-                                     &slot_counts_arg, &slot_ids_arg, &slot_seconds, &every))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOdnOO", keywords, &edges_arg, &ring_arg, &counts_arg,
+                                     &slot_counts_arg, &slot_ids_arg, &slot_seconds, &every, &clock, &on_every))
         return -1;
+    if ((clock != Py_None && !PyCallable_Check(clock)) || !PyCallable_Check(on_every)) {
+        PyErr_SetString(PyExc_TypeError, "clock must be None or callable, on_every callable");
+        return -1;
+    }
     if (!(slot_seconds > 0) || isinf(slot_seconds) || every < 1) {
         PyErr_SetString(PyExc_ValueError, "slot_seconds must be positive and finite, every at least 1");
         return -1;
@@ -152,6 +174,8 @@ static int Tracker_init(Tracker *self, PyObject *args, PyObject *kwargs) {
     self->slots = n_ids;
     self->slot_seconds = slot_seconds;
     self->every = every;
+    self->clock = clock == Py_None ? NULL : Py_NewRef(clock);
+    self->on_every = Py_NewRef(on_every);
     for (Py_ssize_t i = 0; i < self->window * series; i++) {
         if (self->ring[i] < 0 || self->ring[i] > codes) {
             PyErr_SetString(PyExc_ValueError, "the ring holds a code out of range");
@@ -177,11 +201,26 @@ static inline int value_of(PyObject *o, double *x) {
     return (*x == -1.0 && PyErr_Occurred()) ? -1 : 0;
 }
 
-/* observe(vector: list[float], score: float, time: float) -> bool: count one request in both
- * windows; True every `every` requests (time for the caller to check its alerts) */
+static int now(Tracker *self, double *t) {
+    if (self->clock == NULL) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts); /* what time.monotonic() reads */
+        *t = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+        return 0;
+    }
+    PyObject *r = PyObject_CallNoArgs(self->clock);
+    if (r == NULL) return -1;
+    int rc = value_of(r, t);
+    Py_DECREF(r);
+    return rc;
+}
+
+/* observe(vector: list[float], score: float) -> None: count one request in both windows at the
+ * clock's time; every `every` requests, call on_every (an exception it raises is reported as
+ * unraisable: the request that happened to be the 1024th must not fail for it) */
 static PyObject *Tracker_observe(Tracker *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "observe(vector, score, time) takes 3 arguments");
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "observe(vector, score) takes 2 arguments");
         return NULL;
     }
     PyObject *vector = args[0];
@@ -202,7 +241,7 @@ static PyObject *Tracker_observe(Tracker *self, PyObject *const *args, Py_ssize_
     }
     if (value_of(args[1], &x) < 0) return NULL;
     codes[features] = bin_of(self, features, x);
-    if (value_of(args[2], &t) < 0) return NULL;
+    if (now(self, &t) < 0) return NULL;
     /* the count window: this request replaces the oldest in the ring */
     int16_t *row = self->ring + self->pos * series;
     for (Py_ssize_t s = 0; s < series; s++) {
@@ -230,9 +269,11 @@ static PyObject *Tracker_observe(Tracker *self, PyObject *const *args, Py_ssize_
     self->observed++;
     if (++self->since >= self->every) {
         self->since = 0;
-        Py_RETURN_TRUE;
+        PyObject *r = PyObject_CallNoArgs(self->on_every);
+        if (r == NULL) PyErr_WriteUnraisable(self->on_every);
+        Py_XDECREF(r);
     }
-    Py_RETURN_FALSE;
+    Py_RETURN_NONE;
 }
 
 static PyObject *Tracker_get_filled(Tracker *self, void *closure) {
@@ -247,7 +288,7 @@ static PyObject *Tracker_get_observed(Tracker *self, void *closure) {
 
 static PyMethodDef Tracker_methods[] = {
     {"observe", (PyCFunction)(void (*)(void))Tracker_observe, METH_FASTCALL,
-     "observe($self, vector, score, time, /)\n--\n\nCount one request in both windows; True every ``every`` requests."},
+     "observe($self, vector, score, /)\n--\n\nCount one request in both windows at the clock's time."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -259,10 +300,12 @@ static PyGetSetDef Tracker_getset[] = {
 
 static PyTypeObject TrackerType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fraudscore.models._drift.Tracker",
-    .tp_doc = PyDoc_STR("Tracker(edges, ring, counts, slot_counts, slot_ids, slot_seconds, every)\n--\n\n"
+    .tp_doc = PyDoc_STR("Tracker(edges, ring, counts, slot_counts, slot_ids, slot_seconds, every, clock, on_every)\n--\n\n"
                         "Bins requests against each series' edges and counts them in both windows."),
     .tp_basicsize = sizeof(Tracker),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Tracker_traverse,
+    .tp_clear = (inquiry)Tracker_clear,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Tracker_init,
     .tp_dealloc = (destructor)Tracker_dealloc,

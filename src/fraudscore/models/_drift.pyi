@@ -1,6 +1,6 @@
 """Type stub of drift's native answer-path work (``_drift.c``, see models/drift.py)."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import final
 
 from typing_extensions import Buffer
@@ -18,9 +18,11 @@ class Tracker:
         slot_ids: Buffer,
         slot_seconds: float,
         every: int,
+        clock: Callable[[], float] | None,
+        on_every: Callable[[], object],
     ) -> None: ...
-    def observe(self, vector: list[float], score: float, time: float, /) -> bool:
-        """Count one request in both windows; True every ``every`` requests."""
+    def observe(self, vector: list[float], score: float, /) -> None:
+        """Count one request in both windows at the clock's time."""
     @property
     def filled(self) -> int:
         """Requests in the count window."""

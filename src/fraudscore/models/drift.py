@@ -21,14 +21,15 @@ bit.  No categorical bins are needed for the flags: training's deciles of a 0/1 
 edges [0, 1], i.e. the bins (-inf, 0], (0, 1] and an always empty (1, inf), and the dev
 payloads' flags land in them as the references' did (PSI 0.01-0.05 for the flags).
 
-Cost on the answer path: ``observe`` is one native call (``_drift.Tracker``, models/_drift.c)
-and a clock reading: it bins the request (a scan of at most 10 edges per feature) and counts its
-15 codes into both windows.  The count window is a ring of the last ``window`` requests' codes
-with a running count per bin; the time window is ``TIME_SLOTS`` slots of ``seconds /
-TIME_SLOTS`` each, so it spans the last ``seconds`` to within one slot.  The PSI (numpy) is
-computed every ``BATCH`` requests, to check the alerts, and at every snapshot.  numpy binning
-batches instead cost about 1 us per request once the request path had cooled its caches;
-bench/drift_overhead.py measures what this costs.
+Cost on the answer path: ``Drift.observe`` is the native ``_drift.Tracker.observe`` itself
+(models/_drift.c): one call bins the request (a scan of at most 10 edges per feature), reads
+CLOCK_MONOTONIC (``time.monotonic``'s clock) and counts the request's 15 codes into both windows;
+about 0.3 us (bench/drift_overhead.py).  The count window is a ring of the last ``window``
+requests' codes with a running count per bin; the time window is ``TIME_SLOTS`` slots of
+``seconds / TIME_SLOTS`` each, so it spans the last ``seconds`` to within one slot.  The PSI
+(numpy) is computed every ``BATCH`` requests, to check the alerts, and at every snapshot.
+Binning batches with numpy instead cost about 1 us per request once the request path had cooled
+its caches, more than the 3 % budget of a ~40 us request.
 
 A PSI over few requests is noise (over 256 of the dev payloads, in their own order, up to 0.24
 against the training data), so a window's PSI is only computed once it holds
@@ -175,8 +176,13 @@ class Drift:
             slot_ids,
             self._slot_seconds,
             BATCH,
+            None if clock is time.monotonic else clock,  # None: the same clock, read natively
+            self._update_alerts,
         )
-        self._observe = self._tracker.observe
+        # the answer path's call: the native method itself, no Python frame in between
+        self.observe: Callable[[list[float], float], None] = self._tracker.observe
+        """Count one request: its contract vector (a list of the 14 floats ``vectorize`` makes)
+        and the model's score (probability).  ValueError if the vector is not such a list."""
         self._alerts = np.zeros(len(SERIES), dtype=bool)
 
     @classmethod
@@ -206,12 +212,6 @@ class Drift:
         )
 
     # -- the answer path ---------------------------------------------------------------------
-
-    def observe(self, vector: list[float], score: float) -> None:
-        """Count one request: its contract vector (a list of the 14 floats ``vectorize`` makes)
-        and the model's score (probability).  ValueError if the vector is not such a list."""
-        if self._observe(vector, score, self._clock()):
-            self._update_alerts()  # every BATCH requests
 
     @property
     def observed(self) -> int:
