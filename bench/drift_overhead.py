@@ -7,11 +7,10 @@ after the other in alternating order: (a) the Python path's work for each payloa
 does it (``vectorize`` then ``V1Scorer.answer``: the exact kNN search, the model's walk with its
 reasons, the JSON answer), (b) the same followed by ``Drift.observe`` of the fresh vector, as the
 service will call it, and (c) ``Drift.observe`` alone over the premade vectors (cold in the
-cache: an upper bound), batches included (every 256th call bins the batch and updates both
-windows).  Each pass gives its thread's
-CPU time per request (time preempted on a shared machine is not in it) and the median wall time
-of single calls.  (a) leaves out the HTTP parsing and the socket, so the ratio printed is an
-upper bound of drift's share of a whole request.
+cache: an upper bound), the alert checks included (the PSI of both windows every 1024 calls).
+Each pass gives its thread's CPU time per request (time preempted on a shared machine is not
+in it) and the median wall time of single calls.  (a) leaves out the HTTP parsing and the
+socket, so the ratio printed is an upper bound of drift's share of a whole request.
 """
 
 from __future__ import annotations

@@ -178,8 +178,11 @@ def test_too_few_requests_say_nothing(
 
 
 def test_the_small_models_reference_against_the_full_ones(model: tuple[dict[str, Any], ModelScorer]) -> None:
-    """The small model is trained on the first 50,000 references only: its reference distribution
-    is close to the full model's (edges, shares), which is why the acceptance holds for both."""
+    """The small model is trained on the first 50,000 references only.  Its reference differs from
+    the full model's but not by much: the discrete features have the same edges and shares within
+    PSI 0.01; the continuous ones' deciles lie within 0.01 of the full ones' (a few fall on other
+    4-decimal values, and minutes_since_last_tx has one edge fewer); the score's distribution is
+    another model's.  Both pass the acceptance above."""
     found = full_model()
     if found is None:
         pytest.skip(f"no full-data model in {FULL_REGISTRY}")
@@ -191,8 +194,9 @@ def test_the_small_models_reference_against_the_full_ones(model: tuple[dict[str,
         s, f = small["features"][name], full["features"][name]
         if s["edges"] == f["edges"]:
             assert psi(s["shares"], f["shares"]) < 0.01, name
-        else:  # other deciles: compare the small one's bins filled with the full one's shares
-            assert len(s["shares"]) == len(s["edges"]) + 1
+        else:
+            assert all(min(abs(e - g) for g in f["edges"]) < 0.01 for e in s["edges"]), name
+    assert psi(small["score"]["shares"], full["score"]["shares"]) < 0.2
 
 
 # -- the PSI, against a straightforward implementation ---------------------------------------------
