@@ -28,5 +28,10 @@ setup(
             # the leaf sums must round like LightGBM's: no fused multiply-add
             extra_compile_args=CFLAGS,
         ),
+        Extension(
+            "fraudscore.models._drift",
+            sources=["src/fraudscore/models/_drift.c"],
+            extra_compile_args=CFLAGS,
+        ),
     ],
 )

@@ -175,6 +175,127 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- drift ---------------------------------------------------------------------------------------
+
+
+def _drift_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The drift of a payload file's vectors and the model's scores against the version's reference."""
+    from fraudscore.contract.testdata import read_records
+    from fraudscore.errors import UsageError
+    from fraudscore.models.drift import offline
+    from fraudscore.models.scorer import ModelScorer
+    from fraudscore.offline import Scored, failure, vector_of
+
+    registry = Registry(args.registry)
+    version = args.version or registry.production()
+    if version is None:
+        raise UsageError(f"{registry.root}: no version in production; name one with --version")
+    meta = registry.meta(version)
+    if meta.get("kind") != "model":
+        raise UsageError(f"{version} is not a model version: only models store a training distribution")
+    records = read_records(args.file)
+    vectors, failed = [], []
+    for record in records:
+        vector = vector_of(record)
+        if isinstance(vector, tuple):
+            failed.append(Scored(None, None, None, vector[0], record.where, vector[1]))
+        else:
+            vectors.append(vector)
+    if failed:
+        raise failure(args.file, failed, len(records), "payloads")
+    if not vectors:
+        raise UsageError(f"{args.file}: holds no payloads")
+    scores = ModelScorer.from_registry(registry, version).scores(vectors)
+    return [offline(meta, vectors, scores)]
+
+
+def _get_json(url: str) -> tuple[int, Any]:
+    """(status, decoded body) of GET ``url``; TransientError if it cannot be fetched."""
+    import urllib.error
+    import urllib.request
+
+    from fraudscore.errors import TransientError
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            status, body = answer.status, answer.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TransientError(f"--url {url}: cannot fetch: {reason}") from exc
+    try:
+        return status, orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return status, None
+
+
+def _drift_live(url: str) -> list[dict[str, Any]]:
+    """The drift snapshots a running service serves: ``GET <url>/admin/drift``, or the ``drift``
+    member of ``GET <url>/admin/status`` where the former is not served (404)."""
+    from fraudscore.errors import BadInputError, TransientError, UsageError
+
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--url {url}: give the service's admin address, like http://127.0.0.1:9200")
+    base = url.rstrip("/")
+    status, document = _get_json(f"{base}/admin/drift")
+    where = f"{base}/admin/drift"
+    if status == 404:
+        where = f"{base}/admin/status"
+        status, document = _get_json(where)
+        if status == 200 and isinstance(document, dict):
+            document = document.get("drift")
+    if status != 200:
+        error = document.get("error") if isinstance(document, dict) else None
+        raise TransientError(f"--url {where}: answered {status}" + (f": {error}" if error else ""))
+    if document is None:
+        raise BadInputError(f"--url {where}: the service tracks no drift (no model serving)")
+    snapshots = document if isinstance(document, list) else [document]
+    for snapshot in snapshots:
+        if not isinstance(snapshot, dict) or not isinstance(snapshot.get("series"), dict):
+            raise BadInputError(f"--url {where}: the answer is not a drift snapshot")
+    return snapshots
+
+
+def _format_psi(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _print_drift(snapshot: dict[str, Any]) -> None:
+    windows = snapshot["windows"]
+    count = windows["count"]
+    parts = [f"count window {count['observations']} of {count['size']} requests"]
+    if "time" in windows:
+        parts.append(
+            f"time window {windows['time']['observations']} requests in {windows['time']['seconds']:g} s"
+        )
+    print(f"drift of {snapshot['version']} ({', '.join(parts)}); alert above PSI {snapshot['threshold']:g}")
+    names = list(windows)
+    print(f"  {'feature':<22}" + "".join(f" {'PSI ' + w:>10}" for w in names))
+    for name, entry in snapshot["series"].items():
+        cells = "".join(f" {_format_psi(entry['psi'].get(w)):>10}" for w in names)
+        print(f"  {name:<22}{cells}" + ("  ALERT" if entry["alert"] else ""))
+    if any(entry["psi"].get(w) is None for entry in snapshot["series"].values() for w in names):
+        print(f"  (-: fewer than {snapshot['min_observations']} requests in the window)")
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    """PSI per feature and of the score, offline (a payload file) or live (a service's admin URL)."""
+    from fraudscore.errors import UsageError
+
+    if (args.file is None) == (args.url is None):
+        raise UsageError("model drift: give a payload FILE or --url of a running service, not both")
+    if args.url is not None and args.version is not None:
+        raise UsageError("--version: the live view shows the versions the service serves; drop --version")
+    snapshots = _drift_offline(args) if args.file is not None else _drift_live(args.url)
+    if args.json:
+        _print_json(snapshots[0] if len(snapshots) == 1 else snapshots)
+        return 0
+    for snapshot in snapshots:
+        _print_drift(snapshot)
+    return 0
+
+
 def _registry_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--registry",
@@ -246,3 +367,13 @@ def register(subparsers: Any) -> None:
     explain.add_argument("--top", type=int, default=DEFAULT_TOP, help="reasons per payload (default: 3)")
     _registry_option(explain)
     explain.set_defaults(func=cmd_explain)
+
+    drift = sub.add_parser(
+        "drift", help="PSI of payloads (a file, or a running service's) vs the training data"
+    )
+    drift.add_argument("file", nargs="?", help="payloads: JSON array, JSON lines or test data; - for stdin")
+    drift.add_argument("--url", help="a running service's admin address: its live drift (GET /admin/drift)")
+    drift.add_argument("--version", help="model version of the file's view (default: the one in production)")
+    _registry_option(drift)
+    _json_option(drift)
+    drift.set_defaults(func=cmd_drift)
