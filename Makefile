@@ -43,7 +43,8 @@ unit: install index
 SAN_DIR   = build/sanitize
 SAN_FLAGS = -O1 -g -std=c11 -ffp-contract=off -fno-strict-aliasing -fPIC -shared \
             -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
-SAN_TESTS = tests/test_index.py tests/test_index_fuzz.py tests/test_fastpath.py tests/test_models_native.py
+SAN_TESTS = tests/test_index.py tests/test_index_fuzz.py tests/test_fastpath.py tests/test_models_native.py \
+            tests/test_drift.py
 
 sanitize: install index
 	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)
@@ -54,16 +55,18 @@ sanitize: install index
 	gcc $(SAN_FLAGS) -I$$inc src/fraudscore/index/_knn.c -o $(SAN_DIR)/fraudscore/index/_knn$$ext && \
 	gcc $(SAN_FLAGS) -I$$inc -Isrc/fraudscore/index src/fraudscore/service/_fastpath.c \
 	    -o $(SAN_DIR)/fraudscore/service/_fastpath$$ext && \
-	gcc $(SAN_FLAGS) -I$$inc src/fraudscore/models/_trees.c -o $(SAN_DIR)/fraudscore/models/_trees$$ext
+	gcc $(SAN_FLAGS) -I$$inc src/fraudscore/models/_trees.c -o $(SAN_DIR)/fraudscore/models/_trees$$ext && \
+	gcc $(SAN_FLAGS) -I$$inc src/fraudscore/models/_drift.c -o $(SAN_DIR)/fraudscore/models/_drift$$ext
 	export LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
 	       UBSAN_OPTIONS=print_stacktrace=1 PYTHONPATH=$(CURDIR)/$(SAN_DIR) FRAUDSCORE_SANITIZER=1 && \
-	$(BIN)/python -c 'import fraudscore.index._knn as k, fraudscore.service._fastpath as f, fraudscore.models._trees as t; \
-	    assert all(m.__file__.startswith("$(CURDIR)/$(SAN_DIR)/") for m in (k, f, t)), (k, f, t)' && \
+	$(BIN)/python -c 'import fraudscore.index._knn as k, fraudscore.service._fastpath as f, fraudscore.models._trees as t, \
+	    fraudscore.models._drift as d; assert all(m.__file__.startswith("$(CURDIR)/$(SAN_DIR)/") for m in (k, f, t, d))' && \
 	$(BIN)/python -m pytest -q -p no:cacheprovider --capture=sys $(SAN_TESTS)
 
 # the native modules' type stubs (.pyi) against what the modules really define
 stubtest: install
-	$(BIN)/python -m mypy.stubtest fraudscore.index._knn fraudscore.service._fastpath fraudscore.models._trees
+	$(BIN)/python -m mypy.stubtest fraudscore.index._knn fraudscore.service._fastpath fraudscore.models._trees \
+	    fraudscore.models._drift
 
 test: lint typecheck stubtest unit sanitize
 
