@@ -60,8 +60,7 @@ def main() -> None:
             worker.housekeep()  # takes every partition: it is alone
             start, cpu = time.perf_counter(), time.process_time()
             while worker.processed < args.events:
-                for part in list(worker.owned.values()):
-                    worker.step(part)
+                worker.step_all(list(worker.owned.values()))
             elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         functions = client.info("commandstats").get("cmdstat_fcall", {})
         print(machine())

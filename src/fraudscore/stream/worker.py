@@ -13,12 +13,14 @@ restarts from the oldest unacknowledged entry, and events already applied are re
 their event id and give back the state stored when they were first applied.  A dead consumer's
 entries are thus reclaimed once its lease has been idle for ``claim_idle_ms``.
 
-**One batch** (``Worker.step``): read up to ``batch`` entries (or claim them, when recovering);
+**One round** (``Worker.step_all``), over every owned partition at once, each phase one
+pipelined round trip: read up to ``batch`` entries of each (or claim them, when recovering);
 dead-letter the malformed ones, those delivered more than ``max_deliveries`` times and those
-routed to the wrong partition; one pipelined ``fs_apply`` per event (idempotent by event id,
-returning the state before the event); build each payload and vector exactly as ``/fraud-score``
-does; score them in one ``scorer.scores`` call; one ``fs_results`` call for the batch (each
-result is written once per event id, and its entry acknowledged in the same atomic call).  A kill
+routed to the wrong partition; one ``fs_apply`` per partition for its whole batch (events
+applied in stream order, each idempotent by event id, returning the state before it); build
+each payload and vector exactly as ``/fraud-score`` does; score every event of the round in one
+``scorer.scores`` call; one ``fs_results`` call per partition (each result is written once per
+event id, and the entries acknowledged in the same atomic call).  A kill
 between any two steps leaves the entries pending, and the next owner redoes the batch with the
 same features, so it writes the results that are missing and no others.  An event whose state
 was applied but which is dead-lettered after too many deliveries keeps its state change.
@@ -45,7 +47,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -132,10 +134,6 @@ class WorkerConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
 
 
-class LeaseLost(Exception):
-    """A fenced call was refused: another worker owns the partition now."""
-
-
 Client = redis.Redis | RedisCluster
 
 
@@ -175,54 +173,49 @@ def prepare(client: Client, partitions: int, group: str = GROUP) -> None:
                 raise
 
 
-def decode_pre(reply: bytes) -> PreState:
-    """``fs_apply``'s reply: the state as it was before the event."""
-    s = orjson.loads(reply)
+def _point(lat: bytes, lon: bytes) -> Point | None:
+    return Point(float(lat), float(lon)) if lat else None
 
-    def point(lat: str, lon: str) -> Point | None:
-        return Point(float(lat), float(lon)) if lat else None
 
+def decode_pre(reply: Sequence[Any]) -> PreState:
+    """One event's part of ``fs_apply``'s reply: the state as it was before the event."""
     return PreState(
-        count=int(s["n"]),
-        sum_cents=int(s["sum"]),
-        last_time_ms=int(s["t"]) if s["t"] else None,
-        last_terminal=point(s["lat"], s["lon"]),
-        home=point(s["hlat"], s["hlon"]),
-        window_count=int(s["w"]),
-        known_merchants=tuple(s["k"]) if s["k"] else (),  # Lua's cjson writes an empty list as {}
-        merchant_count=int(s["mn"]),
-        merchant_sum_cents=int(s["msum"]),
+        int(reply[0]),
+        int(reply[1]),
+        int(reply[2]) if reply[2] else None,
+        _point(reply[3], reply[4]),
+        _point(reply[5], reply[6]),
+        int(reply[7]),
+        tuple(m.decode() for m in reply[10:]),
+        int(reply[8]),
+        int(reply[9]),
     )
 
 
-def apply_call(keys: PartitionKeys, token: str, event: Event, config: WorkerConfig) -> list[Any]:
-    """The arguments of the ``fs_apply`` call of one event, for ``client.fcall(*...)``."""
-    home = event.customer_home
-    cid = event.customer_id
-    return [
-        "fs_apply",
-        6,
-        keys.lease,
-        keys.record(event.event_id),
-        keys.customer(cid),
-        keys.window(cid),
-        keys.known(cid),
-        keys.merchant(event.merchant_id),
-        token,
-        event.event_id,
-        event.time_ms,
-        event.cents,
-        event.merchant_id,
-        repr(event.terminal.lat),
-        repr(event.terminal.lon),
-        "" if home is None else repr(home.lat),
-        "" if home is None else repr(home.lon),
-        event.time_ms - WINDOW_MS,
-        -(WINDOW_CAP + 1),
-        KNOWN_MERCHANTS_CAP,
-        config.state_ttl_s,
-        config.record_ttl_s,
-    ]
+def apply_call(keys: PartitionKeys, token: str, events: Sequence[Event], config: WorkerConfig) -> list[Any]:
+    """The arguments of the ``fs_apply`` call of a batch of events, for ``client.fcall(*...)``."""
+    names: list[str] = [keys.lease]
+    args: list[Any] = [token, WINDOW_CAP, KNOWN_MERCHANTS_CAP, config.state_ttl_s, config.record_ttl_s]
+    for event in events:
+        names += (
+            keys.record(event.event_id),
+            keys.customer(event.customer_id),
+            keys.merchant(event.merchant_id),
+        )
+        home = event.customer_home
+        terminal = event.terminal
+        args += (
+            event.event_id,
+            event.time_ms,
+            event.time_ms - WINDOW_MS,
+            event.cents,
+            event.merchant_id,
+            repr(terminal.lat),
+            repr(terminal.lon),
+            "" if home is None else repr(home.lat),
+            "" if home is None else repr(home.lon),
+        )
+    return ["fs_apply", len(names), *names, *args]
 
 
 def _field(fields: Sequence[bytes], name: bytes) -> bytes | None:
@@ -246,6 +239,20 @@ class _Dead:
     reason: str
     raw: bytes
     deliveries: int
+
+
+@dataclass
+class _Batch:
+    """One partition's entries in one ``Worker.step_all``, through its phases."""
+
+    part: _Partition
+    deliveries: dict[bytes, int]  # of claimed entries: their delivery counts
+    events: list[tuple[bytes, Event, bytes]] = field(default_factory=list)  # (entry, event, raw)
+    dead: list[_Dead] = field(default_factory=list)
+    pres: Sequence[Any] = ()  # fs_apply's reply: per event, the state before it, or 0 when done
+    lost: bool = False  # the lease turned out to be another worker's
+    done: list[tuple[bytes, Event]] = field(default_factory=list)  # results written, ack missing
+    scored: list[tuple[bytes, Event, dict[str, Any]]] = field(default_factory=list)
 
 
 class Worker:
@@ -294,20 +301,15 @@ class Worker:
                 worked = 0
                 if time.monotonic() >= self.next_housekeeping:
                     self.housekeep()
-                for part in list(self.owned.values()):
-                    if self.stopping:
-                        break
-                    if time.monotonic() >= self.next_housekeeping:
-                        self.housekeep()  # leases are renewed between batches, not only between rounds
-                    if self.owned.get(part.keys.index) is part:
-                        worked += self.step(part)
+                if self.owned:
+                    worked = self.step_all(list(self.owned.values()))
                 backoff = 0.05
                 if worked:
                     idle_since = time.monotonic()
                 elif max_idle_s is not None and time.monotonic() - idle_since > max_idle_s:
                     break
                 else:
-                    time.sleep(self.config.poll_s)
+                    self.wait_for_events()
             except (AuthenticationError, NoPermissionError) as exc:
                 raise ConfigError(f"redis refuses the worker: {exc}") from None
             except TRANSIENT_ERRORS as exc:
@@ -335,6 +337,20 @@ class Worker:
             self.processed,
             self.dead_lettered,
         )
+
+    def wait_for_events(self) -> None:
+        """Nothing came: wait up to ``poll_s`` for a new entry in an owned stream.
+
+        A plain XREAD (it changes nothing, so it needs no fencing) wakes the worker as soon as
+        an entry arrives, where a sleep would add up to ``poll_s`` to its latency.  An entry that
+        came between the last read and this wait is found after ``poll_s`` at the latest.  On a
+        cluster the streams may live on different nodes: there, a sleep.
+        """
+        poll_ms = max(1, int(self.config.poll_s * 1000))
+        if isinstance(self.r, RedisCluster) or not self.owned:
+            time.sleep(poll_ms / 1000)
+            return
+        self.r.xread({part.keys.events: "$" for part in self.owned.values()}, count=1, block=poll_ms)
 
     def release_all(self) -> None:
         try:
@@ -380,23 +396,36 @@ class Worker:
     # -- one batch ------------------------------------------------------------------------
 
     def step(self, part: _Partition) -> int:
-        """Read (or, recovering, claim) one batch of a partition and process it; the entries seen."""
+        """One batch of one partition (``step_all`` of it alone); the entries seen."""
+        return self.step_all([part])
+
+    def step_all(self, parts: Sequence[_Partition]) -> int:
+        """One batch of each partition, every phase pipelined across them; the entries seen.
+
+        Three round trips whatever the number of partitions and events: read (or, recovering,
+        claim), apply (one ``fs_apply`` per partition), then results and dead letters; and one
+        ``scorer.scores`` call for every event in between.  A partition whose lease turns out to
+        be lost is dropped, its entries left pending for its new owner.
+        """
         c = self.config
-        keys = part.keys
-        entries: Sequence[Any] = []
-        try:
+        pipe = self.r.pipeline(transaction=False)
+        for part in parts:
+            keys = part.keys
             if part.recovering:
-                cursor, entries, rows, deleted = self.r.fcall(
-                    "fs_claim",
-                    2,
-                    keys.lease,
-                    keys.events,
-                    self.token,
-                    c.group,
-                    self.token,
-                    part.cursor,
-                    c.batch,
-                )
+                claim = (keys.lease, keys.events, self.token, c.group, self.token, part.cursor, c.batch)
+                pipe.fcall("fs_claim", 2, *claim)
+            else:
+                pipe.fcall("fs_read", 2, keys.lease, keys.events, self.token, c.group, self.token, c.batch)
+        replies = pipe.execute(raise_on_error=False)
+
+        batches: list[_Batch] = []
+        seen = 0
+        for part, reply in zip(parts, replies, strict=True):
+            if self._lost(part, reply):
+                continue
+            keys = part.keys
+            if part.recovering:
+                cursor, entries, rows, deleted = reply
                 part.cursor = cursor.decode()
                 if part.cursor == "0-0":
                     part.recovering = False
@@ -406,86 +435,109 @@ class Worker:
                         "partition %d: %d pending entries were deleted unscored", keys.index, len(deleted)
                     )
             else:
-                reply = self.r.fcall(
-                    "fs_read", 2, keys.lease, keys.events, self.token, c.group, self.token, c.batch
-                )
                 entries = reply[0][1] if reply else []
                 deliveries = {}
-            self.process(part, entries, deliveries)
-        except LeaseLost:
-            log.info("partition %d is another worker's now", keys.index)
-            self.owned.pop(keys.index, None)
-        except redis.ResponseError as exc:
-            if "FSLEASE" not in str(exc):
-                raise
-            log.info("partition %d is another worker's now", keys.index)
-            self.owned.pop(keys.index, None)
-        return len(entries) if part.keys.index in self.owned else 0
+            seen += len(entries)
+            if entries:
+                batches.append(self._sort(part, entries, deliveries))
 
-    def process(self, part: _Partition, entries: Sequence[Any], deliveries: dict[bytes, int]) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        applying = [b for b in batches if b.events]
+        for b in applying:
+            pipe.fcall(*apply_call(b.part.keys, self.token, [e for _, e, _ in b.events], c))
+        replies = pipe.execute(raise_on_error=False) if applying else []
+        for b, reply in zip(applying, replies, strict=True):
+            if self._lost(b.part, reply):
+                b.lost = True
+            else:
+                b.pres = reply
+
+        vectors: list[list[float]] = []
+        for b in batches:
+            if not b.lost:
+                self._payloads(b, vectors)
+        scores = self.scorer.scores(vectors) if vectors else []
+        scored_at = iso_ms(int(time.time() * 1000))
+
+        pipe = self.r.pipeline(transaction=False)
+        calls = 0
+        position = 0
+        for b in batches:
+            if b.lost:
+                continue
+            calls += self._finish(pipe, b, scores[position : position + len(b.scored)], scored_at)
+            position += len(b.scored)
+        if calls:
+            pipe.execute()
+        return seen if any(part.keys.index in self.owned for part in parts) else 0
+
+    def _lost(self, part: _Partition, reply: Any) -> bool:
+        """Whether a pipelined call's reply says the partition is another worker's now (and drop it)."""
+        if not isinstance(reply, Exception):
+            return False
+        if isinstance(reply, redis.ResponseError) and "FSLEASE" in str(reply):
+            log.info("partition %d is another worker's now", part.keys.index)
+            self.owned.pop(part.keys.index, None)
+            return True
+        raise reply
+
+    def _sort(self, part: _Partition, entries: Sequence[Any], deliveries: dict[bytes, int]) -> _Batch:
+        """The entries to apply, and those to dead-letter: malformed, delivered too often, misrouted."""
         c = self.config
-        keys = part.keys
-        dead: list[_Dead] = []
-        events: list[tuple[bytes, Event, bytes]] = []
+        b = _Batch(part, deliveries)
         for entry_id, fields in entries:
             if fields is None:  # trimmed while pending (never, with fs_trim): nothing to score
                 continue
             count = deliveries.get(entry_id, 1)
             raw = _field(fields, b"event")
             if raw is None:
-                dead.append(_Dead(entry_id, "the entry has no event field", b"", count))
+                b.dead.append(_Dead(entry_id, "the entry has no event field", b"", count))
                 continue
             if count > c.max_deliveries:
-                dead.append(_Dead(entry_id, f"not done after {count - 1} deliveries", raw, count))
+                b.dead.append(_Dead(entry_id, f"not done after {count - 1} deliveries", raw, count))
                 continue
             try:
                 event = parse_event(raw)
             except EventError as exc:
-                dead.append(_Dead(entry_id, str(exc), raw, count))
+                b.dead.append(_Dead(entry_id, str(exc), raw, count))
                 continue
             home = partition_of(event.customer_id, c.partitions)
-            if home != keys.index:
-                dead.append(_Dead(entry_id, f"customer_id belongs to partition {home}", raw, count))
+            if home != part.keys.index:
+                b.dead.append(_Dead(entry_id, f"customer_id belongs to partition {home}", raw, count))
                 continue
-            events.append((entry_id, event, raw))
+            b.events.append((entry_id, event, raw))
+        return b
 
-        pipe = self.r.pipeline(transaction=False)
-        for _, event, _ in events:
-            pipe.fcall(*apply_call(keys, self.token, event, c))
-        replies = pipe.execute(raise_on_error=False) if events else []
-
-        done: list[tuple[bytes, Event]] = []
-        scored: list[tuple[bytes, Event, dict[str, Any]]] = []
-        vectors: list[list[float]] = []
-        for (entry_id, event, raw), reply in zip(events, replies, strict=True):
-            if isinstance(reply, redis.ResponseError) and "FSLEASE" in str(reply):
-                raise LeaseLost(str(reply))
-            if isinstance(reply, Exception):
-                raise reply
-            if reply == b"!done":
-                done.append((entry_id, event))
+    def _payloads(self, b: _Batch, vectors: list[list[float]]) -> None:
+        """Each applied event's payload and vector (``vectors`` grows); the events already done."""
+        for (entry_id, event, raw), pre in zip(b.events, b.pres, strict=True):
+            if pre == 0:  # its result is written: only the acknowledgement is missing
+                b.done.append((entry_id, event))
                 continue
-            payload = build_payload(event, decode_pre(reply))
+            payload = build_payload(event, decode_pre(pre))
             try:
                 vectors.append(vectorize(payload, self.constants))
             except BadInputError as exc:
-                dead.append(_Dead(entry_id, f"payload: {exc}", raw, deliveries.get(entry_id, 1)))
+                b.dead.append(_Dead(entry_id, f"payload: {exc}", raw, b.deliveries.get(entry_id, 1)))
                 continue
-            scored.append((entry_id, event, payload))
-        scores = self.scorer.scores(vectors) if vectors else []
-        scored_at = iso_ms(int(time.time() * 1000))
+            b.scored.append((entry_id, event, payload))
 
-        pipe = self.r.pipeline(transaction=False)
-        if scored or done:
+    def _finish(self, pipe: Any, b: _Batch, scores: Sequence[float], scored_at: str) -> int:
+        """Queue the batch's ``fs_results`` and ``fs_dead`` calls on ``pipe``; how many."""
+        c = self.config
+        keys = b.part.keys
+        calls = 0
+        if b.scored or b.done:
             records: list[str] = []
             args: list[Any] = [c.group, c.results_maxlen, c.record_ttl_s, len(RESULT_FIELDS), *RESULT_FIELDS]
-            for (entry_id, event, payload), score in zip(scored, scores, strict=True):
+            approves = self.scorer.approves
+            for (entry_id, event, payload), score in zip(b.scored, scores, strict=True):
                 records.append(keys.record(event.event_id))
                 args += (
                     entry_id,
                     event.event_id,
                     entry_id,
-                    "true" if self.scorer.approves(score) else "false",
+                    "true" if approves(score) else "false",
                     repr(score),
                     self.scorer_name,
                     payload["transaction"]["requested_at"],
@@ -493,12 +545,13 @@ class Worker:
                     scored_at,
                     orjson.dumps(payload),
                 )
-            for entry_id, event in done:  # their results exist: only the acknowledgement is missing
+            for entry_id, event in b.done:
                 records.append(keys.record(event.event_id))
                 args += (entry_id, *[""] * len(RESULT_FIELDS))
             pipe.fcall("fs_results", 2 + len(records), keys.results, keys.events, *records, *args)
+            calls += 1
         now = iso_ms(int(time.time() * 1000))
-        for d in dead:
+        for d in b.dead:
             pipe.fcall(
                 "fs_dead",
                 2,
@@ -518,10 +571,10 @@ class Worker:
                 "event",
                 d.raw,
             )
-        if scored or done or dead:
-            pipe.execute()
-        self.processed += len(scored)
-        self.dead_lettered += len(dead)
+            calls += 1
+        self.processed += len(b.scored)
+        self.dead_lettered += len(b.dead)
+        return calls
 
 
 def run_worker(config: WorkerConfig, index: Path, max_idle_s: float | None = None) -> Worker:
