@@ -4,8 +4,8 @@
                                       [--partitions 8] [--batch 500]
 
 Starts a private redis-server (unix socket, no persistence), a producer process and ``--workers``
-real ``fraudscore worker`` processes, all on this machine's cores.  The producer generates events
-as it goes (``stream.generate``, a new seed per chunk) and publishes them:
+real ``fraudscore worker`` processes, all on this machine's cores.  The producer publishes generated
+events (``stream.generate``), each with a new id and later times than the last pass's:
 
 - ``--rate 0`` (the default): as fast as the workers take them, keeping a backlog of at most
   ``--backlog`` events.  After ``--warmup`` seconds it measures, over ``--duration`` seconds,
@@ -39,12 +39,12 @@ from typing import Any
 import redis
 
 from _common import INDEX, machine
-from fraudscore.stream.generate import START_MS, generate, raw
+from fraudscore.stream.generate import generate, raw
 from fraudscore.stream.keys import PartitionKeys
 from fraudscore.stream.produce import publish
 from fraudscore.stream.worker import Client, connect, prepare
 
-CHUNK = 50_000  # events generated at a time by the producer (its customers are set up once per chunk)
+POOL = 100_000  # events the producer generates once, then publishes again and again
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -64,11 +64,17 @@ def results_written(client: Client, partitions: int) -> int:
 
 
 def produce(url: str, partitions: int, rate: float, backlog: int, duration: float) -> None:
-    """The producer process: generate and publish, paced at ``rate`` or kept ``backlog`` ahead."""
+    """The producer process: publish events, paced at ``rate`` or kept ``backlog`` ahead.
+
+    It generates a pool of ``POOL`` events once, then publishes it over and over, each pass with
+    new event ids and its times moved past the previous pass's, so the stream never repeats and
+    the customers' windows keep moving; what it costs per event is then serializing and XADD.
+    """
     client = connect(url)
+    pool = generate(POOL, customers=POOL // 25, merchants=300, seed=1)
+    span = pool[-1].time_ms - pool[0].time_ms + 1000
     start = time.monotonic()
-    sent = seed = 0
-    buffer: list[bytes] = []
+    sent = 0
     while time.monotonic() - start < duration:
         if rate > 0:
             due = int((time.monotonic() - start) * rate) - sent
@@ -78,14 +84,12 @@ def produce(url: str, partitions: int, rate: float, backlog: int, duration: floa
         if due <= 0:
             time.sleep(0.002 if rate > 0 else 0.05)
             continue
-        while len(buffer) < due:
-            events = generate(
-                CHUNK, customers=2000, merchants=300, seed=seed, start_ms=START_MS + seed * 10**7
-            )
-            buffer += [raw(e) for e in events]
-            seed += 1
-        publish(client, buffer[:due], partitions, chunk=500)
-        del buffer[:due]
+        batch = []
+        for n in range(sent, sent + due):
+            passes, i = divmod(n, POOL)
+            e = pool[i]
+            batch.append(raw(e._replace(event_id=f"ev-{n:010d}", time_ms=e.time_ms + passes * span)))
+        publish(client, batch, partitions, chunk=500)
         sent += due
 
 

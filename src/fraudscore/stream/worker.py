@@ -241,6 +241,61 @@ class _Dead:
     deliveries: int
 
 
+class _Calls:
+    """Function calls sent now and their replies read later, in order (errors as values).
+
+    On one Redis, they go out on one connection as soon as they are sent, so Redis runs them
+    while the worker goes on; on a cluster, they are a pipeline sent at ``receive``.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.sent = 0
+        self.pipe: Any = None
+        self.conn: Any = None
+        if isinstance(client, RedisCluster):
+            self.pipe = client.pipeline(transaction=False)  # type: ignore[no-untyped-call]
+
+    def send(self, call: list[Any]) -> None:
+        self.sent += 1
+        if self.pipe is not None:
+            self.pipe.execute_command("FCALL", *call)
+            return
+        if self.conn is None:
+            assert isinstance(self.client, redis.Redis)
+            self.conn = self.client.connection_pool.get_connection()
+        try:
+            self.conn.send_packed_command(self.conn.pack_commands([("FCALL", *call)]), check_health=False)
+        except BaseException:
+            self._drop()
+            raise
+
+    def receive(self) -> list[Any]:
+        if self.pipe is not None:
+            return self.pipe.execute(raise_on_error=False) if self.sent else []
+        replies: list[Any] = []
+        try:
+            for _ in range(self.sent):
+                try:
+                    replies.append(self.conn.read_response())
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            self._drop()
+            raise
+        if self.conn is not None:
+            self.client.connection_pool.release(self.conn)  # type: ignore[union-attr]
+            self.conn = None
+        return replies
+
+    def _drop(self) -> None:
+        """A connection with replies unread is of no use to anyone: closed, then given back."""
+        if self.conn is not None:
+            self.conn.disconnect()
+            self.client.connection_pool.release(self.conn)  # type: ignore[union-attr]
+            self.conn = None
+
+
 @dataclass
 class _Batch:
     """One partition's entries in one ``Worker.step_all``, through its phases."""
@@ -278,6 +333,8 @@ class Worker:
         self.next_housekeeping = 0.0
         self.processed = 0
         self.dead_lettered = 0
+        self.parsed: list[_Batch] = []  # read, to be applied by the next step_all
+        self.ready: list[_Batch] = []  # applied, to be scored and finished by the next step_all
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -301,7 +358,7 @@ class Worker:
                 worked = 0
                 if time.monotonic() >= self.next_housekeeping:
                     self.housekeep()
-                if self.owned:
+                if self.owned or self.parsed or self.ready:
                     worked = self.step_all(list(self.owned.values()))
                 backoff = 0.05
                 if worked:
@@ -314,8 +371,7 @@ class Worker:
                 raise ConfigError(f"redis refuses the worker: {exc}") from None
             except TRANSIENT_ERRORS as exc:
                 log.warning("redis: %s; retrying in %.2f s", exc, backoff)
-                for part in self.owned.values():
-                    part.recovering, part.cursor = True, "0-0"
+                self.forget_batches()
                 time.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
             except redis.ResponseError as exc:
@@ -328,8 +384,11 @@ class Worker:
                     backoff = min(backoff * 2, MAX_BACKOFF_S)
                 else:
                     raise
-                for part in self.owned.values():
-                    part.recovering, part.cursor = True, "0-0"
+                self.forget_batches()
+        try:
+            self.drain()
+        except TRANSIENT_ERRORS as exc:  # left pending: whoever takes the partitions redoes them
+            log.warning("redis: %s; leaving the batches in hand pending", exc)
         self.release_all()
         log.info(
             "worker %s stops: %d events scored, %d dead-lettered",
@@ -337,6 +396,13 @@ class Worker:
             self.processed,
             self.dead_lettered,
         )
+
+    def forget_batches(self) -> None:
+        """After a failure: every batch in hand is dropped, and each partition recovers from its
+        oldest pending entry (so nothing newer is applied before an older entry left pending)."""
+        self.parsed, self.ready = [], []
+        for part in self.owned.values():
+            part.recovering, part.cursor = True, "0-0"
 
     def wait_for_events(self) -> None:
         """Nothing came: wait up to ``poll_s`` for a new entry in an owned stream.
@@ -399,31 +465,79 @@ class Worker:
         """One batch of one partition (``step_all`` of it alone); the entries seen."""
         return self.step_all([part])
 
-    def step_all(self, parts: Sequence[_Partition]) -> int:
-        """One batch of each partition, every phase pipelined across them; the entries seen.
+    def step_all(self, parts: Sequence[_Partition], read: bool = True) -> int:
+        """Move every batch in hand one phase on, and read the next of each of ``parts``.
 
-        Three round trips whatever the number of partitions and events: read (or, recovering,
-        claim), apply (one ``fs_apply`` per partition), then results and dead letters; and one
-        ``scorer.scores`` call for every event in between.  A partition whose lease turns out to
-        be lost is dropped, its entries left pending for its new owner.
+        A batch goes through three calls of this: read (or, recovering, claim), apply (one
+        ``fs_apply`` per partition), then score and write its results (one ``fs_results`` per
+        partition, and its dead letters).  Each call sends the applies first, then scores the
+        batches applied in the previous call while Redis runs those applies, then sends their
+        results and the next reads; so Redis and this process work at the same time, and there
+        are two round trips per call whatever the number of partitions and events.  One
+        ``scorer.scores`` call scores every event of the call.  A partition whose lease turns out
+        to be lost is dropped, its entries left pending for its new owner.  The entries seen
+        (read, applied or finished) are returned: 0 means there was nothing to do.
         """
         c = self.config
-        pipe = self.r.pipeline(transaction=False)
-        for part in parts:
-            keys = part.keys
-            if part.recovering:
-                claim = (keys.lease, keys.events, self.token, c.group, self.token, part.cursor, c.batch)
-                pipe.fcall("fs_claim", 2, *claim)
-            else:
-                pipe.fcall("fs_read", 2, keys.lease, keys.events, self.token, c.group, self.token, c.batch)
-        replies = pipe.execute(raise_on_error=False)
+        calls = _Calls(self.r)
+        try:
+            # a batch read before its partition changed hands (even back to this worker) is not
+            # applied: its partition's recovery redoes those entries after the older pending ones
+            applying = [b for b in self.parsed if b.events and self.owned.get(b.part.keys.index) is b.part]
+            for b in applying:
+                calls.send(apply_call(b.part.keys, self.token, [e for _, e, _ in b.events], c))
+            work = sum(len(b.events) for b in self.parsed)
+            finished = [b for b in self.parsed if not b.events]  # dead letters only
+            finished += self.ready
+            work += sum(len(b.events) for b in self.ready)
 
-        batches: list[_Batch] = []
-        seen = 0
-        for part, reply in zip(parts, replies, strict=True):
+            vectors: list[list[float]] = []
+            for b in self.ready:
+                self._payloads(b, vectors)
+            scores = self.scorer.scores(vectors) if vectors else []
+            scored_at = iso_ms(int(time.time() * 1000))
+            position = 0
+            for b in finished:
+                for call in self._finish(b, scores[position : position + len(b.scored)], scored_at):
+                    calls.send(call)
+                position += len(b.scored)
+            finishing = calls.sent - len(applying)
+
+            reading = list(parts) if read else []
+            for part in reading:
+                keys = part.keys
+                if part.recovering:
+                    claim = (keys.lease, keys.events, self.token, c.group, self.token, part.cursor, c.batch)
+                    calls.send(["fs_claim", 2, *claim])
+                else:
+                    calls.send(
+                        ["fs_read", 2, keys.lease, keys.events, self.token, c.group, self.token, c.batch]
+                    )
+
+            replies = calls.receive()
+        finally:
+            self.parsed, self.ready = [], []  # on a failure, left pending: the recovery redoes them
+        try:
+            return work + self._received(applying, finishing, reading, replies)
+        except BaseException:
+            self.parsed, self.ready = [], []
+            raise
+
+    def _received(
+        self, applying: list[_Batch], finishing: int, reading: list[_Partition], replies: list[Any]
+    ) -> int:
+        """``step_all``'s replies: applied batches become ready, read ones parsed; the entries read."""
+        work = 0
+        for b, reply in zip(applying, replies, strict=False):
+            if not self._lost(b.part, reply):
+                b.pres = reply
+                self.ready.append(b)
+        for reply in replies[len(applying) : len(applying) + finishing]:
+            if isinstance(reply, Exception):
+                raise reply
+        for part, reply in zip(reading, replies[len(applying) + finishing :], strict=True):
             if self._lost(part, reply):
                 continue
-            keys = part.keys
             if part.recovering:
                 cursor, entries, rows, deleted = reply
                 part.cursor = cursor.decode()
@@ -432,44 +546,22 @@ class Worker:
                 deliveries = {row[0]: int(row[3]) for row in rows}
                 if deleted:  # only an XDEL or XTRIM from outside can do that: fs_trim keeps pending entries
                     log.error(
-                        "partition %d: %d pending entries were deleted unscored", keys.index, len(deleted)
+                        "partition %d: %d pending entries were deleted unscored",
+                        part.keys.index,
+                        len(deleted),
                     )
             else:
                 entries = reply[0][1] if reply else []
                 deliveries = {}
-            seen += len(entries)
+            work += len(entries)
             if entries:
-                batches.append(self._sort(part, entries, deliveries))
+                self.parsed.append(self._sort(part, entries, deliveries))
+        return work
 
-        pipe = self.r.pipeline(transaction=False)
-        applying = [b for b in batches if b.events]
-        for b in applying:
-            pipe.fcall(*apply_call(b.part.keys, self.token, [e for _, e, _ in b.events], c))
-        replies = pipe.execute(raise_on_error=False) if applying else []
-        for b, reply in zip(applying, replies, strict=True):
-            if self._lost(b.part, reply):
-                b.lost = True
-            else:
-                b.pres = reply
-
-        vectors: list[list[float]] = []
-        for b in batches:
-            if not b.lost:
-                self._payloads(b, vectors)
-        scores = self.scorer.scores(vectors) if vectors else []
-        scored_at = iso_ms(int(time.time() * 1000))
-
-        pipe = self.r.pipeline(transaction=False)
-        calls = 0
-        position = 0
-        for b in batches:
-            if b.lost:
-                continue
-            calls += self._finish(pipe, b, scores[position : position + len(b.scored)], scored_at)
-            position += len(b.scored)
-        if calls:
-            pipe.execute()
-        return seen if any(part.keys.index in self.owned for part in parts) else 0
+    def drain(self) -> None:
+        """Finish every batch in hand (applied or only read), reading nothing new."""
+        while self.parsed or self.ready:
+            self.step_all([], read=False)
 
     def _lost(self, part: _Partition, reply: Any) -> bool:
         """Whether a pipelined call's reply says the partition is another worker's now (and drop it)."""
@@ -522,11 +614,11 @@ class Worker:
                 continue
             b.scored.append((entry_id, event, payload))
 
-    def _finish(self, pipe: Any, b: _Batch, scores: Sequence[float], scored_at: str) -> int:
-        """Queue the batch's ``fs_results`` and ``fs_dead`` calls on ``pipe``; how many."""
+    def _finish(self, b: _Batch, scores: Sequence[float], scored_at: str) -> list[list[Any]]:
+        """The batch's ``fs_results`` and ``fs_dead`` calls."""
         c = self.config
         keys = b.part.keys
-        calls = 0
+        calls: list[list[Any]] = []
         if b.scored or b.done:
             records: list[str] = []
             args: list[Any] = [c.group, c.results_maxlen, c.record_ttl_s, len(RESULT_FIELDS), *RESULT_FIELDS]
@@ -548,30 +640,30 @@ class Worker:
             for entry_id, event in b.done:
                 records.append(keys.record(event.event_id))
                 args += (entry_id, *[""] * len(RESULT_FIELDS))
-            pipe.fcall("fs_results", 2 + len(records), keys.results, keys.events, *records, *args)
-            calls += 1
+            calls.append(["fs_results", 2 + len(records), keys.results, keys.events, *records, *args])
         now = iso_ms(int(time.time() * 1000))
         for d in b.dead:
-            pipe.fcall(
-                "fs_dead",
-                2,
-                keys.dead,
-                keys.events,
-                c.group,
-                d.entry,
-                c.dead_maxlen,
-                "entry",
-                d.entry,
-                "reason",
-                d.reason,
-                "deliveries",
-                d.deliveries,
-                "dead_at",
-                now,
-                "event",
-                d.raw,
+            calls.append(
+                [
+                    "fs_dead",
+                    2,
+                    keys.dead,
+                    keys.events,
+                    c.group,
+                    d.entry,
+                    c.dead_maxlen,
+                    "entry",
+                    d.entry,
+                    "reason",
+                    d.reason,
+                    "deliveries",
+                    d.deliveries,
+                    "dead_at",
+                    now,
+                    "event",
+                    d.raw,
+                ]
             )
-            calls += 1
         self.processed += len(b.scored)
         self.dead_lettered += len(b.dead)
         return calls
