@@ -167,15 +167,13 @@ local function results(keys, args)
   local pos = 5 + k
   local ids = {}
   local acked = 0
+  local xadd = {'XADD', keys[1], 'MAXLEN', '~', args[2], '*'}  -- then names and values, rewritten per event
+  for i = 1, k do xadd[5 + 2 * i] = args[4 + i] end
   for e = 3, #keys do
     local seen = redis.call('GET', keys[e])
     if not (seen and string.sub(seen, 1, 1) == 'r') then
-      local fields = {}
-      for i = 1, k do
-        fields[2 * i - 1] = args[4 + i]
-        fields[2 * i] = args[pos + i]
-      end
-      local id = redis.call('XADD', keys[1], 'MAXLEN', '~', args[2], '*', unpack(fields))
+      for i = 1, k do xadd[6 + 2 * i] = args[pos + i] end
+      local id = redis.call(unpack(xadd))
       redis.call('SET', keys[e], 'r' .. id, 'EX', args[3])
     end
     ids[#ids + 1] = args[pos]

@@ -52,6 +52,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import hiredis
 import orjson
 import redis
 from redis.backoff import NoBackoff
@@ -173,22 +174,19 @@ def prepare(client: Client, partitions: int, group: str = GROUP) -> None:
                 raise
 
 
-def _point(lat: bytes, lon: bytes) -> Point | None:
-    return Point(float(lat), float(lon)) if lat else None
-
-
 def decode_pre(reply: Sequence[Any]) -> PreState:
     """One event's part of ``fs_apply``'s reply: the state as it was before the event."""
+    n, cents, t, lat, lon, hlat, hlon, window, merchant_n, merchant_cents = reply[:10]
     return PreState(
-        int(reply[0]),
-        int(reply[1]),
-        int(reply[2]) if reply[2] else None,
-        _point(reply[3], reply[4]),
-        _point(reply[5], reply[6]),
-        int(reply[7]),
-        tuple(m.decode() for m in reply[10:]),
-        int(reply[8]),
-        int(reply[9]),
+        int(n),
+        int(cents),
+        int(t) if t else None,
+        Point(float(lat), float(lon)) if lat else None,
+        Point(float(hlat), float(hlon)) if hlat else None,
+        window,
+        tuple(map(bytes.decode, reply[10:])),
+        int(merchant_n),
+        int(merchant_cents),
     )
 
 
@@ -265,7 +263,8 @@ class _Calls:
             assert isinstance(self.client, redis.Redis)
             self.conn = self.client.connection_pool.get_connection()
         try:
-            self.conn.send_packed_command(self.conn.pack_commands([("FCALL", *call)]), check_health=False)
+            # hiredis packs the whole call in C (redis-py's packer first walks every argument in Python)
+            self.conn.send_packed_command([hiredis.pack_command(("FCALL", *call))], check_health=False)
         except BaseException:
             self._drop()
             raise
