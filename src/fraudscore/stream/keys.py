@@ -28,6 +28,9 @@ NAMESPACE = "fs"
 META = "{fs}:meta"
 WORKERS = "{fs}:workers"
 GROUP = "scorers"
+# entries read per partition per step: here, not in worker.py, so the command line's default
+# needs no import of redis (the worker's own default is this too)
+DEFAULT_BATCH = 500
 
 
 def partition_of(customer_id: str, partitions: int) -> int:

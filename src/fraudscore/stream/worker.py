@@ -83,7 +83,7 @@ from fraudscore.stream.events import (
     parse_event,
 )
 from fraudscore.stream.functions import LIBRARY, LIBRARY_NAME
-from fraudscore.stream.keys import GROUP, META, WORKERS, PartitionKeys, partition_of
+from fraudscore.stream.keys import DEFAULT_BATCH, GROUP, META, WORKERS, PartitionKeys, partition_of
 
 log = logging.getLogger("fraudscore.stream")
 
@@ -119,7 +119,7 @@ class WorkerConfig:
     redis_url: str = DEFAULT_REDIS_URL
     cluster: bool = False  # redis_url is a node of a Redis Cluster
     partitions: int = DEFAULT_PARTITIONS
-    batch: int = 100
+    batch: int = DEFAULT_BATCH
     claim_idle_ms: int = 5000  # the lease TTL: how long a silent owner keeps its partitions
     max_deliveries: int = 5
     group: str = GROUP
