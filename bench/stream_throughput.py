@@ -46,6 +46,7 @@ from fraudscore.stream.worker import Client, connect, prepare
 
 POOL = 100_000  # events the producer generates once, then publishes again and again
 TICKS = os.sysconf("SC_CLK_TCK")
+CORES = os.cpu_count() or 1
 
 
 def cpu_seconds(pid: int) -> float:
@@ -151,7 +152,8 @@ def one_run(args: argparse.Namespace) -> Run:
         worker_argv = [sys.executable, "-m", "fraudscore.cli", "--log-level", "WARNING", "worker"]
         worker_argv += ["--redis", url, "--partitions", str(args.partitions), "--batch", str(args.batch)]
         worker_argv += ["--index", str(args.index)]
-        workers = [subprocess.Popen(worker_argv) for _ in range(args.workers)]
+        env = os.environ | ({"PYTHONPATH": str(args.worker_src)} if args.worker_src else {})
+        workers = [subprocess.Popen(worker_argv, env=env) for _ in range(args.workers)]
         procs += workers
         time.sleep(args.warmup)
 
@@ -184,6 +186,11 @@ def one_run(args: argparse.Namespace) -> Run:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def ceiling(run: Run) -> float:
+    """Results/s if these processes had every core to themselves: all CPU over CPU per result."""
+    return CORES * 1e6 / (run.worker_us + run.redis_us + run.producer_us)
+
+
 def percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
@@ -201,6 +208,9 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--index", type=Path, default=INDEX)
+    parser.add_argument(
+        "--worker-src", type=Path, help="run the workers from this source tree (another version's src/)"
+    )
     parser.add_argument("--produce", metavar="URL", help=argparse.SUPPRESS)  # the producer process
     args = parser.parse_args()
     if args.produce:
@@ -221,7 +231,7 @@ def main() -> None:
         line = (
             f"run {n + 1}: {run.rate:,.0f} results/s; CPU per result: workers {run.worker_us:.0f} us, "
             f"redis {run.redis_us:.0f} us, producer {run.producer_us:.0f} us; machine busy {run.busy:.0%}; "
-            f"load {os.getloadavg()[0]:.2f}"
+            f"load {os.getloadavg()[0]:.2f}; ceiling on {CORES} idle cores {ceiling(run):,.0f}/s"
         )
         if run.latency:
             lat = sorted(run.latency)
@@ -235,7 +245,8 @@ def main() -> None:
         line = (
             f"median of {args.runs}: {med(r.rate for r in runs):,.0f} results/s; workers "
             f"{med(r.worker_us for r in runs):.0f} us, redis {med(r.redis_us for r in runs):.0f} us, "
-            f"producer {med(r.producer_us for r in runs):.0f} us per result"
+            f"producer {med(r.producer_us for r in runs):.0f} us per result; "
+            f"ceiling {med(ceiling(r) for r in runs):,.0f}/s"
         )
         if runs[0].latency:
             line += f"; p99 {med(percentile(sorted(r.latency), 0.99) for r in runs):.0f} ms"

@@ -13,14 +13,16 @@ restarts from the oldest unacknowledged entry, and events already applied are re
 their event id and give back the state stored when they were first applied.  A dead consumer's
 entries are thus reclaimed once its lease has been idle for ``claim_idle_ms``.
 
-**One round** (``Worker.step_all``), over every owned partition at once, each phase one
-pipelined round trip: read up to ``batch`` entries of each (or claim them, when recovering);
-dead-letter the malformed ones, those delivered more than ``max_deliveries`` times and those
-routed to the wrong partition; one ``fs_apply`` per partition for its whole batch (events
-applied in stream order, each idempotent by event id, returning the state before it); build
-each payload and vector exactly as ``/fraud-score`` does; score every event of the round in one
-``scorer.scores`` call; one ``fs_results`` call per partition (each result is written once per
-event id, and the entries acknowledged in the same atomic call).  A kill
+**A batch** of a partition goes through three phases, each one call for all owned partitions
+at once: read up to ``batch`` entries (or claim them, when recovering), dead-lettering the
+malformed ones, those delivered more than ``max_deliveries`` times and those routed to the wrong
+partition; one ``fs_apply`` for the whole batch (events applied in stream order, each idempotent
+by event id, returning the state before it); then each payload and vector built exactly as
+``/fraud-score`` does, every event scored in one ``scorer.scores`` call, and one ``fs_results``
+per partition (each result written once per event id, the entries acknowledged in the same
+atomic call).  ``Worker.step_all`` moves every batch in hand one phase on: it sends the
+applies, scores the batches applied last time while Redis runs them, then sends results and
+the next reads, so Redis and the worker work at the same time.  A kill
 between any two steps leaves the entries pending, and the next owner redoes the batch with the
 same features, so it writes the results that are missing and no others.  An event whose state
 was applied but which is dead-lettered after too many deliveries keeps its state change.
