@@ -40,7 +40,7 @@ import redis
 
 from _common import INDEX, machine
 from fraudscore.stream.generate import generate, raw
-from fraudscore.stream.keys import PartitionKeys
+from fraudscore.stream.keys import GROUP, PartitionKeys
 from fraudscore.stream.produce import publish
 from fraudscore.stream.worker import Client, connect, prepare
 
@@ -191,6 +191,91 @@ def ceiling(run: Run) -> float:
     return CORES * 1e6 / (run.worker_us + run.redis_us + run.producer_us)
 
 
+def phases(args: argparse.Namespace) -> None:
+    """Redis's CPU per event in each phase (read, apply, results), one worker in this process.
+
+    The phases run one after the other, never overlapped, so each one's share of Redis's CPU
+    time (/proc/<pid>/stat) is its own.
+    """
+    from fraudscore.scorer import KnnScorer
+    from fraudscore.stream.events import iso_ms
+    from fraudscore.stream.worker import Worker, WorkerConfig, _Calls, apply_call
+
+    directory = Path(tempfile.mkdtemp(prefix="fs-bench-"))
+    sock = directory / "redis.sock"
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--unixsocket", str(sock), "--dir", str(directory), "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        client = connect(f"unix://{sock}")
+        for _ in range(200):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:  # not listening yet
+                time.sleep(0.05)
+        prepare(client, args.partitions)
+        events = generate(args.events, customers=max(100, args.events // 25), merchants=300, seed=1)
+        publish(client, [raw(e) for e in events], args.partitions)
+        config = WorkerConfig(partitions=args.partitions, batch=args.batch, claim_idle_ms=600_000)
+        spent = dict.fromkeys(("read", "apply", "results"), 0.0)
+        with KnnScorer.open(args.index) as scorer:
+            worker = Worker(client, scorer, config)
+            worker.housekeep()  # alone: it takes every partition
+            parts = list(worker.owned.values())
+            done = 0
+            while done < args.events:
+                cpu = cpu_seconds(server.pid)
+                calls = _Calls(client)
+                for part in parts:
+                    keys = part.keys
+                    calls.send(
+                        ["fs_read", 2, keys.lease, keys.events, worker.token, GROUP, worker.token, args.batch]
+                    )
+                replies = calls.receive()
+                spent["read"] += cpu_seconds(server.pid) - cpu
+                batches = [worker._sort(p, r[0][1], {}) for p, r in zip(parts, replies, strict=True) if r]
+
+                cpu = cpu_seconds(server.pid)
+                calls = _Calls(client)
+                for b in batches:
+                    calls.send(apply_call(b.part.keys, worker.token, [e for _, e, _ in b.events], config))
+                for b, reply in zip(batches, calls.receive(), strict=True):
+                    b.pres = reply
+                spent["apply"] += cpu_seconds(server.pid) - cpu
+
+                vectors: list[list[float]] = []
+                for b in batches:
+                    worker._payloads(b, vectors)
+                scores = scorer.scores(vectors)
+                finish = []
+                at = 0
+                for b in batches:
+                    finish += worker._finish(
+                        b, scores[at : at + len(b.scored)], iso_ms(int(time.time() * 1000))
+                    )
+                    at += len(b.scored)
+                cpu = cpu_seconds(server.pid)
+                calls = _Calls(client)
+                for call in finish:
+                    calls.send(call)
+                calls.receive()
+                spent["results"] += cpu_seconds(server.pid) - cpu
+                done += sum(len(b.scored) for b in batches)
+        print(machine())
+        print(f"load average {os.getloadavg()[0]:.2f}; {args.events} events, batch {args.batch}")
+        print(
+            "Redis CPU per event: "
+            + ", ".join(f"{name} {seconds / args.events * 1e6:.1f} us" for name, seconds in spent.items())
+            + f"; total {sum(spent.values()) / args.events * 1e6:.1f} us"
+        )
+    finally:
+        server.terminate()
+        server.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
@@ -211,8 +296,13 @@ def main() -> None:
     parser.add_argument(
         "--worker-src", type=Path, help="run the workers from this source tree (another version's src/)"
     )
+    parser.add_argument("--phases", action="store_true", help="Redis CPU per event of each phase, alone")
+    parser.add_argument("--events", type=int, default=40_000, help="with --phases")
     parser.add_argument("--produce", metavar="URL", help=argparse.SUPPRESS)  # the producer process
     args = parser.parse_args()
+    if args.phases:
+        phases(args)
+        return
     if args.produce:
         produce(args.produce, args.partitions, args.rate, args.backlog, args.duration)
         return

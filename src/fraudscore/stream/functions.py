@@ -78,8 +78,16 @@ end
 -- Times are ms since the epoch, exact in a Lua number; t, lat, lon, hlat and hlon stay the
 -- strings the worker sent.
 local function customer_state(packed)
-  if packed then return cmsgpack.unpack(packed) end
+  if packed and packed ~= '' then return cmsgpack.unpack(packed) end
   return {0, '', '', '', false, false, {}, {}}
+end
+
+-- fs_apply's reply for one event: the state before it
+local function before(s, sum, count, mn, msum)
+  local pre = {tostring(s[1]), sum, s[2], s[3], s[4], s[5] or '', s[6] or '', count, mn, msum}
+  local merchants = s[8]
+  for i = 1, #merchants do pre[10 + i] = merchants[i] end
+  return pre
 end
 
 -- KEYS: lease, then per event: record, customer, merchant
@@ -89,7 +97,7 @@ end
 -- -> per event, in order: 0 when its result is written; else the state before it,
 --    {n, sum, t, lat, lon, hlat, hlon, window count, merchant n, merchant sum, known merchants...}
 -- The events are applied one after the other, so a customer's second event in the batch sees
--- the first one's change.  The record is a string: 'p' .. msgpack of that state, then
+-- the first one's change.  The record is a string: 'p' .. what that state is made of, then
 -- 'r' .. the result's entry id.
 local function apply(keys, args)
   if not holds(keys[1], args[1]) then return redis.error_reply(lost) end
@@ -103,8 +111,11 @@ local function apply(keys, args)
     if seen then
       if string.sub(seen, 1, 1) == 'r' then
         out[#out + 1] = 0
-      else
-        out[#out + 1] = cmsgpack.unpack(string.sub(seen, 2))
+      else  -- 'p' sum,count,merchant n,merchant sum '|' the customer's packed state as it was
+        local bar = string.find(seen, '|', 2, true)
+        local head = string.sub(seen, 2, bar - 1)
+        local sum, count, mn, msum = string.match(head, '^([^,]*),([^,]*),([^,]*),(.*)$')
+        out[#out + 1] = before(customer_state(string.sub(seen, bar + 1)), sum, tonumber(count), mn, msum)
       end
     else
       local t, cents, mid = args[a + 1], args[a + 3], args[a + 4]
@@ -125,10 +136,11 @@ local function apply(keys, args)
       local count = 0
       while count < #times and times[count + 1] <= time do count = count + 1 end
 
-      local pre = {tostring(s[1]), c[2] or '0', s[2], s[3], s[4], s[5] or '', s[6] or '',
-        count, m[1] or '0', m[2] or '0'}
-      for i = 1, #merchants do pre[10 + i] = merchants[i] end
-      redis.call('SET', record, 'p' .. cmsgpack.pack(pre), 'EX', record_ttl)
+      local sum, mn, msum = c[2] or '0', m[1] or '0', m[2] or '0'
+      local pre = before(s, sum, count, mn, msum)
+      -- the record keeps the packed state as read (no second packing): a repeat rebuilds pre from it
+      redis.call('SET', record, 'p' .. sum .. ',' .. count .. ',' .. mn .. ',' .. msum .. '|' .. (c[1] or ''),
+        'EX', record_ttl)
 
       -- the change: time goes after the times not later than it, the window keeps its newest
       -- window_cap times; the merchant moves to the front, the list keeps known_cap

@@ -12,8 +12,8 @@ characters it holds, can make two keys collide::
     {fs:p<i>}:dead          stream: dead letters (source entry, reason, raw event), capped
     {fs:p<i>}:lease         string: the token of the worker that owns the partition, with a TTL
     {fs:p<i>}:ev:<event>    string: the idempotency record: ``p`` + the state before the event
-                            (msgpack) until its result is written, then ``r`` + the result's
-                            entry id; TTL
+                            (sums, window count, the customer's packed state as it was) until
+                            its result is written, then ``r`` + the result's entry id; TTL
     {fs:p<i>}:c:<customer>  hash: sum (cents), s (msgpack: n, t (last event time, ms), lat/lon
                             (last terminal), hlat/hlon (home), the event times of the 24 h
                             window, the recent merchants); TTL after the customer's last event
