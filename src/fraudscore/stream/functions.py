@@ -127,11 +127,11 @@ local function apply(keys, args)
 
       -- the window: drop times before low; count those in [low, time]
       local drop = 0
-      while drop < #times and times[drop + 1] < low do drop = drop + 1 end
-      if drop > 0 then
-        local kept = {}
-        for i = drop + 1, #times do kept[#kept + 1] = times[i] end
-        times = kept
+      local size = #times
+      while drop < size and times[drop + 1] < low do drop = drop + 1 end
+      if drop > 0 then  -- in place: a new table per event costs more than the moves
+        for i = 1, size - drop do times[i] = times[i + drop] end
+        for i = size - drop + 1, size do times[i] = nil end
       end
       local count = 0
       while count < #times and times[count + 1] <= time do count = count + 1 end
@@ -146,10 +146,14 @@ local function apply(keys, args)
       -- window_cap times; the merchant moves to the front, the list keeps known_cap
       table.insert(times, count + 1, time)
       if #times > window_cap then table.remove(times, 1) end
-      local known = {mid}
+      local at = #merchants + 1  -- where mid was (or one past the end), then the list shifts right to it
       for i = 1, #merchants do
-        if merchants[i] ~= mid and #known < known_cap then known[#known + 1] = merchants[i] end
+        if merchants[i] == mid then at = i break end
       end
+      for i = at, 2, -1 do merchants[i] = merchants[i - 1] end
+      merchants[1] = mid
+      if #merchants > known_cap then merchants[#merchants] = nil end
+      local known = merchants
       local lat, lon = args[a + 5], args[a + 6]
       local hlat, hlon = s[5], s[6]
       if args[a + 7] ~= '' then
