@@ -54,6 +54,7 @@ def _add_redis_options(p: argparse.ArgumentParser) -> None:
 def register(subparsers: Any) -> None:
     """Add ``worker``, ``publish``, ``monitor`` and ``demo`` to the command line's subparsers."""
     from fraudscore.cli import DEFAULT_INDEX, DEFAULT_REFERENCES
+    from fraudscore.stream.keys import DEFAULT_BATCH
 
     w = subparsers.add_parser(
         "worker",
@@ -69,7 +70,12 @@ def register(subparsers: Any) -> None:
         default=DEFAULT_REFERENCES,
         help="reference vectors, to build a missing index (default: %(default)s)",
     )
-    w.add_argument("--batch", type=positive_int, default=100, help="events per read (default: %(default)s)")
+    w.add_argument(
+        "--batch",
+        type=positive_int,
+        default=DEFAULT_BATCH,
+        help="events per read per partition (default: %(default)s)",
+    )
     w.add_argument(
         "--claim-idle-ms",
         type=positive_int,

@@ -10,10 +10,11 @@ presumed dead) cannot apply, read or claim anything after its successor took ove
 - ``fs_read``   XREADGROUP ``>`` of new entries (non-blocking: fenced reads cannot block).
 - ``fs_claim``  XAUTOCLAIM every pending entry of the group from a cursor, with each entry's
                 delivery count (XPENDING): what a new owner runs before reading new entries.
-- ``fs_apply``  one event: idempotency by event id, the state before the event, the state
-                change.  A repeat (redelivery or duplicate publish) returns the state stored
-                with the first application, so it gets the same features; ``!done`` once the
-                event's result is written.
+- ``fs_apply``  a batch of events, in order: for each, idempotency by event id, the state
+                before the event, the state change.  A repeat (redelivery or duplicate publish)
+                returns the state stored with the first application, so it gets the same
+                features; 0 once the event's result is written.  One call per batch: the
+                per-call cost of a function is paid once, not once per event.
 - ``fs_results`` for each event of a batch: writes its result unless its record says it was
                 written, then XACKs its entry.
 - ``fs_dead``   XACKs a pending entry and, only if it was still pending, dead-letters it.
@@ -71,73 +72,134 @@ local function claim(keys, args)
   return {r[1], entries, rows, r[3] or {}}
 end
 
--- KEYS: lease, record, customer, window, known, merchant
--- ARGV: token, event id, time ms, cents, merchant id, lat, lon, home lat, home lon ('' = none),
---       window low (time - window), window rank to trim to, known merchants cap, state ttl s, record ttl s
+-- A customer's state is one hash: 'sum' (cents, added by HINCRBY: exact beyond 2^53) and 's',
+-- msgpack of {n, t, lat, lon, hlat, hlon, window times (ascending), merchants (most recent
+-- first)}.  One read and one write per event, where a key per structure cost a dozen calls.
+-- Times are ms since the epoch, exact in a Lua number; t, lat, lon, hlat and hlon stay the
+-- strings the worker sent.
+local function customer_state(packed)
+  if packed and packed ~= '' then return cmsgpack.unpack(packed) end
+  return {0, '', '', '', false, false, {}, {}}
+end
+
+-- fs_apply's reply for one event: the state before it
+local function before(s, sum, count, mn, msum)
+  local pre = {tostring(s[1]), sum, s[2], s[3], s[4], s[5] or '', s[6] or '', count, mn, msum}
+  local merchants = s[8]
+  for i = 1, #merchants do pre[10 + i] = merchants[i] end
+  return pre
+end
+
+-- KEYS: lease, then per event: record, customer, merchant
+-- ARGV: token, window cap, known merchants cap, state ttl s, record ttl s,
+--       then per event: event id, time ms, window low (time - window), cents, merchant id,
+--       lat, lon, home lat, home lon ('' = none)
+-- -> per event, in order: 0 when its result is written; else the state before it,
+--    {n, sum, t, lat, lon, hlat, hlon, window count, merchant n, merchant sum, known merchants...}
+-- The events are applied one after the other, so a customer's second event in the batch sees
+-- the first one's change.  The record is a string: 'p' .. what that state is made of, then
+-- 'r' .. the result's entry id.
 local function apply(keys, args)
   if not holds(keys[1], args[1]) then return redis.error_reply(lost) end
-  local seen = redis.call('HMGET', keys[2], 'pre', 'res')
-  if seen[1] then return seen[1] end
-  if seen[2] then return '!done' end
-  local c = redis.call('HMGET', keys[3], 'n', 'sum', 't', 'lat', 'lon', 'hlat', 'hlon')
-  redis.call('ZREMRANGEBYSCORE', keys[4], '-inf', '(' .. args[10])
-  local m = redis.call('HMGET', keys[6], 'n', 'sum')
-  local known = redis.call('ZREVRANGE', keys[5], 0, -1)
-  local pre = cjson.encode({
-    n = c[1] or '0', sum = c[2] or '0', t = c[3] or '', lat = c[4] or '', lon = c[5] or '',
-    hlat = c[6] or '', hlon = c[7] or '',
-    w = redis.call('ZCOUNT', keys[4], args[10], args[3]),
-    k = known,
-    mn = m[1] or '0', msum = m[2] or '0',
-  })
-  redis.call('HSET', keys[2], 'pre', pre)
-  redis.call('EXPIRE', keys[2], args[14])
+  local window_cap, known_cap = tonumber(args[2]), tonumber(args[3])
+  local state_ttl, record_ttl = args[4], args[5]
+  local out, touched = {}, {}
+  local a = 6
+  for e = 2, #keys, 3 do
+    local record, customer, merchant = keys[e], keys[e + 1], keys[e + 2]
+    local seen = redis.call('GET', record)
+    if seen then
+      if string.sub(seen, 1, 1) == 'r' then
+        out[#out + 1] = 0
+      else  -- 'p' sum,count,merchant n,merchant sum '|' the customer's packed state as it was
+        local bar = string.find(seen, '|', 2, true)
+        local head = string.sub(seen, 2, bar - 1)
+        local sum, count, mn, msum = string.match(head, '^([^,]*),([^,]*),([^,]*),(.*)$')
+        out[#out + 1] = before(customer_state(string.sub(seen, bar + 1)), sum, tonumber(count), mn, msum)
+      end
+    else
+      local t, cents, mid = args[a + 1], args[a + 3], args[a + 4]
+      local time, low = tonumber(t), tonumber(args[a + 2])
+      local c = redis.call('HMGET', customer, 's', 'sum')
+      local s = customer_state(c[1])
+      local m = redis.call('HMGET', merchant, 'n', 'sum')
+      local times, merchants = s[7], s[8]
 
-  -- the event count stays far below 2^53, so Lua's number formatting keeps it exact; the sum of
-  -- cents need not, so Redis adds it (HINCRBY)
-  local n = (tonumber(c[1]) or 0) + 1
-  local hlat, hlon = c[6], c[7]
-  if args[8] ~= '' then
-    hlat, hlon = args[8], args[9]
-  elseif not hlat then
-    hlat, hlon = args[6], args[7]
+      -- the window: drop times before low; count those in [low, time]
+      local drop = 0
+      local size = #times
+      while drop < size and times[drop + 1] < low do drop = drop + 1 end
+      if drop > 0 then  -- in place: a new table per event costs more than the moves
+        for i = 1, size - drop do times[i] = times[i + drop] end
+        for i = size - drop + 1, size do times[i] = nil end
+      end
+      local count = 0
+      while count < #times and times[count + 1] <= time do count = count + 1 end
+
+      local sum, mn, msum = c[2] or '0', m[1] or '0', m[2] or '0'
+      local pre = before(s, sum, count, mn, msum)
+      -- the record keeps the packed state as read (no second packing): a repeat rebuilds pre from it
+      redis.call('SET', record, 'p' .. sum .. ',' .. count .. ',' .. mn .. ',' .. msum .. '|' .. (c[1] or ''),
+        'EX', record_ttl)
+
+      -- the change: time goes after the times not later than it, the window keeps its newest
+      -- window_cap times; the merchant moves to the front, the list keeps known_cap
+      table.insert(times, count + 1, time)
+      if #times > window_cap then table.remove(times, 1) end
+      local at = #merchants + 1  -- where mid was (or one past the end), then the list shifts right to it
+      for i = 1, #merchants do
+        if merchants[i] == mid then at = i break end
+      end
+      for i = at, 2, -1 do merchants[i] = merchants[i - 1] end
+      merchants[1] = mid
+      if #merchants > known_cap then merchants[#merchants] = nil end
+      local known = merchants
+      local lat, lon = args[a + 5], args[a + 6]
+      local hlat, hlon = s[5], s[6]
+      if args[a + 7] ~= '' then
+        hlat, hlon = args[a + 7], args[a + 8]
+      elseif not hlat then
+        hlat, hlon = lat, lon
+      end
+      redis.call('HSET', customer, 's', cmsgpack.pack({s[1] + 1, t, lat, lon, hlat, hlon, times, known}))
+      redis.call('HINCRBY', customer, 'sum', cents)
+      redis.call('HINCRBY', merchant, 'n', 1)
+      redis.call('HINCRBY', merchant, 'sum', cents)
+      touched[customer], touched[merchant] = true, true
+      out[#out + 1] = pre
+    end
+    a = a + 9
   end
-  redis.call('HSET', keys[3], 'n', n, 't', args[3], 'lat', args[6], 'lon', args[7],
-    'hlat', hlat, 'hlon', hlon)
-  redis.call('HINCRBY', keys[3], 'sum', args[4])
-  redis.call('ZADD', keys[4], args[3], args[2])
-  redis.call('ZREMRANGEBYRANK', keys[4], 0, args[11])
-  redis.call('ZADD', keys[5], n, args[5])
-  if #known >= tonumber(args[12]) then  -- at the cap: one more may have come in
-    redis.call('ZREMRANGEBYRANK', keys[5], 0, -(tonumber(args[12]) + 1))
-  end
-  redis.call('HINCRBY', keys[6], 'n', 1)
-  redis.call('HINCRBY', keys[6], 'sum', args[4])
-  for i = 3, 6 do redis.call('EXPIRE', keys[i], args[13]) end
-  return pre
+  -- once per key, not per event: the call is atomic, so the TTL still counts from the last write
+  for key in pairs(touched) do redis.call('EXPIRE', key, state_ttl) end
+  return out
 end
 
 -- KEYS: results, events, the record of each event
 -- ARGV: group, results maxlen, record ttl s, k, k field names, then per event: entry id, k values
+-- Writes each event's result unless its record says it was written, then XACKs every entry.
 local function results(keys, args)
   local k = tonumber(args[4])
   local pos = 5 + k
+  local ids = {}
   local acked = 0
+  local xadd = {'XADD', keys[1], 'MAXLEN', '~', args[2], '*'}  -- then names and values, rewritten per event
+  for i = 1, k do xadd[5 + 2 * i] = args[4 + i] end
   for e = 3, #keys do
-    if redis.call('HEXISTS', keys[e], 'res') == 0 then
-      local fields = {}
-      for i = 1, k do
-        fields[2 * i - 1] = args[4 + i]
-        fields[2 * i] = args[pos + i]
-      end
-      local id = redis.call('XADD', keys[1], 'MAXLEN', '~', args[2], '*', unpack(fields))
-      redis.call('HSET', keys[e], 'res', id)
-      redis.call('HDEL', keys[e], 'pre')
-      redis.call('EXPIRE', keys[e], args[3])
+    local seen = redis.call('GET', keys[e])
+    if not (seen and string.sub(seen, 1, 1) == 'r') then
+      for i = 1, k do xadd[6 + 2 * i] = args[pos + i] end
+      local id = redis.call(unpack(xadd))
+      redis.call('SET', keys[e], 'r' .. id, 'EX', args[3])
     end
-    acked = acked + redis.call('XACK', keys[2], args[1], args[pos])
+    ids[#ids + 1] = args[pos]
+    if #ids == 1000 then  -- unpack's limit is far above, but a call's arguments need not grow without bound
+      acked = acked + redis.call('XACK', keys[2], args[1], unpack(ids))
+      ids = {}
+    end
     pos = pos + 1 + k
   end
+  if #ids > 0 then acked = acked + redis.call('XACK', keys[2], args[1], unpack(ids)) end
   return acked
 end
 

@@ -2,7 +2,7 @@
 
 Each partition's keys share the hash tag ``{fs:p<i>}``, so every atomic call (a Redis function
 touches one partition's keys only) lands on one slot, as Redis Cluster requires.  The kinds of
-key have distinct prefixes (``c:``, ``cw:``, ``ck:``, ``m:``, ``ev:``), so no id, whatever
+key have distinct prefixes (``c:``, ``m:``, ``ev:``), so no id, whatever
 characters it holds, can make two keys collide::
 
     {fs}:meta               hash: partitions (the partition count, fixed when first set)
@@ -11,12 +11,12 @@ characters it holds, can make two keys collide::
     {fs:p<i>}:results       stream: one result per event (``worker.RESULT_FIELDS``), capped
     {fs:p<i>}:dead          stream: dead letters (source entry, reason, raw event), capped
     {fs:p<i>}:lease         string: the token of the worker that owns the partition, with a TTL
-    {fs:p<i>}:ev:<event>    hash: the idempotency record: ``pre`` (the state before the event,
-                            until its result is written), ``res`` (the result's entry id); TTL
-    {fs:p<i>}:c:<customer>  hash: n, sum (cents), t (last event time, ms), lat/lon (last
-                            terminal), hlat/hlon (home); TTL after the customer's last event
-    {fs:p<i>}:cw:<customer> sorted set: event ids scored by event time (the 24 h window); TTL
-    {fs:p<i>}:ck:<customer> sorted set: merchants scored by the customer's event number; TTL
+    {fs:p<i>}:ev:<event>    string: the idempotency record: ``p`` + the state before the event
+                            (sums, window count, the customer's packed state as it was) until
+                            its result is written, then ``r`` + the result's entry id; TTL
+    {fs:p<i>}:c:<customer>  hash: sum (cents), s (msgpack: n, t (last event time, ms), lat/lon
+                            (last terminal), hlat/hlon (home), the event times of the 24 h
+                            window, the recent merchants); TTL after the customer's last event
     {fs:p<i>}:m:<merchant>  hash: n, sum (cents) of the merchant's events in the partition; TTL
 """
 
@@ -28,6 +28,9 @@ NAMESPACE = "fs"
 META = "{fs}:meta"
 WORKERS = "{fs}:workers"
 GROUP = "scorers"
+# entries read per partition per step: here, not in worker.py, so the command line's default
+# needs no import of redis (the worker's own default is this too)
+DEFAULT_BATCH = 500
 
 
 def partition_of(customer_id: str, partitions: int) -> int:
@@ -56,12 +59,6 @@ class PartitionKeys:
 
     def customer(self, customer_id: str) -> str:
         return f"{self.tag}:c:{customer_id}"
-
-    def window(self, customer_id: str) -> str:
-        return f"{self.tag}:cw:{customer_id}"
-
-    def known(self, customer_id: str) -> str:
-        return f"{self.tag}:ck:{customer_id}"
 
     def merchant(self, merchant_id: str) -> str:
         return f"{self.tag}:m:{merchant_id}"

@@ -65,7 +65,7 @@ class Replay:
         del c.times[: bisect.bisect_left(c.times, low)]
         window = bisect.bisect_right(c.times, event.time_ms) - bisect.bisect_left(c.times, low)
         pre = PreState(
-            count=c.count,
+            customer_count=c.count,
             sum_cents=c.sum_cents,
             last_time_ms=c.last_time_ms,
             last_terminal=c.last_terminal,

@@ -13,12 +13,16 @@ restarts from the oldest unacknowledged entry, and events already applied are re
 their event id and give back the state stored when they were first applied.  A dead consumer's
 entries are thus reclaimed once its lease has been idle for ``claim_idle_ms``.
 
-**One batch** (``Worker.step``): read up to ``batch`` entries (or claim them, when recovering);
-dead-letter the malformed ones, those delivered more than ``max_deliveries`` times and those
-routed to the wrong partition; one pipelined ``fs_apply`` per event (idempotent by event id,
-returning the state before the event); build each payload and vector exactly as ``/fraud-score``
-does; score them in one ``scorer.scores`` call; one ``fs_results`` call for the batch (each
-result is written once per event id, and its entry acknowledged in the same atomic call).  A kill
+**A batch** of a partition goes through three phases, each one call for all owned partitions
+at once: read up to ``batch`` entries (or claim them, when recovering), dead-lettering the
+malformed ones, those delivered more than ``max_deliveries`` times and those routed to the wrong
+partition; one ``fs_apply`` for the whole batch (events applied in stream order, each idempotent
+by event id, returning the state before it); then each payload and vector built exactly as
+``/fraud-score`` does, every event scored in one ``scorer.scores`` call, and one ``fs_results``
+per partition (each result written once per event id, the entries acknowledged in the same
+atomic call).  ``Worker.step_all`` moves every batch in hand one phase on: it sends the
+applies, scores the batches applied last time while Redis runs them, then sends results and
+the next reads, so Redis and the worker work at the same time.  A kill
 between any two steps leaves the entries pending, and the next owner redoes the batch with the
 same features, so it writes the results that are missing and no others.  An event whose state
 was applied but which is dead-lettered after too many deliveries keeps its state change.
@@ -45,11 +49,12 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import hiredis
 import orjson
 import redis
 from redis.backoff import NoBackoff
@@ -80,7 +85,7 @@ from fraudscore.stream.events import (
     parse_event,
 )
 from fraudscore.stream.functions import LIBRARY, LIBRARY_NAME
-from fraudscore.stream.keys import GROUP, META, WORKERS, PartitionKeys, partition_of
+from fraudscore.stream.keys import DEFAULT_BATCH, GROUP, META, WORKERS, PartitionKeys, partition_of
 
 log = logging.getLogger("fraudscore.stream")
 
@@ -116,7 +121,7 @@ class WorkerConfig:
     redis_url: str = DEFAULT_REDIS_URL
     cluster: bool = False  # redis_url is a node of a Redis Cluster
     partitions: int = DEFAULT_PARTITIONS
-    batch: int = 100
+    batch: int = DEFAULT_BATCH
     claim_idle_ms: int = 5000  # the lease TTL: how long a silent owner keeps its partitions
     max_deliveries: int = 5
     group: str = GROUP
@@ -130,10 +135,6 @@ class WorkerConfig:
         for name in ("partitions", "batch", "claim_idle_ms", "max_deliveries"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-
-
-class LeaseLost(Exception):
-    """A fenced call was refused: another worker owns the partition now."""
 
 
 Client = redis.Redis | RedisCluster
@@ -175,54 +176,46 @@ def prepare(client: Client, partitions: int, group: str = GROUP) -> None:
                 raise
 
 
-def decode_pre(reply: bytes) -> PreState:
-    """``fs_apply``'s reply: the state as it was before the event."""
-    s = orjson.loads(reply)
-
-    def point(lat: str, lon: str) -> Point | None:
-        return Point(float(lat), float(lon)) if lat else None
-
+def decode_pre(reply: Sequence[Any]) -> PreState:
+    """One event's part of ``fs_apply``'s reply: the state as it was before the event."""
+    n, cents, t, lat, lon, hlat, hlon, window, merchant_n, merchant_cents = reply[:10]
     return PreState(
-        count=int(s["n"]),
-        sum_cents=int(s["sum"]),
-        last_time_ms=int(s["t"]) if s["t"] else None,
-        last_terminal=point(s["lat"], s["lon"]),
-        home=point(s["hlat"], s["hlon"]),
-        window_count=int(s["w"]),
-        known_merchants=tuple(s["k"]) if s["k"] else (),  # Lua's cjson writes an empty list as {}
-        merchant_count=int(s["mn"]),
-        merchant_sum_cents=int(s["msum"]),
+        int(n),
+        int(cents),
+        int(t) if t else None,
+        Point(float(lat), float(lon)) if lat else None,
+        Point(float(hlat), float(hlon)) if hlat else None,
+        window,
+        tuple(map(bytes.decode, reply[10:])),
+        int(merchant_n),
+        int(merchant_cents),
     )
 
 
-def apply_call(keys: PartitionKeys, token: str, event: Event, config: WorkerConfig) -> list[Any]:
-    """The arguments of the ``fs_apply`` call of one event, for ``client.fcall(*...)``."""
-    home = event.customer_home
-    cid = event.customer_id
-    return [
-        "fs_apply",
-        6,
-        keys.lease,
-        keys.record(event.event_id),
-        keys.customer(cid),
-        keys.window(cid),
-        keys.known(cid),
-        keys.merchant(event.merchant_id),
-        token,
-        event.event_id,
-        event.time_ms,
-        event.cents,
-        event.merchant_id,
-        repr(event.terminal.lat),
-        repr(event.terminal.lon),
-        "" if home is None else repr(home.lat),
-        "" if home is None else repr(home.lon),
-        event.time_ms - WINDOW_MS,
-        -(WINDOW_CAP + 1),
-        KNOWN_MERCHANTS_CAP,
-        config.state_ttl_s,
-        config.record_ttl_s,
-    ]
+def apply_call(keys: PartitionKeys, token: str, events: Sequence[Event], config: WorkerConfig) -> list[Any]:
+    """The arguments of the ``fs_apply`` call of a batch of events, for ``client.fcall(*...)``."""
+    names: list[str] = [keys.lease]
+    args: list[Any] = [token, WINDOW_CAP, KNOWN_MERCHANTS_CAP, config.state_ttl_s, config.record_ttl_s]
+    for event in events:
+        names += (
+            keys.record(event.event_id),
+            keys.customer(event.customer_id),
+            keys.merchant(event.merchant_id),
+        )
+        home = event.customer_home
+        terminal = event.terminal
+        args += (
+            event.event_id,
+            event.time_ms,
+            event.time_ms - WINDOW_MS,
+            event.cents,
+            event.merchant_id,
+            repr(terminal.lat),
+            repr(terminal.lon),
+            "" if home is None else repr(home.lat),
+            "" if home is None else repr(home.lon),
+        )
+    return ["fs_apply", len(names), *names, *args]
 
 
 def _field(fields: Sequence[bytes], name: bytes) -> bytes | None:
@@ -248,6 +241,76 @@ class _Dead:
     deliveries: int
 
 
+class _Calls:
+    """Function calls sent now and their replies read later, in order (errors as values).
+
+    On one Redis, they go out on one connection as soon as they are sent, so Redis runs them
+    while the worker goes on; on a cluster, they are a pipeline sent at ``receive``.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.sent = 0
+        self.pipe: Any = None
+        self.conn: Any = None
+        if isinstance(client, RedisCluster):
+            self.pipe = client.pipeline(transaction=False)  # type: ignore[no-untyped-call]
+
+    def send(self, call: list[Any]) -> None:
+        self.sent += 1
+        if self.pipe is not None:
+            self.pipe.execute_command("FCALL", *call)
+            return
+        if self.conn is None:
+            assert isinstance(self.client, redis.Redis)
+            self.conn = self.client.connection_pool.get_connection()
+        try:
+            # hiredis packs the whole call in C (redis-py's packer first walks every argument in Python)
+            self.conn.send_packed_command([hiredis.pack_command(("FCALL", *call))], check_health=False)
+        except BaseException:
+            self._drop()
+            raise
+
+    def receive(self) -> list[Any]:
+        if self.pipe is not None:
+            return self.pipe.execute(raise_on_error=False) if self.sent else []
+        replies: list[Any] = []
+        try:
+            for _ in range(self.sent):
+                try:
+                    replies.append(self.conn.read_response())
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            self._drop()
+            raise
+        if self.conn is not None:
+            self.client.connection_pool.release(self.conn)  # type: ignore[union-attr]
+            self.conn = None
+        return replies
+
+    def _drop(self) -> None:
+        """A connection with replies unread is of no use to anyone: closed, then given back."""
+        if self.conn is not None:
+            self.conn.disconnect()
+            self.client.connection_pool.release(self.conn)  # type: ignore[union-attr]
+            self.conn = None
+
+
+@dataclass
+class _Batch:
+    """One partition's entries in one ``Worker.step_all``, through its phases."""
+
+    part: _Partition
+    deliveries: dict[bytes, int]  # of claimed entries: their delivery counts
+    events: list[tuple[bytes, Event, bytes]] = field(default_factory=list)  # (entry, event, raw)
+    dead: list[_Dead] = field(default_factory=list)
+    pres: Sequence[Any] = ()  # fs_apply's reply: per event, the state before it, or 0 when done
+    lost: bool = False  # the lease turned out to be another worker's
+    done: list[tuple[bytes, Event]] = field(default_factory=list)  # results written, ack missing
+    scored: list[tuple[bytes, Event, dict[str, Any]]] = field(default_factory=list)
+
+
 class Worker:
     """One worker process's loop over the partitions it holds."""
 
@@ -271,6 +334,8 @@ class Worker:
         self.next_housekeeping = 0.0
         self.processed = 0
         self.dead_lettered = 0
+        self.parsed: list[_Batch] = []  # read, to be applied by the next step_all
+        self.ready: list[_Batch] = []  # applied, to be scored and finished by the next step_all
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -294,26 +359,20 @@ class Worker:
                 worked = 0
                 if time.monotonic() >= self.next_housekeeping:
                     self.housekeep()
-                for part in list(self.owned.values()):
-                    if self.stopping:
-                        break
-                    if time.monotonic() >= self.next_housekeeping:
-                        self.housekeep()  # leases are renewed between batches, not only between rounds
-                    if self.owned.get(part.keys.index) is part:
-                        worked += self.step(part)
+                if self.owned or self.parsed or self.ready:
+                    worked = self.step_all(list(self.owned.values()))
                 backoff = 0.05
                 if worked:
                     idle_since = time.monotonic()
                 elif max_idle_s is not None and time.monotonic() - idle_since > max_idle_s:
                     break
                 else:
-                    time.sleep(self.config.poll_s)
+                    self.wait_for_events()
             except (AuthenticationError, NoPermissionError) as exc:
                 raise ConfigError(f"redis refuses the worker: {exc}") from None
             except TRANSIENT_ERRORS as exc:
                 log.warning("redis: %s; retrying in %.2f s", exc, backoff)
-                for part in self.owned.values():
-                    part.recovering, part.cursor = True, "0-0"
+                self.forget_batches()
                 time.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
             except redis.ResponseError as exc:
@@ -326,8 +385,11 @@ class Worker:
                     backoff = min(backoff * 2, MAX_BACKOFF_S)
                 else:
                     raise
-                for part in self.owned.values():
-                    part.recovering, part.cursor = True, "0-0"
+                self.forget_batches()
+        try:
+            self.drain()
+        except TRANSIENT_ERRORS as exc:  # left pending: whoever takes the partitions redoes them
+            log.warning("redis: %s; leaving the batches in hand pending", exc)
         self.release_all()
         log.info(
             "worker %s stops: %d events scored, %d dead-lettered",
@@ -335,6 +397,27 @@ class Worker:
             self.processed,
             self.dead_lettered,
         )
+
+    def forget_batches(self) -> None:
+        """After a failure: every batch in hand is dropped, and each partition recovers from its
+        oldest pending entry (so nothing newer is applied before an older entry left pending)."""
+        self.parsed, self.ready = [], []
+        for part in self.owned.values():
+            part.recovering, part.cursor = True, "0-0"
+
+    def wait_for_events(self) -> None:
+        """Nothing came: wait up to ``poll_s`` for a new entry in an owned stream.
+
+        A plain XREAD (it changes nothing, so it needs no fencing) wakes the worker as soon as
+        an entry arrives, where a sleep would add up to ``poll_s`` to its latency.  An entry that
+        came between the last read and this wait is found after ``poll_s`` at the latest.  On a
+        cluster the streams may live on different nodes: there, a sleep.
+        """
+        poll_ms = max(1, int(self.config.poll_s * 1000))
+        if isinstance(self.r, RedisCluster) or not self.owned:
+            time.sleep(poll_ms / 1000)
+            return
+        self.r.xread({part.keys.events: "$" for part in self.owned.values()}, count=1, block=poll_ms)
 
     def release_all(self) -> None:
         try:
@@ -380,112 +463,174 @@ class Worker:
     # -- one batch ------------------------------------------------------------------------
 
     def step(self, part: _Partition) -> int:
-        """Read (or, recovering, claim) one batch of a partition and process it; the entries seen."""
+        """One batch of one partition (``step_all`` of it alone); the entries seen."""
+        return self.step_all([part])
+
+    def step_all(self, parts: Sequence[_Partition], read: bool = True) -> int:
+        """Move every batch in hand one phase on, and read the next of each of ``parts``.
+
+        A batch goes through three calls of this: read (or, recovering, claim), apply (one
+        ``fs_apply`` per partition), then score and write its results (one ``fs_results`` per
+        partition, and its dead letters).  Each call sends the applies first, then scores the
+        batches applied in the previous call while Redis runs those applies, then sends their
+        results and the next reads; so Redis and this process work at the same time, and there
+        are two round trips per call whatever the number of partitions and events.  One
+        ``scorer.scores`` call scores every event of the call.  A partition whose lease turns out
+        to be lost is dropped, its entries left pending for its new owner.  The entries seen
+        (read, applied or finished) are returned: 0 means there was nothing to do.
+        """
         c = self.config
-        keys = part.keys
-        entries: Sequence[Any] = []
+        calls = _Calls(self.r)
         try:
+            # a batch read before its partition changed hands (even back to this worker) is not
+            # applied: its partition's recovery redoes those entries after the older pending ones
+            applying = [b for b in self.parsed if b.events and self.owned.get(b.part.keys.index) is b.part]
+            for b in applying:
+                calls.send(apply_call(b.part.keys, self.token, [e for _, e, _ in b.events], c))
+            work = sum(len(b.events) for b in self.parsed)
+            finished = [b for b in self.parsed if not b.events]  # dead letters only
+            finished += self.ready
+            work += sum(len(b.events) for b in self.ready)
+
+            vectors: list[list[float]] = []
+            for b in self.ready:
+                self._payloads(b, vectors)
+            scores = self.scorer.scores(vectors) if vectors else []
+            scored_at = iso_ms(int(time.time() * 1000))
+            position = 0
+            for b in finished:
+                for call in self._finish(b, scores[position : position + len(b.scored)], scored_at):
+                    calls.send(call)
+                position += len(b.scored)
+            finishing = calls.sent - len(applying)
+
+            reading = list(parts) if read else []
+            for part in reading:
+                keys = part.keys
+                if part.recovering:
+                    claim = (keys.lease, keys.events, self.token, c.group, self.token, part.cursor, c.batch)
+                    calls.send(["fs_claim", 2, *claim])
+                else:
+                    calls.send(
+                        ["fs_read", 2, keys.lease, keys.events, self.token, c.group, self.token, c.batch]
+                    )
+
+            replies = calls.receive()
+        finally:
+            self.parsed, self.ready = [], []  # on a failure, left pending: the recovery redoes them
+        try:
+            return work + self._received(applying, finishing, reading, replies)
+        except BaseException:
+            self.parsed, self.ready = [], []
+            raise
+
+    def _received(
+        self, applying: list[_Batch], finishing: int, reading: list[_Partition], replies: list[Any]
+    ) -> int:
+        """``step_all``'s replies: applied batches become ready, read ones parsed; the entries read."""
+        work = 0
+        for b, reply in zip(applying, replies, strict=False):
+            if not self._lost(b.part, reply):
+                b.pres = reply
+                self.ready.append(b)
+        for reply in replies[len(applying) : len(applying) + finishing]:
+            if isinstance(reply, Exception):
+                raise reply
+        for part, reply in zip(reading, replies[len(applying) + finishing :], strict=True):
+            if self._lost(part, reply):
+                continue
             if part.recovering:
-                cursor, entries, rows, deleted = self.r.fcall(
-                    "fs_claim",
-                    2,
-                    keys.lease,
-                    keys.events,
-                    self.token,
-                    c.group,
-                    self.token,
-                    part.cursor,
-                    c.batch,
-                )
+                cursor, entries, rows, deleted = reply
                 part.cursor = cursor.decode()
                 if part.cursor == "0-0":
                     part.recovering = False
                 deliveries = {row[0]: int(row[3]) for row in rows}
                 if deleted:  # only an XDEL or XTRIM from outside can do that: fs_trim keeps pending entries
                     log.error(
-                        "partition %d: %d pending entries were deleted unscored", keys.index, len(deleted)
+                        "partition %d: %d pending entries were deleted unscored",
+                        part.keys.index,
+                        len(deleted),
                     )
             else:
-                reply = self.r.fcall(
-                    "fs_read", 2, keys.lease, keys.events, self.token, c.group, self.token, c.batch
-                )
                 entries = reply[0][1] if reply else []
                 deliveries = {}
-            self.process(part, entries, deliveries)
-        except LeaseLost:
-            log.info("partition %d is another worker's now", keys.index)
-            self.owned.pop(keys.index, None)
-        except redis.ResponseError as exc:
-            if "FSLEASE" not in str(exc):
-                raise
-            log.info("partition %d is another worker's now", keys.index)
-            self.owned.pop(keys.index, None)
-        return len(entries) if part.keys.index in self.owned else 0
+            work += len(entries)
+            if entries:
+                self.parsed.append(self._sort(part, entries, deliveries))
+        return work
 
-    def process(self, part: _Partition, entries: Sequence[Any], deliveries: dict[bytes, int]) -> None:
+    def drain(self) -> None:
+        """Finish every batch in hand (applied or only read), reading nothing new."""
+        while self.parsed or self.ready:
+            self.step_all([], read=False)
+
+    def _lost(self, part: _Partition, reply: Any) -> bool:
+        """Whether a pipelined call's reply says the partition is another worker's now (and drop it)."""
+        if not isinstance(reply, Exception):
+            return False
+        if isinstance(reply, redis.ResponseError) and "FSLEASE" in str(reply):
+            log.info("partition %d is another worker's now", part.keys.index)
+            self.owned.pop(part.keys.index, None)
+            return True
+        raise reply
+
+    def _sort(self, part: _Partition, entries: Sequence[Any], deliveries: dict[bytes, int]) -> _Batch:
+        """The entries to apply, and those to dead-letter: malformed, delivered too often, misrouted."""
         c = self.config
-        keys = part.keys
-        dead: list[_Dead] = []
-        events: list[tuple[bytes, Event, bytes]] = []
+        b = _Batch(part, deliveries)
         for entry_id, fields in entries:
             if fields is None:  # trimmed while pending (never, with fs_trim): nothing to score
                 continue
             count = deliveries.get(entry_id, 1)
             raw = _field(fields, b"event")
             if raw is None:
-                dead.append(_Dead(entry_id, "the entry has no event field", b"", count))
+                b.dead.append(_Dead(entry_id, "the entry has no event field", b"", count))
                 continue
             if count > c.max_deliveries:
-                dead.append(_Dead(entry_id, f"not done after {count - 1} deliveries", raw, count))
+                b.dead.append(_Dead(entry_id, f"not done after {count - 1} deliveries", raw, count))
                 continue
             try:
                 event = parse_event(raw)
             except EventError as exc:
-                dead.append(_Dead(entry_id, str(exc), raw, count))
+                b.dead.append(_Dead(entry_id, str(exc), raw, count))
                 continue
             home = partition_of(event.customer_id, c.partitions)
-            if home != keys.index:
-                dead.append(_Dead(entry_id, f"customer_id belongs to partition {home}", raw, count))
+            if home != part.keys.index:
+                b.dead.append(_Dead(entry_id, f"customer_id belongs to partition {home}", raw, count))
                 continue
-            events.append((entry_id, event, raw))
+            b.events.append((entry_id, event, raw))
+        return b
 
-        pipe = self.r.pipeline(transaction=False)
-        for _, event, _ in events:
-            pipe.fcall(*apply_call(keys, self.token, event, c))
-        replies = pipe.execute(raise_on_error=False) if events else []
-
-        done: list[tuple[bytes, Event]] = []
-        scored: list[tuple[bytes, Event, dict[str, Any]]] = []
-        vectors: list[list[float]] = []
-        for (entry_id, event, raw), reply in zip(events, replies, strict=True):
-            if isinstance(reply, redis.ResponseError) and "FSLEASE" in str(reply):
-                raise LeaseLost(str(reply))
-            if isinstance(reply, Exception):
-                raise reply
-            if reply == b"!done":
-                done.append((entry_id, event))
+    def _payloads(self, b: _Batch, vectors: list[list[float]]) -> None:
+        """Each applied event's payload and vector (``vectors`` grows); the events already done."""
+        for (entry_id, event, raw), pre in zip(b.events, b.pres, strict=True):
+            if pre == 0:  # its result is written: only the acknowledgement is missing
+                b.done.append((entry_id, event))
                 continue
-            payload = build_payload(event, decode_pre(reply))
+            payload = build_payload(event, decode_pre(pre))
             try:
                 vectors.append(vectorize(payload, self.constants))
             except BadInputError as exc:
-                dead.append(_Dead(entry_id, f"payload: {exc}", raw, deliveries.get(entry_id, 1)))
+                b.dead.append(_Dead(entry_id, f"payload: {exc}", raw, b.deliveries.get(entry_id, 1)))
                 continue
-            scored.append((entry_id, event, payload))
-        scores = self.scorer.scores(vectors) if vectors else []
-        scored_at = iso_ms(int(time.time() * 1000))
+            b.scored.append((entry_id, event, payload))
 
-        pipe = self.r.pipeline(transaction=False)
-        if scored or done:
+    def _finish(self, b: _Batch, scores: Sequence[float], scored_at: str) -> list[list[Any]]:
+        """The batch's ``fs_results`` and ``fs_dead`` calls."""
+        c = self.config
+        keys = b.part.keys
+        calls: list[list[Any]] = []
+        if b.scored or b.done:
             records: list[str] = []
             args: list[Any] = [c.group, c.results_maxlen, c.record_ttl_s, len(RESULT_FIELDS), *RESULT_FIELDS]
-            for (entry_id, event, payload), score in zip(scored, scores, strict=True):
+            approves = self.scorer.approves
+            for (entry_id, event, payload), score in zip(b.scored, scores, strict=True):
                 records.append(keys.record(event.event_id))
                 args += (
                     entry_id,
                     event.event_id,
                     entry_id,
-                    "true" if self.scorer.approves(score) else "false",
+                    "true" if approves(score) else "false",
                     repr(score),
                     self.scorer_name,
                     payload["transaction"]["requested_at"],
@@ -493,35 +638,36 @@ class Worker:
                     scored_at,
                     orjson.dumps(payload),
                 )
-            for entry_id, event in done:  # their results exist: only the acknowledgement is missing
+            for entry_id, event in b.done:
                 records.append(keys.record(event.event_id))
                 args += (entry_id, *[""] * len(RESULT_FIELDS))
-            pipe.fcall("fs_results", 2 + len(records), keys.results, keys.events, *records, *args)
+            calls.append(["fs_results", 2 + len(records), keys.results, keys.events, *records, *args])
         now = iso_ms(int(time.time() * 1000))
-        for d in dead:
-            pipe.fcall(
-                "fs_dead",
-                2,
-                keys.dead,
-                keys.events,
-                c.group,
-                d.entry,
-                c.dead_maxlen,
-                "entry",
-                d.entry,
-                "reason",
-                d.reason,
-                "deliveries",
-                d.deliveries,
-                "dead_at",
-                now,
-                "event",
-                d.raw,
+        for d in b.dead:
+            calls.append(
+                [
+                    "fs_dead",
+                    2,
+                    keys.dead,
+                    keys.events,
+                    c.group,
+                    d.entry,
+                    c.dead_maxlen,
+                    "entry",
+                    d.entry,
+                    "reason",
+                    d.reason,
+                    "deliveries",
+                    d.deliveries,
+                    "dead_at",
+                    now,
+                    "event",
+                    d.raw,
+                ]
             )
-        if scored or done or dead:
-            pipe.execute()
-        self.processed += len(scored)
-        self.dead_lettered += len(dead)
+        self.processed += len(b.scored)
+        self.dead_lettered += len(b.dead)
+        return calls
 
 
 def run_worker(config: WorkerConfig, index: Path, max_idle_s: float | None = None) -> Worker:
