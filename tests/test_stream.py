@@ -22,11 +22,12 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from fraudscore.stream.events import (
     WINDOW_MS,
@@ -41,7 +42,7 @@ from fraudscore.stream.keys import GROUP, PartitionKeys
 from fraudscore.stream.monitor import snapshot
 from fraudscore.stream.produce import publish
 from fraudscore.stream.replay import Replay, replay
-from fraudscore.stream.worker import Worker, WorkerConfig, apply_call, connect, prepare
+from fraudscore.stream.worker import Client, Worker, WorkerConfig, apply_call, connect, prepare
 
 REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
@@ -116,8 +117,23 @@ def shared_redis() -> Iterator[RedisProcess]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+Fields = dict[bytes, bytes]
+Entries = list[tuple[bytes, Fields]]
+
+
+def xrange(client: Client, key: str, count: int | None = None) -> Entries:
+    """A stream's entries as this file's clients give them: bytes, not decoded."""
+    return cast(Entries, client.xrange(key, count=count))
+
+
+def xreadgroup(client: Client, group: str, consumer: str, key: str, count: int) -> Entries:
+    """New entries of one stream for a consumer of a group."""
+    found = cast(list[tuple[bytes, Entries]], client.xreadgroup(group, consumer, {key: ">"}, count=count))
+    return found[0][1] if found else []
+
+
 @pytest.fixture
-def client(shared_redis: RedisProcess) -> Iterator[redis.Redis]:
+def client(shared_redis: RedisProcess) -> Iterator[Client]:
     c = connect(shared_redis.url)
     c.flushall()
     yield c
@@ -132,21 +148,21 @@ def scorer(index_path: Path) -> Iterator[Any]:
         yield s
 
 
-def results(client: redis.Redis, partitions: int) -> dict[tuple[int, str], list[dict[str, Any]]]:
+def results(client: Client, partitions: int) -> dict[tuple[int, str], list[dict[str, Any]]]:
     """Every result's payload, by (partition, event id): a list, so repeats show."""
     found: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for i in range(partitions):
-        for _, fields in client.xrange(PartitionKeys(i).results):
+        for _, fields in xrange(client, PartitionKeys(i).results):
             found.setdefault((i, fields[b"event_id"].decode()), []).append(orjson.loads(fields[b"payload"]))
     return found
 
 
-def dead_letters(client: redis.Redis, partitions: int) -> list[dict[bytes, bytes]]:
-    return [fields for i in range(partitions) for _, fields in client.xrange(PartitionKeys(i).dead)]
+def dead_letters(client: Client, partitions: int) -> list[dict[bytes, bytes]]:
+    return [fields for i in range(partitions) for _, fields in xrange(client, PartitionKeys(i).dead)]
 
 
 def assert_matches_replay(
-    client: redis.Redis,
+    client: Client,
     raws: list[bytes],
     partitions: int,
     expected: dict[tuple[int, str], dict[str, Any]] | None = None,
@@ -161,7 +177,7 @@ def assert_matches_replay(
     assert not differing, f"{len(differing)} events differ, e.g. {differing[0]}: {got[differing[0]][0]}"
 
 
-def run_worker(client: redis.Redis, scorer: Any, partitions: int, **options: Any) -> Worker:
+def run_worker(client: Client, scorer: Any, partitions: int, **options: Any) -> Worker:
     config = WorkerConfig(redis_url="", partitions=partitions, **options)
     worker = Worker(client, scorer, config)
     worker.run(max_idle_s=options.get("claim_idle_ms", 5000) / 1000 + 0.5)
@@ -262,7 +278,7 @@ def test_rate_shapes_send_their_integral(shape: str, first_second: int, whole_pe
 
 
 def test_worker_matches_replay_and_dead_letters_malformed_events(
-    client: redis.Redis, scorer: Any, shared_redis: RedisProcess
+    client: Client, scorer: Any, shared_redis: RedisProcess
 ) -> None:
     partitions = 3
     raws = [raw(e) for e in generate(3000, customers=100, merchants=40, seed=1)]
@@ -282,7 +298,7 @@ def test_worker_matches_replay_and_dead_letters_malformed_events(
     assert {d[b"event"] for d in dead} == {b for b, _ in bad} | {b"not json at all"}
     for i in range(partitions):
         assert client.xpending(PartitionKeys(i).events, GROUP)["pending"] == 0
-        fields = client.xrange(PartitionKeys(i).results, count=1)[0][1]
+        fields = xrange(client, PartitionKeys(i).results, count=1)[0][1]
         assert fields[b"scorer"].startswith(b"knn:knn:")
         assert fields[b"approved"] in (b"true", b"false")
         assert float(fields[b"fraud_score"]) in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -307,7 +323,7 @@ def test_worker_matches_replay_and_dead_letters_malformed_events(
     assert second.startswith("published 0/s, scored 0/s")
 
 
-def _ghost_reads_and_applies(client: redis.Redis, partitions: int, batch: int) -> int:
+def _ghost_reads_and_applies(client: Client, partitions: int, batch: int) -> int:
     """What a worker leaves behind when killed after applying a batch, before writing results."""
     config = WorkerConfig(partitions=partitions)
     pending = 0
@@ -321,7 +337,7 @@ def _ghost_reads_and_applies(client: redis.Redis, partitions: int, batch: int) -
     return pending
 
 
-def test_dead_consumer_entries_are_reclaimed_with_the_same_features(client: redis.Redis, scorer: Any) -> None:
+def test_dead_consumer_entries_are_reclaimed_with_the_same_features(client: Client, scorer: Any) -> None:
     partitions = 2
     raws = [raw(e) for e in generate(600, customers=30, merchants=10, seed=2)]
     prepare(client, partitions)
@@ -339,7 +355,7 @@ def test_dead_consumer_entries_are_reclaimed_with_the_same_features(client: redi
         assert client.xpending(PartitionKeys(i).events, GROUP)["pending"] == 0
 
 
-def test_redis_refusing_writes_is_waited_out(client: redis.Redis, scorer: Any) -> None:
+def test_redis_refusing_writes_is_waited_out(client: Client, scorer: Any) -> None:
     raws = [raw(e) for e in generate(500, customers=20, seed=8)]
     prepare(client, 2)
     publish(client, raws, 2)
@@ -362,7 +378,7 @@ def test_redis_refusing_writes_is_waited_out(client: redis.Redis, scorer: Any) -
     assert_matches_replay(client, raws, 2)
 
 
-def test_a_fenced_worker_cannot_read_or_apply(client: redis.Redis) -> None:
+def test_a_fenced_worker_cannot_read_or_apply(client: Client) -> None:
     prepare(client, 1)
     publish(client, [raw(e) for e in generate(5)], 1)
     keys = PartitionKeys(0)
@@ -377,7 +393,7 @@ def test_a_fenced_worker_cannot_read_or_apply(client: redis.Redis) -> None:
     assert client.get(keys.lease) == b"owner"
 
 
-def test_duplicates_and_too_many_deliveries(client: redis.Redis, scorer: Any) -> None:
+def test_duplicates_and_too_many_deliveries(client: Client, scorer: Any) -> None:
     events = generate(40, customers=3, merchants=5, seed=3)
     raws = [raw(e) for e in events]
     published = raws[:20] + raws[5:10] + raws[20:]  # a producer's retried chunk: repeats, in order
@@ -385,7 +401,7 @@ def test_duplicates_and_too_many_deliveries(client: redis.Redis, scorer: Any) ->
     publish(client, published, 1)
     keys = PartitionKeys(0)
     # an entry that keeps failing: delivered 6 times already
-    first = client.xrange(keys.events, count=1)[0][0]
+    first = xrange(client, keys.events, count=1)[0][0]
     client.xreadgroup(GROUP, "ghost", {keys.events: ">"}, count=1)
     client.xclaim(keys.events, GROUP, "ghost", 0, [first], retrycount=6)
 
@@ -397,7 +413,7 @@ def test_duplicates_and_too_many_deliveries(client: redis.Redis, scorer: Any) ->
     assert_matches_replay(client, raws[1:], 1)  # repeats are no-ops; the dead one was never applied
 
 
-def test_the_caps_on_state_hold_in_redis_as_in_the_replay(client: redis.Redis, scorer: Any) -> None:
+def test_the_caps_on_state_hold_in_redis_as_in_the_replay(client: Client, scorer: Any) -> None:
     # 260 events of one customer within 24 h, at 70 merchants: both caps are reached
     events = [
         _event(n, "A", f"M{n % 70}", T0 + n * 60_000, 100 + n, customer_home=Point(-23.5, -46.6))
@@ -417,7 +433,7 @@ def test_the_caps_on_state_hold_in_redis_as_in_the_replay(client: redis.Redis, s
 
 
 def test_the_events_stream_is_trimmed_only_below_what_every_group_acknowledged(
-    client: redis.Redis, scorer: Any
+    client: Client, scorer: Any
 ) -> None:
     raws = [raw(e) for e in generate(50, seed=4)]
     prepare(client, 1)
@@ -427,10 +443,10 @@ def test_the_events_stream_is_trimmed_only_below_what_every_group_acknowledged(
     run_worker(client, scorer, 1, claim_idle_ms=300)
     assert client.fcall("fs_trim", 1, keys.events, 10**9) == 0  # "audit" has read nothing
     assert client.xlen(keys.events) == 50
-    read = client.xreadgroup("audit", "a", {keys.events: ">"}, count=20)[0][1]
+    read = xreadgroup(client, "audit", "a", keys.events, 20)
     client.xack(keys.events, "audit", *[entry for entry, _ in read[:15]])
     assert client.fcall("fs_trim", 1, keys.events, 10**9) == 15  # 15-19 are still pending for "audit"
-    assert client.xrange(keys.events, count=1)[0][0] == read[15][0]
+    assert xrange(client, keys.events, count=1)[0][0] == read[15][0]
     # idle consumers with nothing pending are forgotten; "a" has entries pending
     time.sleep(0.05)
     client.fcall("fs_trim", 1, keys.events, 10)
@@ -463,11 +479,11 @@ def cluster_url() -> Iterator[str]:
     """A Redis Cluster of three primaries on this machine."""
     directory = _short_dir("cluster")
     ports = _free_cluster_ports(3)
-    nodes = []
+    nodes: list[subprocess.Popen[bytes]] = []
     for port in ports:
-        node = directory / str(port)
-        node.mkdir()
-        argv = [str(REDIS_SERVER), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node)]
+        folder = directory / str(port)
+        folder.mkdir()
+        argv = [str(REDIS_SERVER), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)]
         argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--save", ""]
         nodes.append(subprocess.Popen([*argv, "--appendonly", "no"], stdout=subprocess.DEVNULL))
     try:
@@ -489,7 +505,7 @@ def cluster_url() -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _wait_ping(client: redis.Redis) -> None:
+def _wait_ping(client: Client) -> None:
     deadline = time.monotonic() + 20
     while True:
         try:
@@ -509,7 +525,9 @@ def test_workers_on_a_redis_cluster(cluster_url: str, scorer: Any) -> None:
     raws[1000:1000] = bad
     prepare(client, partitions)
     publish(client, raws, partitions)
-    nodes = {client.get_node_from_key(PartitionKeys(i).events).name for i in range(partitions)}
+    assert isinstance(client, RedisCluster)
+    node_of = cast(Any, client).get_node_from_key  # redis-py leaves it unannotated
+    nodes = {node_of(PartitionKeys(i).events).name for i in range(partitions)}
     assert len(nodes) >= 2  # the partitions really are spread over the nodes
 
     worker = Worker(client, scorer, WorkerConfig(partitions=partitions, claim_idle_ms=600, batch=50))
@@ -547,7 +565,7 @@ def _worker_argv(url: str, index: Path, partitions: int, *extra: str) -> list[st
     ]
 
 
-def _wait_for_results(client: redis.Redis, partitions: int, count: int, timeout: float) -> None:
+def _wait_for_results(client: Client, partitions: int, count: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while sum(client.xlen(PartitionKeys(i).results) for i in range(partitions)) < count:
         assert time.monotonic() < deadline, "the workers did not finish in time"
@@ -555,7 +573,7 @@ def _wait_for_results(client: redis.Redis, partitions: int, count: int, timeout:
 
 
 def test_cli_workers_score_published_events_and_stop_on_sigterm(
-    client: redis.Redis, shared_redis: RedisProcess, index_path: Path
+    client: Client, shared_redis: RedisProcess, index_path: Path
 ) -> None:
     env = os.environ | {"FRAUDSCORE_REDIS_URL": shared_redis.url}
     publish_cmd = [sys.executable, "-m", "fraudscore.cli", "publish", "--partitions", "4"]
@@ -575,7 +593,7 @@ def test_cli_workers_score_published_events_and_stop_on_sigterm(
 
 
 def test_sigterm_finishes_the_batch_in_hand(
-    client: redis.Redis, shared_redis: RedisProcess, index_path: Path
+    client: Client, shared_redis: RedisProcess, index_path: Path
 ) -> None:
     raws = [raw(e) for e in generate(20000, customers=400, seed=6)]
     prepare(client, 2)
@@ -596,7 +614,7 @@ def test_sigterm_finishes_the_batch_in_hand(
     assert client.keys("*:lease") == []
 
 
-def test_paced_publishing_sends_every_event_in_order(client: redis.Redis, shared_redis: RedisProcess) -> None:
+def test_paced_publishing_sends_every_event_in_order(client: Client, shared_redis: RedisProcess) -> None:
     run = [
         sys.executable,
         "-m",
@@ -610,11 +628,11 @@ def test_paced_publishing_sends_every_event_in_order(client: redis.Redis, shared
     paced = [*run, "--generate", "300", "--rate", "2000", "--shape", "burst", "--period", "0.5"]
     out = subprocess.run(paced, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    sent = [fields[b"event"] for i in range(2) for _, fields in client.xrange(PartitionKeys(i).events)]
+    sent = [fields[b"event"] for i in range(2) for _, fields in xrange(client, PartitionKeys(i).events)]
     raws = [raw(e) for e in generate(300)]
     assert sorted(sent) == sorted(raws)
     for i in range(2):  # each partition's stream holds its events in the generator's order
-        stream = [fields[b"event"] for _, fields in client.xrange(PartitionKeys(i).events)]
+        stream = [fields[b"event"] for _, fields in xrange(client, PartitionKeys(i).events)]
         assert stream == [r for r in raws if r in set(stream)]
     bad = subprocess.run([*run, "--generate", "3", "--rate", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--rate" in bad.stderr
