@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis
@@ -81,6 +81,9 @@ from fraudscore.stream.events import (
 )
 from fraudscore.stream.functions import LIBRARY, LIBRARY_NAME
 from fraudscore.stream.keys import GROUP, META, WORKERS, PartitionKeys, partition_of
+
+if TYPE_CHECKING:
+    from fraudscore.models.live import LiveModels
 
 log = logging.getLogger("fraudscore.stream")
 
@@ -257,10 +260,14 @@ class Worker:
         scorer: Scorer,
         config: WorkerConfig,
         constants: Constants = DEFAULT_CONSTANTS,
+        live: LiveModels | None = None,
     ) -> None:
         config.check()
         self.r = client
         self.scorer = scorer
+        # with a registry: each event is scored by its customer's arm of the live versions
+        # (models.live), which follow the registry; else by ``scorer``
+        self.live = live
         self.config = config
         self.constants = constants
         self.token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -472,22 +479,28 @@ class Worker:
                 dead.append(_Dead(entry_id, f"payload: {exc}", raw, deliveries.get(entry_id, 1)))
                 continue
             scored.append((entry_id, event, payload))
-        scores = self.scorer.scores(vectors) if vectors else []
+        if self.live is not None:
+            decided = self.live.score_batch([e.customer_id for _, e, _ in scored], vectors)
+        else:
+            scores = self.scorer.scores(vectors) if vectors else []
+            decided = [(s, self.scorer.approves(s), self.scorer_name) for s in scores]
         scored_at = iso_ms(int(time.time() * 1000))
 
         pipe = self.r.pipeline(transaction=False)
         if scored or done:
             records: list[str] = []
             args: list[Any] = [c.group, c.results_maxlen, c.record_ttl_s, len(RESULT_FIELDS), *RESULT_FIELDS]
-            for (entry_id, event, payload), score in zip(scored, scores, strict=True):
+            for (entry_id, event, payload), (score, approved, scorer_name) in zip(
+                scored, decided, strict=True
+            ):
                 records.append(keys.record(event.event_id))
                 args += (
                     entry_id,
                     event.event_id,
                     entry_id,
-                    "true" if self.scorer.approves(score) else "false",
+                    "true" if approved else "false",
                     repr(score),
-                    self.scorer_name,
+                    scorer_name,
                     payload["transaction"]["requested_at"],
                     iso_ms(int(entry_id.split(b"-")[0])),
                     scored_at,
@@ -524,12 +537,40 @@ class Worker:
         self.dead_lettered += len(dead)
 
 
-def run_worker(config: WorkerConfig, index: Path, max_idle_s: float | None = None) -> Worker:
-    """Open the scorer and Redis, and work until stopped; the finished worker, for its counts."""
+def run_worker(
+    config: WorkerConfig, index: Path, max_idle_s: float | None = None, registry: Path | None = None
+) -> Worker:
+    """Open the scorer and Redis, and work until stopped; the finished worker, for its counts.
+    With ``registry``, score with its live versions instead, following it (SIGHUP: check now)."""
     from fraudscore.scorer import KnnScorer
 
     config.check()
     with KnnScorer.open(index) as scorer:
-        worker = Worker(connect(config.redis_url, config.cluster), scorer, config)
-        worker.run(max_idle_s=max_idle_s)
+        live, stop_live = _follow_registry(registry, scorer)
+        try:
+            worker = Worker(connect(config.redis_url, config.cluster), scorer, config, live=live)
+            worker.run(max_idle_s=max_idle_s)
+        finally:
+            stop_live()
     return worker
+
+
+def _follow_registry(registry: Path | None, knn: Any) -> tuple[LiveModels | None, Any]:
+    """The live versions of ``registry`` (None: none), following it, and what stops them."""
+    if registry is None:
+        return None, lambda: None
+    from fraudscore.models.live import InstanceFile, LiveModels, follow_with_file
+    from fraudscore.models.registry import Registry
+
+    live = LiveModels(Registry(registry), knn=knn)
+    live.start()
+    instance = InstanceFile(live.registry or Registry(registry), "worker", None)
+    follow_with_file(live, instance, dict)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, lambda signum, frame: live.reload())
+
+    def stop() -> None:
+        live.stop()
+        instance.remove()
+
+    return live, stop
