@@ -19,6 +19,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -481,3 +482,89 @@ def test_status_reaches_each_instance_and_reports_stale_files(
     finally:
         srv.close()
     assert not (root / "instances" / f"{os.uname().nodename}-{srv.proc.pid}.json").exists()
+
+
+# -- the stream worker follows the registry too ----------------------------------------------------
+
+
+def test_the_stream_worker_splits_and_follows_promotions(
+    registry: tuple[Path, str, str], index_path: Path
+) -> None:
+    """`fraudscore worker --registry`: each customer's events scored by its arm (the service's
+    function), and a promotion taken up by the running worker."""
+    from fraudscore.stream.generate import generate, raw
+    from fraudscore.stream.keys import PartitionKeys
+    from fraudscore.stream.produce import publish
+    from fraudscore.stream.worker import connect, prepare
+
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        pytest.skip("redis-server is not installed")
+    root, a, b = registry
+    cli_ok("model", "promote", b, "--candidate", "--share", "30", "--registry", str(root))
+    models = {v: ModelScorer.from_registry(Registry(root), v) for v in (a, b)}
+    directory = Path(tempfile.mkdtemp(prefix="fs-lc-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    url = f"unix://{directory}/redis.sock"  # short: unix socket paths must fit ~100 bytes
+    server = subprocess.Popen(
+        [redis_server, "--port", "0", "--unixsocket", f"{directory}/redis.sock", "--dir", str(directory)],
+        stdout=subprocess.DEVNULL,
+    )
+    client = connect(url)
+    wait_for(lambda: _pings(client), "redis-server up")
+    partitions = 2
+    events = list(generate(900, customers=120, seed=3))
+    customer = {e.event_id: e.customer_id for e in events}
+    argv = [
+        sys.executable,
+        "-m",
+        "fraudscore.cli",
+        "worker",
+        "--redis",
+        url,
+        "--index",
+        str(index_path),
+    ]
+    argv += ["--partitions", str(partitions), "--registry", str(root), "--claim-idle-ms", "600"]
+    worker = subprocess.Popen(argv, stderr=subprocess.PIPE)
+    try:
+        prepare(client, partitions)
+
+        def scored() -> list[dict[bytes, bytes]]:
+            return [f for i in range(partitions) for _, f in client.xrange(PartitionKeys(i).results)]  # type: ignore[union-attr, misc]
+
+        publish(client, [raw(e) for e in events[:600]], partitions)
+        wait_for(lambda: len(scored()) == 600, "600 results")
+        for fields in scored():
+            key = customer[fields[b"event_id"].decode()]
+            version = b if arm_of(key, b, 30) == CANDIDATE else a
+            assert fields[b"scorer"].decode() == f"model:gbt:{version}"
+            vector = vectorize(orjson.loads(fields[b"payload"]))
+            assert float(fields[b"fraud_score"]) == models[version].score(vector)
+        assert {f[b"scorer"] for f in scored()} == {f"model:gbt:{v}".encode() for v in (a, b)}
+
+        instance = root / "instances" / f"{os.uname().nodename}-{worker.pid}.json"
+        cli_ok("model", "promote", b, "--registry", str(root))  # B for everyone: the split ends
+        wait_for(
+            lambda: [v["version"] for v in json.loads(instance.read_text())["versions"]] == [b],
+            "the worker serving B alone",
+        )
+        publish(client, [raw(e) for e in events[600:]], partitions)
+        wait_for(lambda: len(scored()) == 900, "900 results")
+        later = {f[b"event_id"].decode(): f[b"scorer"].decode() for f in scored()}
+        assert {later[e.event_id] for e in events[600:]} == {f"model:gbt:{b}"}
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=30)
+        client.close()
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
+    assert worker.returncode == 0 and "Traceback" not in err.decode(), err.decode()[-2000:]
+    assert not instance.exists()
+
+
+def _pings(client: Any) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:  # not up yet
+        return False
