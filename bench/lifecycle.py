@@ -47,6 +47,7 @@ REGISTRY = ROOT / "data" / "registry"
 SWAPS = 20
 MEMORY_SWAPS = 200
 REPEATS = 10
+CHECK_INTERVAL = 0.05  # the checking client's pace: ~20 req/s beside k6, in every run alike
 
 
 class Instance:
@@ -140,7 +141,14 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--ids", type=int, default=100_000, help="distinct customer ids of the A/B check")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lifecycle")
+    parser.add_argument("--pairs", type=int, default=1, help="baseline + swaps runs, alternating")
+    parser.add_argument(
+        "--parts",
+        default="swaps,shadow,memory,ab,damaged",
+        help="which parts to run, comma-separated (default: %(default)s)",
+    )
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     a, b = prepare()
     registry = Registry(REGISTRY)
     entries = dev_entries()
@@ -156,159 +164,190 @@ def main() -> None:
     first = instances[0]
     url = f"http://127.0.0.1:{first.port}"
     try:
-        # 1. baseline
-        base = loadtest(url, args.target, args.duration, args.out / "baseline", chart=False, path="/v1/score")
-        report["baseline"] = {
-            "latency_ms": base["latency_ms"],
-            "counts": base["counts"],
-            "requests": base["requests"],
-        }
+        if "swaps" in parts:
+            # 1-2. baseline and swaps, alternating, each with the same checking client beside k6
+            checked: dict[str, Any] = {
+                "answers": 0,
+                "bad_version": 0,
+                "bad_probability": 0,
+                "by_version": {a: 0, b: 0},
+            }
 
-        # 2. swaps under load, checked by a separate client
-        checked: dict[str, Any] = {
-            "answers": 0,
-            "bad_version": 0,
-            "bad_probability": 0,
-            "by_version": {a: 0, b: 0},
-        }
-        stop = threading.Event()
-
-        def check() -> None:
-            while not stop.is_set():
-                for i, answer in enumerate(post_all(first.port, sample_bodies)):
-                    version = answer["decided_by"]["version"]
+            def check(stop: threading.Event) -> None:
+                """One sample request every CHECK_INTERVAL: its version is A or B, its probability
+                that version's own (LightGBM's prediction from its model.txt)."""
+                c = http.client.HTTPConnection("127.0.0.1", first.port, timeout=30)
+                i = 0
+                while not stop.is_set():
+                    i = (i + 1) % len(sample_bodies)
+                    c.request("POST", "/v1/score", body=sample_bodies[i])
+                    r = c.getresponse()
+                    answer = orjson.loads(r.read())
                     checked["answers"] += 1
+                    version = answer["decided_by"]["version"] if r.status == 200 else None
                     if version not in (a, b):
                         checked["bad_version"] += 1
-                        continue
-                    checked["by_version"][version] += 1
-                    if abs(answer["model"]["probability"] - expected[version][i]) > 1e-6:
-                        checked["bad_probability"] += 1
-                time.sleep(0.02)
+                    else:
+                        checked["by_version"][version] += 1
+                        if abs(answer["model"]["probability"] - expected[version][i]) > 1e-6:
+                            checked["bad_probability"] += 1
+                    time.sleep(CHECK_INTERVAL)
+                c.close()
 
-        def swap() -> None:
-            pause = args.duration / (SWAPS + 2)
-            time.sleep(pause)
-            for i in range(SWAPS):
-                if i % 2 == 0:
-                    registry.promote(b)
-                else:
-                    registry.rollback()
-                time.sleep(pause)
+            def swap(stop: threading.Event) -> None:
+                pause = args.duration / (SWAPS + 2)
+                for i in range(SWAPS):
+                    if stop.wait(pause):
+                        return
+                    if i % 2 == 0:
+                        registry.promote(b)
+                    else:
+                        registry.rollback()
 
-        threads = [threading.Thread(target=check), threading.Thread(target=swap)]
-        for t in threads:
-            t.start()
-        swapped = loadtest(url, args.target, args.duration, args.out / "swaps", chart=False, path="/v1/score")
-        stop.set()
-        for t in threads:
-            t.join()
-        status = [i.admin("GET", "/admin/status") for i in instances]
-        report["swaps"] = {
-            "latency_ms": swapped["latency_ms"],
-            "counts": swapped["counts"],
-            "requests": swapped["requests"],
-            "checked": checked,
-            "swaps_seen": [s["swaps"] for s in status],
-            "p99_vs_baseline": swapped["latency_ms"]["p99"] / base["latency_ms"]["p99"],
-        }
-        print(json.dumps(report["swaps"]), flush=True)
-
-        # 3. shadow off, then on
-        registry.abort()
-        off = loadtest(
-            url, args.target, args.duration, args.out / "shadow-off", chart=False, path="/v1/score"
-        )
-        shadow = a if registry.production() == b else b
-        registry.add_shadow(shadow)
-        time.sleep(1.5)
-        on = loadtest(url, args.target, args.duration, args.out / "shadow-on", chart=False, path="/v1/score")
-        text = first.admin("GET", "/metrics")
-        report["shadow"] = {
-            "off": {"latency_ms": off["latency_ms"], "counts": off["counts"]},
-            "on": {"latency_ms": on["latency_ms"], "counts": on["counts"]},
-            "p99_on_vs_off": on["latency_ms"]["p99"] / off["latency_ms"]["p99"],
-            "scored": metric(text, "fraudscore_shadow_scored_total", version=shadow),
-            "disagreed": metric(text, "fraudscore_shadow_disagreements_total", version=shadow),
-            "dropped": metric(text, "fraudscore_shadow_dropped_total"),
-        }
-        print(json.dumps(report["shadow"]), flush=True)
-        registry.abort()
-
-        # 4. memory over 200 swaps
-        for i in instances:
-            i.admin("POST", "/admin/reload")
-        before = [i.rss_kib() for i in instances]
-        results: dict[str, int] = {}
-        for _ in range(MEMORY_SWAPS):
-            registry.promote(b if registry.production() == a else a)
-            for i in instances:
-                result = i.admin("POST", "/admin/reload")["result"]
-                results[result] = results.get(result, 0) + 1
-        after = [i.rss_kib() for i in instances]
-        report["memory"] = {"rss_kib_before": before, "rss_kib_after": after, "reload_results": results}
-        print(json.dumps(report["memory"]), flush=True)
-
-        # 5. A/B
-        registry.promote(a)
-        registry.promote_candidate(b, 10)
-        for i in instances:
-            i.admin("POST", "/admin/reload")
-        template = sample[0]
-        ids = [f"cust-{n:07d}" for n in range(args.ids)]
-
-        def arms_of(instance: Instance, some: list[str]) -> list[str]:
-            bodies = [orjson.dumps({**template, "customer": {**template["customer"], "id": c}}) for c in some]
-            return [x["decided_by"]["arm"] for x in post_all(instance.port, bodies)]
-
-        subset = ids[:2000]
-        ab: dict[str, Any] = {}
-        first_arms: list[str] | None = None
-        for phase in ("before restart", "after restart"):
-            if phase == "after restart":
-                for i in instances:
-                    i.stop()
-                    i.start()
-            for n, instance in enumerate(instances):
-                every = arms_of(instance, ids)
-                repeats = [arms_of(instance, subset) for _ in range(REPEATS)]
-                first_arms = first_arms or every
-                ab[f"{phase}, instance {n + 1}"] = {
-                    "share": every.count(CANDIDATE) / len(every),
-                    "same_as_first_pass": every == first_arms,
-                    "matches_arm_of": every == [arm_of(c, b, 10) for c in ids],
-                    "repeats_stable": all(r == every[: len(subset)] for r in repeats),
+            def run(name: str, swaps: bool) -> dict[str, Any]:
+                stop = threading.Event()
+                threads = [threading.Thread(target=check, args=(stop,))]
+                if swaps:
+                    threads.append(threading.Thread(target=swap, args=(stop,)))
+                before = [i.admin("GET", "/admin/status")["swaps"] for i in instances]
+                for t in threads:
+                    t.start()
+                result = loadtest(
+                    url, args.target, args.duration, args.out / name, chart=False, path="/v1/score"
+                )
+                stop.set()
+                for t in threads:
+                    t.join()
+                after = [i.admin("GET", "/admin/status")["swaps"] for i in instances]
+                row = {
+                    "run": name,
+                    "latency_ms": result["latency_ms"],
+                    "counts": result["counts"],
+                    "requests": result["requests"],
+                    "dropped_iterations": result["dropped_iterations"],
+                    "swaps_seen": [y - x for x, y in zip(before, after, strict=True)],
                 }
-                print(phase, n + 1, json.dumps(ab[f"{phase}, instance {n + 1}"]), flush=True)
-        report["ab"] = ab
-        registry.abort()
+                print(json.dumps(row), flush=True)
+                return row
 
-        # 6. a damaged version in the pointer
-        pointer = json.loads((REGISTRY / POINTER).read_text())
-        serving = registry.production()
-        other = b if serving == a else a
-        target = REGISTRY / "versions" / other / MODEL_FILE
-        backup = target.read_bytes()
-        target.chmod(stat.S_IRUSR | stat.S_IWUSR)
-        try:
-            target.write_bytes(backup.replace(b"leaf_value=", b"leaf_value=1", 1))
-            write_json_atomic(REGISTRY / POINTER, {**pointer, "production": other, "history": [serving]})
-            time.sleep(2)
-            answers = {
-                i.port: {x["decided_by"]["version"] for x in post_all(i.port, sample_bodies)}
-                for i in instances
+            runs = []
+            for n in range(args.pairs):
+                runs.append(run(f"baseline-{n + 1}", swaps=False))
+                runs.append(run(f"swaps-{n + 1}", swaps=True))
+            report["swaps"] = {"runs": runs, "checked": checked}
+            print(json.dumps(checked), flush=True)
+
+        if "shadow" in parts:
+            # 3. shadow off, then on
+            registry.abort()
+            off = loadtest(
+                url, args.target, args.duration, args.out / "shadow-off", chart=False, path="/v1/score"
+            )
+            shadow = a if registry.production() == b else b
+            registry.add_shadow(shadow)
+            time.sleep(1.5)
+            on = loadtest(
+                url, args.target, args.duration, args.out / "shadow-on", chart=False, path="/v1/score"
+            )
+            text = first.admin("GET", "/metrics")
+            report["shadow"] = {
+                "off": {"latency_ms": off["latency_ms"], "counts": off["counts"]},
+                "on": {"latency_ms": on["latency_ms"], "counts": on["counts"]},
+                "p99_on_vs_off": on["latency_ms"]["p99"] / off["latency_ms"]["p99"],
+                "scored": metric(text, "fraudscore_shadow_scored_total", version=shadow),
+                "disagreed": metric(text, "fraudscore_shadow_disagreements_total", version=shadow),
+                "dropped": metric(text, "fraudscore_shadow_dropped_total"),
             }
-            status = [i.admin("GET", "/admin/status") for i in instances]
-            report["damaged"] = {
-                "version": other,
-                "answered_by": {str(k): sorted(v) for k, v in answers.items()},
-                "failures": [s["failures"][-1:] for s in status],
-            }
-        finally:
-            target.write_bytes(backup)
-            target.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-            write_json_atomic(REGISTRY / POINTER, pointer)
-        print(json.dumps(report["damaged"]), flush=True)
+            print(json.dumps(report["shadow"]), flush=True)
+            registry.abort()
+
+        if "memory" in parts:
+            # 4. memory over 200 swaps
+            for i in instances:
+                i.admin("POST", "/admin/reload")
+            before = [i.rss_kib() for i in instances]
+            results: dict[str, int] = {}
+            for _ in range(MEMORY_SWAPS):
+                registry.promote(b if registry.production() == a else a)
+                for i in instances:
+                    result = i.admin("POST", "/admin/reload")["result"]
+                    results[result] = results.get(result, 0) + 1
+            after = [i.rss_kib() for i in instances]
+            report["memory"] = {"rss_kib_before": before, "rss_kib_after": after, "reload_results": results}
+            print(json.dumps(report["memory"]), flush=True)
+
+        if "ab" in parts:
+            # 5. A/B
+            registry.promote(a)
+            registry.promote_candidate(b, 10)
+            for i in instances:
+                i.admin("POST", "/admin/reload")
+            template = sample[0]
+            ids = [f"cust-{n:07d}" for n in range(args.ids)]
+
+            def arms_of(instance: Instance, some: list[str]) -> list[str]:
+                bodies = [
+                    orjson.dumps({**template, "customer": {**template["customer"], "id": c}}) for c in some
+                ]
+                return [x["decided_by"]["arm"] for x in post_all(instance.port, bodies)]
+
+            subset = ids[:2000]
+            ab: dict[str, Any] = {}
+            first_arms: list[str] | None = None
+            for phase in ("before restart", "after restart"):
+                if phase == "after restart":
+                    for i in instances:
+                        i.stop()
+                        i.start()
+                for n, instance in enumerate(instances):
+                    every = arms_of(instance, ids)
+                    repeats = [arms_of(instance, subset) for _ in range(REPEATS)]
+                    first_arms = first_arms or every
+                    ab[f"{phase}, instance {n + 1}"] = {
+                        "share": every.count(CANDIDATE) / len(every),
+                        "same_as_first_pass": every == first_arms,
+                        "matches_arm_of": every == [arm_of(c, b, 10) for c in ids],
+                        "repeats_stable": all(r == every[: len(subset)] for r in repeats),
+                    }
+                    print(phase, n + 1, json.dumps(ab[f"{phase}, instance {n + 1}"]), flush=True)
+            report["ab"] = ab
+            registry.abort()
+
+        if "damaged" in parts:
+            # 6. a damaged version in the pointer: a copy of B under a new name (so no instance
+            # holds it in memory already), its model.txt changed after the promotion's check
+            pointer = json.loads((REGISTRY / POINTER).read_text())
+            serving = registry.production()
+            damaged = f"{b}-damaged"
+            directory = REGISTRY / "versions" / damaged
+            shutil.copytree(REGISTRY / "versions" / b, directory)
+            for f in directory.iterdir():
+                f.chmod(stat.S_IRUSR | stat.S_IWUSR)
+            meta = json.loads((directory / "meta.json").read_text())
+            (directory / "meta.json").write_text(json.dumps({**meta, "version": damaged}))
+            model = (directory / MODEL_FILE).read_bytes()
+            (directory / MODEL_FILE).write_bytes(model.replace(b"leaf_value=", b"leaf_value=1", 1))
+            try:
+                write_json_atomic(
+                    REGISTRY / POINTER, {**pointer, "production": damaged, "history": [serving]}
+                )
+                time.sleep(2)
+                answers = {
+                    i.port: {x["decided_by"]["version"] for x in post_all(i.port, sample_bodies)}
+                    for i in instances
+                }
+                status = [i.admin("GET", "/admin/status") for i in instances]
+                report["damaged"] = {
+                    "version": damaged,
+                    "serving_before": serving,
+                    "answered_by": {str(k): sorted(v) for k, v in answers.items()},
+                    "failures": [s["failures"][-1:] for s in status],
+                }
+            finally:
+                write_json_atomic(REGISTRY / POINTER, pointer)
+                shutil.rmtree(directory)
+            print(json.dumps(report["damaged"]), flush=True)
+
     finally:
         for i in instances:
             i.stop()

@@ -322,12 +322,12 @@ class LiveModels:
                 scorer: Scorer = self.knn
                 owned = False
             else:
-                meta = registry.validate(version)
-                if meta.get("kind") == "knn":
+                meta, forest = registry.validated(version)  # model.txt parsed once (its check)
+                if forest is None:
                     scorer = KnnScorer.open(meta["index"])
                     scorer.id = ScorerId("knn", "knn", version)
                 else:
-                    scorer = ModelScorer.from_registry(registry, version)
+                    scorer = ModelScorer(forest, meta)
                 owned = True
         except Exception as exc:
             metrics.model_loaded(name, version, ok=False)
@@ -377,6 +377,8 @@ class LiveModels:
             if new_set.key() == self.current.key():
                 return {"result": "unchanged", "versions": self.current.describe()}
             old = self.current
+            if not first:
+                self.swaps += 1  # counted before anyone can see the new set
             self.current = new_set
             for listener in self.listeners:
                 listener(new_set)
@@ -384,8 +386,6 @@ class LiveModels:
             for v, gone in old.members().items():
                 if v not in keep:
                     gone.retire()  # closed now, or when its last user ends
-            if not first:
-                self.swaps += 1
             log.info("serving %s", ", ".join(f"{r['version']} ({r['arm']})" for r in new_set.describe()))
             return {"result": "swapped", "versions": new_set.describe()}
 

@@ -32,10 +32,13 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fraudscore.contract.vectorize import FEATURES
 from fraudscore.errors import IndexFormatError, ModelFormatError, UsageError
+
+if TYPE_CHECKING:
+    from fraudscore.models._trees import Forest
 
 DEFAULT_REGISTRY = Path(os.environ.get("FRAUDSCORE_REGISTRY", "data/registry"))
 POINTER = "production.json"
@@ -198,6 +201,11 @@ class Registry:
     def validate(self, version: str) -> dict[str, Any]:
         """The version's meta.json once its files, schema and stored predictions check out;
         ModelFormatError naming the first thing that does not."""
+        return self.validated(version)[0]
+
+    def validated(self, version: str) -> tuple[dict[str, Any], Forest | None]:
+        """``validate``'s meta.json, and the model's native evaluator that the check built (None
+        for a kNN version): a caller that loads the model parses model.txt once, not twice."""
         path = self.version_dir(version)
         meta = self.meta(version)
         if meta.get("features") != list(FEATURES):
@@ -207,7 +215,7 @@ class Registry:
             raise ModelFormatError(f"{version}: meta.json has no valid threshold")
         if meta.get("kind") == "knn":
             self._validate_knn(version, meta)
-            return meta
+            return meta, None
         if meta.get("kind") != "model":
             raise ModelFormatError(f"{version}: unknown kind {meta.get('kind')!r}")
         files = meta.get("files")
@@ -220,8 +228,7 @@ class Registry:
                 raise ModelFormatError(f"{version}: cannot read {filename}: {exc.strerror or exc}") from exc
             if actual != expected:
                 raise ModelFormatError(f"{version}: {filename} does not match its checksum in meta.json")
-        self._check_predictions(version, path, meta)
-        return meta
+        return meta, self._check_predictions(version, path, meta)
 
     @staticmethod
     def _validate_knn(version: str, meta: dict[str, Any]) -> None:
@@ -236,7 +243,7 @@ class Registry:
             raise ModelFormatError(f"{version}: the index at {meta['index']} is not the one registered")
 
     @staticmethod
-    def _check_predictions(version: str, path: Path, meta: dict[str, Any]) -> None:
+    def _check_predictions(version: str, path: Path, meta: dict[str, Any]) -> Forest:
         from fraudscore.models.trees import load_forest
 
         parsed, forest = load_forest(path / MODEL_FILE)
@@ -257,6 +264,7 @@ class Registry:
             if isinstance(exc, ModelFormatError):
                 raise
             raise ModelFormatError(f"{version}: meta.json's check rows are malformed: {exc}") from exc
+        return forest
 
     # -- production -------------------------------------------------------------------------
 

@@ -564,6 +564,9 @@ def _follow_registry(registry: Path | None, knn: Any) -> tuple[LiveModels | None
 
     live = LiveModels(Registry(registry), knn=knn)
     live.start()
+    if live.current.production is None:
+        live.stop()
+        raise ConfigError(f"--registry {registry}: no version in production (see: fraudscore model promote)")
     instance = InstanceFile(live.registry or Registry(registry), "worker", None)
     follow_with_file(live, instance, dict)
     if threading.current_thread() is threading.main_thread():
