@@ -183,7 +183,8 @@ def cmd_abort(args: argparse.Namespace) -> int:
 def _query(admin: str, timeout: float) -> dict[str, Any]:
     import urllib.request
 
-    with urllib.request.urlopen(f"{admin}/admin/status", timeout=timeout) as response:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+    with opener.open(f"{admin}/admin/status", timeout=timeout) as response:
         document = orjson.loads(response.read())
     if not isinstance(document, dict):
         raise ValueError("not a JSON object")
