@@ -248,7 +248,7 @@ def phases(args: argparse.Namespace) -> None:
                 vectors: list[list[float]] = []
                 for b in batches:
                     worker._payloads(b, vectors)
-                scores = scorer.scores(vectors)
+                scores = worker._decide([e.customer_id for b in batches for _, e, _ in b.scored], vectors)
                 finish = []
                 at = 0
                 for b in batches:

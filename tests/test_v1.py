@@ -123,7 +123,7 @@ def test_the_model_decides_beside_the_exact_knn(
         }
         assert answer["model"]["name"] == "gbt" and answer["model"]["version"] == version
         assert abs(answer["model"]["probability"] - probability) <= TOLERANCE
-        assert answer["decided_by"] == {"name": "gbt", "version": version}
+        assert answer["decided_by"] == {"name": "gbt", "version": version, "arm": "production"}
         assert answer["fraud_score"] == answer["model"]["probability"]
         assert answer["approved"] == (answer["fraud_score"] < model.threshold)
         check_reasons(answer, vector, model.explain(vector)[1])
@@ -161,7 +161,7 @@ def test_decided_by_follows_promote_and_rollback(
     finally:
         srv.stop()
     for entry, answer in zip(entries, answers, strict=True):
-        assert answer["decided_by"] == {"name": "knn", "version": knn}
+        assert answer["decided_by"] == {"name": "knn", "version": knn, "arm": "production"}
         expected = {"approved": entry["expected_approved"], "fraud_score": entry["expected_fraud_score"]}
         assert answer["knn"] == expected
         assert {"approved": answer["approved"], "fraud_score": answer["fraud_score"]} == expected
@@ -173,7 +173,7 @@ def test_decided_by_follows_promote_and_rollback(
         answer = score_all(srv.port, bodies[:1])[0]
     finally:
         srv.stop()
-    assert answer["decided_by"] == {"name": "gbt", "version": version}
+    assert answer["decided_by"] == {"name": "gbt", "version": version, "arm": "production"}
 
 
 def test_without_a_model_the_knn_decides_alone(
@@ -190,7 +190,7 @@ def test_without_a_model_the_knn_decides_alone(
         expected = {"approved": entry["expected_approved"], "fraud_score": entry["expected_fraud_score"]}
         assert answer == {
             **expected,
-            "decided_by": {"name": "knn", "version": answer["decided_by"]["version"]},
+            "decided_by": {"name": "knn", "version": answer["decided_by"]["version"], "arm": "production"},
             "knn": expected,
             "model": None,
             "reasons": [],
@@ -325,7 +325,7 @@ def test_the_registry_from_the_environment(
         answer = post(srv.port, json.dumps(_valid()).encode())[1]
     finally:
         srv.stop()
-    assert answer["decided_by"] == {"name": "gbt", "version": version}
+    assert answer["decided_by"] == {"name": "gbt", "version": version, "arm": "production"}
 
 
 def test_the_knn_of_another_index_is_refused(
@@ -360,7 +360,9 @@ def test_the_stack_passes_the_registry_on(registry: tuple[Path, str], index_path
         answers = [post(stack.port, json.dumps(_valid()).encode())[1] for _ in range(4)]
     finally:
         stack.kill()
-    assert [a["decided_by"] for a in answers] == [{"name": "gbt", "version": registry[1]}] * 4
+    assert [a["decided_by"] for a in answers] == [
+        {"name": "gbt", "version": registry[1], "arm": "production"}
+    ] * 4
 
 
 # -- the load test against /v1/score -------------------------------------------------------------------

@@ -104,8 +104,35 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     brief = {k: v for k, v in meta.items() if k not in ("drift", "check_rows")}
     brief["production"] = args.version == registry.production()
+    failures = _load_failures(registry, args.version)
+    if failures:
+        brief["load_failures"] = failures
     _print_json(brief)
     return 0
+
+
+def _instance_files(registry: Registry) -> list[tuple[Path, dict[str, Any] | None]]:
+    from fraudscore.models.live import INSTANCES
+
+    out: list[tuple[Path, dict[str, Any] | None]] = []
+    for path in sorted((registry.root / INSTANCES).glob("*.json")):
+        try:
+            document = orjson.loads(path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            document = None
+        out.append((path, document if isinstance(document, dict) else None))
+    return out
+
+
+def _load_failures(registry: Registry, version: str) -> list[dict[str, Any]]:
+    """Each running instance's refusals of ``version`` (from the instance files)."""
+    return [
+        {"instance": path.stem, **failure}
+        for path, document in _instance_files(registry)
+        if document is not None
+        for failure in document.get("failures") or []
+        if isinstance(failure, dict) and failure.get("version") == version
+    ]
 
 
 def _pointer_out(args: argparse.Namespace, pointer: dict[str, Any], verb: str) -> int:
@@ -117,7 +144,123 @@ def _pointer_out(args: argparse.Namespace, pointer: dict[str, Any], verb: str) -
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    return _pointer_out(args, Registry(args.registry).promote(args.version), "in production:")
+    from fraudscore.errors import UsageError
+
+    registry = Registry(args.registry)
+    if args.share is not None and not args.candidate:
+        raise UsageError("--share goes with --candidate")
+    if args.candidate and args.shadow:
+        raise UsageError("--candidate and --shadow: choose one")
+    if args.candidate:
+        if args.share is None:
+            raise UsageError("--candidate needs --share PERCENT")
+        pointer = registry.promote_candidate(args.version, args.share)
+        if args.json:
+            _print_json(pointer)
+        else:
+            production = pointer["production"]
+            print(f"candidate {args.version} on {args.share:g} % of customers (production: {production})")
+        return 0
+    if args.shadow:
+        pointer = registry.add_shadow(args.version)
+        if args.json:
+            _print_json(pointer)
+        else:
+            print(f"shadows: {', '.join(pointer['shadows'])} (production: {pointer['production']})")
+        return 0
+    return _pointer_out(args, registry.promote(args.version), "in production:")
+
+
+def cmd_abort(args: argparse.Namespace) -> int:
+    pointer = Registry(args.registry).abort()
+    if args.json:
+        _print_json(pointer)
+    else:
+        print(f"no candidate, no shadows: {pointer.get('production')} serves everyone")
+    return 0
+
+
+def _query(admin: str, timeout: float) -> dict[str, Any]:
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+    with opener.open(f"{admin}/admin/status", timeout=timeout) as response:
+        document = orjson.loads(response.read())
+    if not isinstance(document, dict):
+        raise ValueError("not a JSON object")
+    return document
+
+
+def instances(registry: Registry, timeout: float = 2.0) -> list[dict[str, Any]]:
+    """Every instance file of the registry, with its state: ``live`` (its admin listener
+    answered: its status is the answer), ``file`` (no admin listener: its file's status),
+    ``unreachable`` or ``stale`` (its pid is not running: the file outlived its process)."""
+    import socket
+
+    from fraudscore.models.live import pid_alive
+
+    out: list[dict[str, Any]] = []
+    host = socket.gethostname()
+    for path, document in _instance_files(registry):
+        if document is None:
+            out.append({"file": str(path), "state": "unreadable"})
+            continue
+        row: dict[str, Any] = {"file": str(path), **document}
+        pid = document.get("pid")
+        if document.get("host") == host and isinstance(pid, int) and not pid_alive(pid):
+            row["state"] = "stale"
+        elif isinstance(document.get("admin"), str):
+            try:
+                row.update(_query(document["admin"], timeout))
+                row["state"] = "live"
+            except (OSError, ValueError) as exc:
+                row["state"] = "unreachable"
+                row["error"] = str(exc)
+        else:
+            row["state"] = "file"
+        out.append(row)
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    registry = Registry(args.registry)
+    candidate = registry.candidate()
+    document: dict[str, Any] = {
+        "registry": str(registry.root),
+        "production": registry.production(),
+        "candidate": {"version": candidate[0], "share": candidate[1]} if candidate else None,
+        "shadows": registry.shadows(),
+        "instances": instances(registry, args.timeout),
+    }
+    if args.json:
+        _print_json(document)
+        return 0
+    trial = f", candidate {candidate[0]} on {candidate[1]:g} %" if candidate else ""
+    shadows = f", shadows {', '.join(document['shadows'])}" if document["shadows"] else ""
+    print(f"{registry.root}: production {document['production']}{trial}{shadows}")
+    if not document["instances"]:
+        print("no instances (each serve with --registry writes one under instances/)")
+    for row in document["instances"]:
+        name = Path(row["file"]).stem
+        where = row.get("admin") or "no admin listener"
+        state = row["state"] + (f" ({row['error']})" if "error" in row else "")
+        print(f"{name}: {row.get('role', '?')} {state}, {where}, started {row.get('started', '?')}")
+        if row["state"] == "stale":
+            continue
+        for v in row.get("versions") or []:
+            share = f" {v['share']:g} %" if isinstance(v.get("share"), int | float) else ""
+            print(f"  {v['version']:<36} {v['arm']}{share}, in use {v.get('in_use', 0)}")
+        print(f"  swaps {row.get('swaps', 0)}, failures {len(row.get('failures') or [])}")
+        for failure in row.get("failures") or []:
+            print(f"    {failure.get('at')}: {failure.get('version')}: {failure.get('error')}")
+        shadow = row.get("shadow")
+        if isinstance(shadow, dict) and (shadow.get("scored") or shadow.get("dropped")):
+            scored, disagreed, dropped = shadow.get("scored"), shadow.get("disagreed"), shadow.get("dropped")
+            print(f"  shadow: scored {scored}, disagreed {disagreed}, dropped {dropped}")
+        for version, drift in (row.get("drift") or {}).items():
+            if drift:
+                print(f"  drift {version}: {orjson.dumps(drift).decode()}")
+    return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -344,8 +487,17 @@ def register(subparsers: Any) -> None:
     _json_option(show)
     show.set_defaults(func=cmd_show)
 
-    promote = sub.add_parser("promote", help="validate a version and put it in production (atomically)")
+    promote = sub.add_parser(
+        "promote", help="validate a version and put it in production, or on a share, or in the shadow"
+    )
     promote.add_argument("version")
+    promote.add_argument(
+        "--candidate", action="store_true", help="serve it to --share percent of customers (sticky A/B)"
+    )
+    promote.add_argument("--share", type=float, help="the candidate's percentage of customers (0-100)")
+    promote.add_argument(
+        "--shadow", action="store_true", help="score every request with it too, off the response path"
+    )
     _registry_option(promote)
     _json_option(promote)
     promote.set_defaults(func=cmd_promote)
@@ -354,6 +506,19 @@ def register(subparsers: Any) -> None:
     _registry_option(rollback)
     _json_option(rollback)
     rollback.set_defaults(func=cmd_rollback)
+
+    abort = sub.add_parser("abort", help="end the candidate and the shadows: production serves everyone")
+    _registry_option(abort)
+    _json_option(abort)
+    abort.set_defaults(func=cmd_abort)
+
+    status = sub.add_parser("status", help="what each running instance serves (from <registry>/instances)")
+    status.add_argument(
+        "--timeout", type=float, default=2.0, help="seconds to wait for each instance (default: 2)"
+    )
+    _registry_option(status)
+    _json_option(status)
+    status.set_defaults(func=cmd_status)
 
     knn = sub.add_parser("add-knn", help="register the exact kNN over an index as a version")
     knn.add_argument("--index", type=Path, default=DEFAULT_INDEX, help="default: %(default)s")

@@ -32,10 +32,13 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fraudscore.contract.vectorize import FEATURES
 from fraudscore.errors import IndexFormatError, ModelFormatError, UsageError
+
+if TYPE_CHECKING:
+    from fraudscore.models._trees import Forest
 
 DEFAULT_REGISTRY = Path(os.environ.get("FRAUDSCORE_REGISTRY", "data/registry"))
 POINTER = "production.json"
@@ -198,6 +201,11 @@ class Registry:
     def validate(self, version: str) -> dict[str, Any]:
         """The version's meta.json once its files, schema and stored predictions check out;
         ModelFormatError naming the first thing that does not."""
+        return self.validated(version)[0]
+
+    def validated(self, version: str) -> tuple[dict[str, Any], Forest | None]:
+        """``validate``'s meta.json, and the model's native evaluator that the check built (None
+        for a kNN version): a caller that loads the model parses model.txt once, not twice."""
         path = self.version_dir(version)
         meta = self.meta(version)
         if meta.get("features") != list(FEATURES):
@@ -207,7 +215,7 @@ class Registry:
             raise ModelFormatError(f"{version}: meta.json has no valid threshold")
         if meta.get("kind") == "knn":
             self._validate_knn(version, meta)
-            return meta
+            return meta, None
         if meta.get("kind") != "model":
             raise ModelFormatError(f"{version}: unknown kind {meta.get('kind')!r}")
         files = meta.get("files")
@@ -220,8 +228,7 @@ class Registry:
                 raise ModelFormatError(f"{version}: cannot read {filename}: {exc.strerror or exc}") from exc
             if actual != expected:
                 raise ModelFormatError(f"{version}: {filename} does not match its checksum in meta.json")
-        self._check_predictions(version, path, meta)
-        return meta
+        return meta, self._check_predictions(version, path, meta)
 
     @staticmethod
     def _validate_knn(version: str, meta: dict[str, Any]) -> None:
@@ -236,7 +243,7 @@ class Registry:
             raise ModelFormatError(f"{version}: the index at {meta['index']} is not the one registered")
 
     @staticmethod
-    def _check_predictions(version: str, path: Path, meta: dict[str, Any]) -> None:
+    def _check_predictions(version: str, path: Path, meta: dict[str, Any]) -> Forest:
         from fraudscore.models.trees import load_forest
 
         parsed, forest = load_forest(path / MODEL_FILE)
@@ -257,6 +264,7 @@ class Registry:
             if isinstance(exc, ModelFormatError):
                 raise
             raise ModelFormatError(f"{version}: meta.json's check rows are malformed: {exc}") from exc
+        return forest
 
     # -- production -------------------------------------------------------------------------
 
@@ -290,7 +298,8 @@ class Registry:
         return [str(v) for v in self._pointer()["history"]]
 
     def promote(self, version: str) -> dict[str, Any]:
-        """Validate ``version`` and make it production; the previous one joins the history."""
+        """Validate ``version`` and make it production; the previous one joins the history.
+        A candidate or shadow trial of the version ends: it now serves everyone."""
         self.validate(version)
         with self._locked():
             pointer = self._pointer()
@@ -298,7 +307,12 @@ class Registry:
             if current == version:
                 return pointer
             history = [*pointer["history"], current] if current else list(pointer["history"])
-            new = {"production": version, "history": history, "promoted": datetime.now(UTC).isoformat()}
+            new = {
+                **self._trials(pointer, drop=version),
+                "production": version,
+                "history": history,
+                "promoted": datetime.now(UTC).isoformat(),
+            }
             write_json_atomic(self.root / POINTER, new)
         return new
 
@@ -311,6 +325,76 @@ class Registry:
                 raise UsageError(f"{self.root}: no earlier production version to roll back to")
             previous = history.pop()
             self.validate(previous)
-            new = {"production": previous, "history": history, "promoted": datetime.now(UTC).isoformat()}
+            new = {
+                **self._trials(pointer, drop=previous),
+                "production": previous,
+                "history": history,
+                "promoted": datetime.now(UTC).isoformat(),
+            }
             write_json_atomic(self.root / POINTER, new)
         return new
+
+    # -- trials: a candidate on a share of the customers, shadows beside production -----------
+
+    @staticmethod
+    def _trials(pointer: dict[str, Any], drop: str | None = None) -> dict[str, Any]:
+        """The pointer's candidate and shadows, without ``drop`` (a version now in production)."""
+        candidate = pointer.get("candidate")
+        if not isinstance(candidate, dict) or candidate.get("version") == drop:
+            candidate = None
+        shadows = [str(v) for v in pointer.get("shadows") or [] if v != drop]
+        return {"candidate": candidate, "shadows": shadows}
+
+    def candidate(self) -> tuple[str, float] | None:
+        """(the candidate version, its share of customers in percent), if a split is running."""
+        candidate = self._trials(self._pointer())["candidate"]
+        if candidate is None:
+            return None
+        return str(candidate["version"]), float(candidate["share"])
+
+    def shadows(self) -> list[str]:
+        """The versions scoring every request in the shadow of production."""
+        return list(self._trials(self._pointer())["shadows"])
+
+    def _change_trials(self, version: str | None, change: Any) -> dict[str, Any]:
+        if version is not None:
+            self.validate(version)
+        with self._locked():
+            pointer = self._pointer()
+            new = {**pointer, **self._trials(pointer)}
+            change(new)
+            new["changed"] = datetime.now(UTC).isoformat()
+            write_json_atomic(self.root / POINTER, new)
+        return new
+
+    def promote_candidate(self, version: str, share: float) -> dict[str, Any]:
+        """Send ``share`` percent of customers (by ``live.arm_of``) to ``version``, validated first."""
+        if not (isinstance(share, int | float) and 0 < share < 100):
+            raise UsageError(f"--share must be a percentage between 0 and 100 (exclusive), got {share}")
+        if version == self.production():
+            raise UsageError(f"{version} is already in production")
+
+        def change(pointer: dict[str, Any]) -> None:
+            pointer["candidate"] = {"version": version, "share": share}
+
+        return self._change_trials(version, change)
+
+    def add_shadow(self, version: str) -> dict[str, Any]:
+        """Have ``version`` score every request beside production, off the response path."""
+        if version == self.production():
+            raise UsageError(f"{version} is already in production")
+
+        def change(pointer: dict[str, Any]) -> None:
+            if version not in pointer["shadows"]:
+                pointer["shadows"] = [*pointer["shadows"], version]
+
+        return self._change_trials(version, change)
+
+    def abort(self) -> dict[str, Any]:
+        """End every trial: no candidate, no shadows; production serves everyone."""
+
+        def change(pointer: dict[str, Any]) -> None:
+            pointer["candidate"] = None
+            pointer["shadows"] = []
+
+        return self._change_trials(None, change)

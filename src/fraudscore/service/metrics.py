@@ -20,13 +20,15 @@ own, an instance that restarts is seen to restart, and nothing sits between Prom
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import httptools
+import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
@@ -93,14 +95,15 @@ class ServiceMetrics:
     def __init__(self, knn: ScorerId) -> None:
         self.knn = knn  # the contract's scorer: /fraud-score's decisions are its own
         self.native = RequestMetrics(tuple(r.encode() for r in ROUTES), responses.SCORES)
-        self._decisions: Counter[tuple[str, str, str]] = Counter()
+        self._decisions: Counter[tuple[str, str, str, str]] = Counter()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         ProcessCollector(registry=self.registry)  # CPU, memory, open files: read from /proc when scraped
 
-    def decided(self, scorer: ScorerId, approved: bool) -> None:
-        """Count a decision of a scorer other than /fraud-score's kNN (whose are counted natively)."""
-        self._decisions[scorer.name, scorer.version, _outcome(approved)] += 1
+    def decided(self, scorer: ScorerId, approved: bool, arm: str = "production") -> None:
+        """Count a decision of a scorer other than /fraud-score's kNN (whose are counted natively),
+        by the A/B arm that decided (``models.live``)."""
+        self._decisions[scorer.name, scorer.version, _outcome(approved), arm] += 1
 
     def exposition(self) -> bytes:
         """Every metric, in the text format."""
@@ -112,14 +115,14 @@ class ServiceMetrics:
         head = f"HTTP/1.1 200 OK\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n"
         return head.encode("ascii") + body
 
-    def decisions(self) -> Iterator[tuple[tuple[str, str, str], int]]:
+    def decisions(self) -> Iterator[tuple[tuple[str, str, str, str], int]]:
         counts = cast(Sequence[int], self.native.snapshot()["decisions"])
         name, version = self.knn.name, self.knn.version
-        knn: Counter[tuple[str, str, str]] = Counter(
-            {(name, version, _outcome(ok)): 0 for ok in (True, False)}
+        knn: Counter[tuple[str, str, str, str]] = Counter(
+            {(name, version, _outcome(ok), "production"): 0 for ok in (True, False)}
         )
         for frauds, count in enumerate(counts):
-            knn[name, version, _outcome(decision(frauds)[0])] += count
+            knn[name, version, _outcome(decision(frauds)[0]), "production"] += count
         yield from knn.items()
         yield from self._decisions.items()
 
@@ -183,8 +186,8 @@ class _Collector:
 
         decisions = CounterMetricFamily(
             "fraudscore_decisions",
-            "Scoring decisions, by scorer, its version and outcome.",
-            labels=["scorer", "version", "outcome"],
+            "Scoring decisions, by scorer, its version, outcome and A/B arm (production, candidate).",
+            labels=["scorer", "version", "outcome", "arm"],
         )
         for labels, count in self._metrics.decisions():
             decisions.add_metric(list(labels), count)
@@ -204,8 +207,8 @@ class _Collector:
             "Model versions loaded, by result.",
             labels=["model", "version", "result"],
         )
-        for labels, count in _model_loads.items():
-            loads.add_metric(list(labels), count)
+        for load, count in _model_loads.items():
+            loads.add_metric(list(load), count)
         yield loads
 
         yield CounterMetricFamily(
@@ -218,11 +221,39 @@ class _Collector:
 # -- the metrics listener -------------------------------------------------------------------------
 
 
-class MetricsConnection(asyncio.Protocol):
-    """One connection to the metrics listener: ``GET /metrics`` and nothing else (404, 405)."""
+class Admin(Protocol):
+    """The admin routes' work (``server.py`` gives the instance's ``models.live`` follower)."""
 
-    def __init__(self, metrics: ServiceMetrics, connections: set[MetricsConnection]) -> None:
+    def status(self) -> dict[str, Any]: ...
+    async def reload(self) -> dict[str, Any]: ...
+
+
+ADMIN_STATUS, ADMIN_RELOAD = b"/admin/status", b"/admin/reload"
+
+
+def _loopback(transport: asyncio.BaseTransport) -> bool:
+    peer = transport.get_extra_info("peername")
+    try:
+        return isinstance(peer, tuple) and ipaddress.ip_address(peer[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class MetricsConnection(asyncio.Protocol):
+    """One connection to the metrics listener: ``GET /metrics``, and, with ``admin``, the admin
+    routes ``GET /admin/status`` (JSON) and ``POST /admin/reload``; nothing else (404, 405).
+
+    The admin routes live here because this listener is the instance's own (one per instance,
+    where a balanced main listener reaches an arbitrary one) and binds 127.0.0.1 by default; they
+    also answer loopback clients only (403), whatever ``--metrics-host`` says, since a reload is
+    an operator's act."""
+
+    def __init__(
+        self, metrics: ServiceMetrics, connections: set[MetricsConnection], admin: Admin | None = None
+    ) -> None:
         self._metrics = metrics
+        self._admin = admin
+        self._reloading: asyncio.Task[None] | None = None  # a POST /admin/reload in progress
         self._connections = connections
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
@@ -260,6 +291,9 @@ class MetricsConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         path = b"".join(self._url).split(b"?", 1)[0]
         method = self._parser.get_method()
+        if self._admin is not None and path in (ADMIN_STATUS, ADMIN_RELOAD):
+            self._administer(path, method, not self._parser.should_keep_alive())
+            return
         if path != METRICS_PATH:
             answer = responses.error(404, "not found: this listener serves GET /metrics only")
         elif method not in (b"GET", b"HEAD"):
@@ -270,6 +304,36 @@ class MetricsConnection(asyncio.Protocol):
         if method == b"HEAD":
             answer = answer[: answer.index(b"\r\n\r\n") + 4]
         self._send(answer, close=not self._parser.should_keep_alive())
+
+    def _administer(self, path: bytes, method: bytes, close: bool) -> None:
+        admin, transport = self._admin, self._transport
+        assert admin is not None
+        started, url = self._started, list(self._url)
+        if transport is None:
+            return
+        if not _loopback(transport):
+            answer = responses.error(403, "the admin routes answer local clients only")
+        elif path == ADMIN_STATUS and method not in (b"GET", b"HEAD"):
+            answer = responses.response(
+                405, {"error": "use GET for /admin/status"}, extra="Allow: GET, HEAD\r\n"
+            )
+        elif path == ADMIN_RELOAD and method != b"POST":
+            answer = responses.response(405, {"error": "use POST for /admin/reload"}, extra="Allow: POST\r\n")
+        elif path == ADMIN_STATUS:
+            answer = responses.ok(orjson.dumps(admin.status()))
+        else:
+
+            async def reload() -> None:
+                answer = responses.ok(orjson.dumps(await admin.reload()))
+                self._metrics.native.record(url, answer, started)
+                self._send(answer, close=close)
+
+            self._reloading = asyncio.get_running_loop().create_task(reload())
+            return
+        self._metrics.native.record(url, answer, started)
+        if method == b"HEAD":
+            answer = answer[: answer.index(b"\r\n\r\n") + 4]
+        self._send(answer, close=close)
 
     def _send(self, answer: bytes, *, close: bool = False) -> None:
         if self._transport is None:

@@ -57,9 +57,10 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
     log.info("serving %s from %s (%d references)", config.address, config.index_path, index.n_points)
     metrics_server: asyncio.AbstractServer | None = None
     metrics_connections: set[MetricsConnection] = set()
+    admin = v1.LifecycleAdmin(state)  # GET /admin/status, POST /admin/reload: loopback only
     if config.metrics_port is not None:
         metrics_server = await loop.create_server(
-            lambda: MetricsConnection(state.metrics, metrics_connections),
+            lambda: MetricsConnection(state.metrics, metrics_connections, admin),
             config.metrics_host,
             config.metrics_port,
             reuse_address=True,  # a restarted instance takes its port back at once
@@ -73,7 +74,7 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
         loop.run_in_executor(None, v1.load, config.registry, scorer),
     )
     state.v1 = v1_scorers
-    v1_scorers.count_decision = state.metrics.decided
+    detach_v1 = v1.attach(state, loop)  # metrics, drift and shadows, SIGHUP, the instance file
     log.info("%s", v1_scorers.describe())
     gc.collect()
     gc.freeze()  # what exists now lives forever: keep the collector from walking it under load
@@ -131,6 +132,7 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
         for metrics_conn in list(metrics_connections):
             metrics_conn.close()
         await metrics_server.wait_closed()
+    detach_v1()
     if config.uds is not None:
         remove_own_socket(config.uds)
     scorer.close()

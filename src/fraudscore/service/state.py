@@ -20,7 +20,7 @@ from fraudscore.service._fastpath import FastPath
 from fraudscore.service.metrics import ServiceMetrics
 
 if TYPE_CHECKING:
-    from fraudscore.service.v1 import V1Scorer
+    from fraudscore.service.v1 import V1Live
 
 
 class Connection(Protocol):
@@ -119,7 +119,7 @@ class ServiceState:
     ready: bool = False
     draining: bool = False
     fast: FastPath | None = None  # set while ready and not draining, when config.fast_path
-    v1: V1Scorer | None = None  # /v1/score's scorers, loaded before ready (v1.load)
+    v1: V1Live | None = None  # /v1/score's scorers, loaded before ready (v1.load), then live
     connections: set[Connection] = field(default_factory=set)
     metrics: ServiceMetrics = field(init=False)  # the counts behind GET /metrics
 

@@ -91,6 +91,13 @@ def register(subparsers: Any) -> None:
     )
     w.add_argument("--workers", type=positive_int, default=1, help="worker processes (default: %(default)s)")
     w.add_argument("--group", default="scorers", help="consumer group (default: %(default)s)")
+    w.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help="score with this model registry's live versions (production, A/B candidate), "
+        "following its promotions without a restart (default: the exact kNN of --index)",
+    )
     w.set_defaults(func=cmd_worker)
 
     p = subparsers.add_parser(
@@ -176,7 +183,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.workers == 1:
         from fraudscore.stream.worker import run_worker
 
-        run_worker(config, index)
+        run_worker(config, index, registry=args.registry)
         return 0
     return _supervise(args, index)
 
@@ -188,6 +195,8 @@ def _child_argv(args: argparse.Namespace, index: Path) -> list[str]:
     argv += ["--max-deliveries", str(args.max_deliveries), "--group", args.group, "--workers", "1"]
     if args.cluster:
         argv.append("--cluster")
+    if args.registry is not None:
+        argv += ["--registry", str(args.registry)]
     return argv
 
 

@@ -52,7 +52,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hiredis
 import orjson
@@ -87,10 +87,16 @@ from fraudscore.stream.events import (
 from fraudscore.stream.functions import LIBRARY, LIBRARY_NAME
 from fraudscore.stream.keys import DEFAULT_BATCH, GROUP, META, WORKERS, PartitionKeys, partition_of
 
+if TYPE_CHECKING:
+    from fraudscore.models.live import LiveModels
+
 log = logging.getLogger("fraudscore.stream")
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_PARTITIONS = 8
+Decided = tuple[float, bool, str]
+"""An event's score, whether it is approved, and the scorer that decided ("kind:name:version")."""
+
 RESULT_FIELDS = (
     "event_id",  # the raw event's id
     "entry",  # the events stream entry it came in
@@ -320,10 +326,14 @@ class Worker:
         scorer: Scorer,
         config: WorkerConfig,
         constants: Constants = DEFAULT_CONSTANTS,
+        live: LiveModels | None = None,
     ) -> None:
         config.check()
         self.r = client
         self.scorer = scorer
+        # with a registry: each event is scored by its customer's arm of the live versions
+        # (models.live), which follow the registry; else by ``scorer``
+        self.live = live
         self.config = config
         self.constants = constants
         self.token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -495,11 +505,12 @@ class Worker:
             vectors: list[list[float]] = []
             for b in self.ready:
                 self._payloads(b, vectors)
-            scores = self.scorer.scores(vectors) if vectors else []
+            customers = [event.customer_id for b in self.ready for _, event, _ in b.scored]
+            decided = self._decide(customers, vectors)
             scored_at = iso_ms(int(time.time() * 1000))
             position = 0
             for b in finished:
-                for call in self._finish(b, scores[position : position + len(b.scored)], scored_at):
+                for call in self._finish(b, decided[position : position + len(b.scored)], scored_at):
                     calls.send(call)
                 position += len(b.scored)
             finishing = calls.sent - len(applying)
@@ -615,7 +626,17 @@ class Worker:
                 continue
             b.scored.append((entry_id, event, payload))
 
-    def _finish(self, b: _Batch, scores: Sequence[float], scored_at: str) -> list[list[Any]]:
+    def _decide(self, customers: list[str], vectors: list[list[float]]) -> list[Decided]:
+        """(score, approved, scorer) of each vector in one batch call (one per A/B arm when the
+        worker follows a registry)."""
+        if not vectors:
+            return []
+        if self.live is not None:
+            return self.live.score_batch(customers, vectors)
+        approves, name = self.scorer.approves, self.scorer_name
+        return [(score, approves(score), name) for score in self.scorer.scores(vectors)]
+
+    def _finish(self, b: _Batch, decided: Sequence[Decided], scored_at: str) -> list[list[Any]]:
         """The batch's ``fs_results`` and ``fs_dead`` calls."""
         c = self.config
         keys = b.part.keys
@@ -623,16 +644,17 @@ class Worker:
         if b.scored or b.done:
             records: list[str] = []
             args: list[Any] = [c.group, c.results_maxlen, c.record_ttl_s, len(RESULT_FIELDS), *RESULT_FIELDS]
-            approves = self.scorer.approves
-            for (entry_id, event, payload), score in zip(b.scored, scores, strict=True):
+            for (entry_id, event, payload), (score, approved, scorer_name) in zip(
+                b.scored, decided, strict=True
+            ):
                 records.append(keys.record(event.event_id))
                 args += (
                     entry_id,
                     event.event_id,
                     entry_id,
-                    "true" if approves(score) else "false",
+                    "true" if approved else "false",
                     repr(score),
-                    self.scorer_name,
+                    scorer_name,
                     payload["transaction"]["requested_at"],
                     iso_ms(int(entry_id.split(b"-")[0])),
                     scored_at,
@@ -670,12 +692,43 @@ class Worker:
         return calls
 
 
-def run_worker(config: WorkerConfig, index: Path, max_idle_s: float | None = None) -> Worker:
-    """Open the scorer and Redis, and work until stopped; the finished worker, for its counts."""
+def run_worker(
+    config: WorkerConfig, index: Path, max_idle_s: float | None = None, registry: Path | None = None
+) -> Worker:
+    """Open the scorer and Redis, and work until stopped; the finished worker, for its counts.
+    With ``registry``, score with its live versions instead, following it (SIGHUP: check now)."""
     from fraudscore.scorer import KnnScorer
 
     config.check()
     with KnnScorer.open(index) as scorer:
-        worker = Worker(connect(config.redis_url, config.cluster), scorer, config)
-        worker.run(max_idle_s=max_idle_s)
+        live, stop_live = _follow_registry(registry, scorer)
+        try:
+            worker = Worker(connect(config.redis_url, config.cluster), scorer, config, live=live)
+            worker.run(max_idle_s=max_idle_s)
+        finally:
+            stop_live()
     return worker
+
+
+def _follow_registry(registry: Path | None, knn: Any) -> tuple[LiveModels | None, Any]:
+    """The live versions of ``registry`` (None: none), following it, and what stops them."""
+    if registry is None:
+        return None, lambda: None
+    from fraudscore.models.live import InstanceFile, LiveModels, follow_with_file
+    from fraudscore.models.registry import Registry
+
+    live = LiveModels(Registry(registry), knn=knn)
+    live.start()
+    if live.current.production is None:
+        live.stop()
+        raise ConfigError(f"--registry {registry}: no version in production (see: fraudscore model promote)")
+    instance = InstanceFile(live.registry or Registry(registry), "worker", None)
+    follow_with_file(live, instance, dict)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, lambda signum, frame: live.reload())
+
+    def stop() -> None:
+        live.stop()
+        instance.remove()
+
+    return live, stop
