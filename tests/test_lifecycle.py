@@ -568,3 +568,40 @@ def _pings(client: Any) -> bool:
         return bool(client.ping())
     except Exception:  # not up yet
         return False
+
+
+# -- 4. drift, served ------------------------------------------------------------------------------
+
+
+def test_drift_is_tracked_by_the_service_and_alerts_on_the_amounts_only(
+    index_path: Path, registry: tuple[Path, str, str], dev_entries: list[dict[str, Any]]
+) -> None:
+    """The dev payloads in their own order raise no alert through a real server; the same with
+    amounts x3 raise one on the amount features alone, in /admin/status and in /metrics."""
+    root, a, _ = registry
+    payloads = [e["request"] for e in dev_entries[:2500]]
+    tripled = [
+        {**p, "transaction": {**p["transaction"], "amount": p["transaction"]["amount"] * 3}} for p in payloads
+    ]
+    for batch, alerting in ((payloads, set()), (tripled, {"amount", "amount_vs_avg"})):
+        srv = Served(index_path, root)
+        try:
+            score(srv.port, batch)
+
+            def observed_all(srv: Served = srv, n: int = len(batch)) -> bool:
+                return bool(srv.admin("GET", "/admin/status")[1]["drift"][a]["observed"] == n)
+
+            wait_for(observed_all, "every answered request observed")
+            snapshot = srv.admin("GET", "/admin/status")[1]["drift"][a]
+            assert set(snapshot["alerts"]) - {"score"} == alerting, snapshot["alerts"]
+            text = srv.metrics()
+            flagged = set(
+                re.findall(r'^fraudscore_drift_alert\{feature="([^"]+)",version="[^"]+"\} 1\.0$', text, re.M)
+            )
+            flagged |= set(
+                re.findall(r'^fraudscore_drift_alert\{version="[^"]+",feature="([^"]+)"\} 1\.0$', text, re.M)
+            )
+            assert flagged - {"score"} == alerting, text
+            assert metric(text, "fraudscore_drift_observations", version=a) > 0
+        finally:
+            srv.close()
