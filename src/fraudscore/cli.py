@@ -249,6 +249,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_headers=args.max_headers,
         request_timeout=args.request_timeout,
         fast_path=not args.no_fast_path,
+        native_loop=args.native_loop,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
     )
@@ -391,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_float,
         default=5.0,
         help="seconds a begun request may take, then 408 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--native-loop",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="with --handoff: serve handed-over connections on a native thread, moving a connection to "
+        "Python at its first read the fast path declines (default: off)",
     )
     serve.add_argument(
         "--no-fast-path",
