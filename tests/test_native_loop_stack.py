@@ -162,7 +162,8 @@ def test_shutdown_closes_held_connections_and_finishes_moved_ones(
         code, log = srv.stop()
     assert code == 0, log
     # moved: ours, and the readiness checks (GET /ready) of the fixture and the balancer's wait
-    assert re.search(r"the native loop answered 5 requests and moved [1-9]\d* connections to Python", log), log
+    moved_line = r"the native loop answered 5 requests and moved [1-9]\d* connections to Python"
+    assert re.search(moved_line, log), log
     assert "stopped" in log and "Traceback" not in log, log
 
 

@@ -472,6 +472,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
             host=args.host,
             log_level=args.log_level,
             metrics_port=args.metrics_port,
+            native_loop=args.native_loop,
         )
     )
     return 0
@@ -524,6 +525,12 @@ def _register_optional(sub: Any) -> None:
         type=int,
         metavar="BASE",
         help="serve instance i's GET /metrics on 127.0.0.1:BASE+i (i from 0; default: not at all)",
+    )
+    stack.add_argument(
+        "--native-loop",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="the instances serve handed-over connections on their native loop (--lb builtin; default: off)",
     )
     stack.set_defaults(func=cmd_stack)
 
