@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import Callable
 
@@ -69,7 +70,11 @@ class NativeConnections:
 
     def _take(self) -> None:
         for fd, saved in self._native.take():
-            sock = socket.socket(fileno=fd)
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:  # not a socket any more: nothing to serve
+                os.close(fd)
+                continue
             sock.setblocking(False)
             task = self._loop.create_task(self._connect(sock, saved))
             self._connecting.add(task)
