@@ -7,7 +7,8 @@ Starts `fraudscore stack` (limits as in the compose file), then from this proces
 a time: requests on one keep-alive connection, and requests each on a new connection (connect,
 then the first request, which the balancer hands over).  The client is a blocking socket and
 nothing else runs, so the figures are the stack's own latency plus one loopback round trip.
-It also prints the instances' CPU time (all their threads, from /proc) per keep-alive request.
+It also prints the instances' CPU time (all their threads, from /proc) per keep-alive request,
+and from their metrics the mean time inside the server (read to answer) and of the search.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from _common import ROOT, fraudscore, free_port, machine, scoring_request
 from fraudscore.loadtest.results import percentile
@@ -49,6 +53,24 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def native_means(metrics_port: int, instances: int) -> str:
+    """The native answerer's mean read-to-answer and search times, over every instance."""
+    sums: dict[str, float] = {}
+    for i in range(instances):
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port + i}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.labels.get("answerer") == "native" and sample.name.endswith(("_sum", "_count")):
+                    sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    means = []
+    for name in ("fraudscore_http_request_duration_seconds", "fraudscore_knn_search_duration_seconds"):
+        count = sums.get(f"{name}_count", 0.0)
+        means.append(sums.get(f"{name}_sum", 0.0) / count * 1e6 if count else float("nan"))
+    read_to_answer, search = means
+    return f"inside (native answerer, mean): read to answer {read_to_answer:.1f}, search {search:.1f} us"
+
+
 def summary(name: str, micros: list[float]) -> str:
     micros.sort()
     p50, p90, p99 = (percentile(micros, q) for q in (50, 90, 99))
@@ -68,7 +90,8 @@ def main() -> None:
 
     request = scoring_request(json.loads((ROOT / "data" / "example-payloads.json").read_text())[0])
     port = free_port()
-    argv = fraudscore("stack", "--port", str(port), "--lb", args.lb)
+    metrics_port = free_port()  # instance i at metrics_port + i: likely free too, on a quiet range
+    argv = fraudscore("stack", "--port", str(port), "--lb", args.lb, "--metrics-port", str(metrics_port))
     if args.native_loop is not None:
         argv.append("--native-loop" if args.native_loop else "--no-native-loop")
     stack = subprocess.Popen(argv)
@@ -83,6 +106,7 @@ def main() -> None:
                 exchange(sock, request)
                 keep_alive.append((time.perf_counter_ns() - t0) / 1000)
             cpu = cpu_seconds(instances) - cpu_before
+        means = native_means(metrics_port, len(instances))
         for _ in range(args.requests):
             with connect(port) as sock:
                 t0 = time.perf_counter_ns()
@@ -95,6 +119,7 @@ def main() -> None:
     print(f"machine: {machine()}; balancer {args.lb}; native loop {native}; {args.requests} requests each")
     per_request = cpu / args.requests * 1e6
     print(f"instances' CPU per keep-alive request: {per_request:.0f} us (all threads; clock ticks)")
+    print(means)
     print(summary("keep-alive connection", keep_alive))
     print(summary("first request on a new connection", first))
 
