@@ -173,3 +173,12 @@ def test_native_loop_without_handoff_is_one_line(index_path: Path) -> None:
     err = done.stderr.decode().strip()
     assert 0 < done.returncode < 128, err
     assert "--native-loop" in err and "--handoff" in err and len(err.splitlines()) == 1, err
+
+
+def test_on_by_default_for_handed_over_connections(index_path: Path) -> None:
+    """`serve --handoff` runs the native loop unless told not to; without the fast path it cannot."""
+    for extra, expected_state in (((), "on"), (("--no-native-loop",), "off"), (("--no-fast-path",), "off")):
+        srv = HandoffServer(index_path, *extra)
+        code, log = srv.stop()
+        assert code == 0, log
+        assert f"native loop {expected_state}, pid" in log, (extra, log)

@@ -235,6 +235,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for flag, path in (("--uds", args.uds), ("--handoff", args.handoff)):
         if path is not None:
             check_socket_path(path, flag)
+    native_loop = args.native_loop
+    if native_loop is None:  # on where it applies: handed-over connections, with the fast path
+        native_loop = args.handoff is not None and not args.no_fast_path
     config = ServiceConfig(
         index_path=ensure_index(args.index, args.references),
         host=args.host,
@@ -249,7 +252,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_headers=args.max_headers,
         request_timeout=args.request_timeout,
         fast_path=not args.no_fast_path,
-        native_loop=args.native_loop,
+        native_loop=native_loop,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
     )
@@ -396,9 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--native-loop",
         action=argparse.BooleanOptionalAction,
-        default=False,
         help="with --handoff: serve handed-over connections on a native thread, moving a connection to "
-        "Python at its first read the fast path declines (default: off)",
+        "Python at its first read the fast path declines (default: on with --handoff and the fast path)",
     )
     serve.add_argument(
         "--no-fast-path",
@@ -529,8 +531,8 @@ def _register_optional(sub: Any) -> None:
     stack.add_argument(
         "--native-loop",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="the instances serve handed-over connections on their native loop (--lb builtin; default: off)",
+        help="the instances serve handed-over connections on their native loop (--lb builtin; default: "
+        "the instances' default, on)",
     )
     stack.set_defaults(func=cmd_stack)
 

@@ -1,7 +1,7 @@
 """Handed-over connections served by the native loop, and moved to Python when it declines.
 
-``serve --handoff PATH --native-loop``: every connection the balancer hands over goes to a
-``_fastpath.NativeLoop``, a thread of its own with its own epoll and no GIL.  It answers each
+``serve --handoff PATH`` (unless ``--no-native-loop``): every connection the balancer hands over
+goes to a ``_fastpath.NativeLoop``, a thread of its own with its own epoll and no GIL.  It answers each
 read that is exactly one ordinary scoring request with the fast path's bytes.  The first read it
 declines (a split or pipelined request, another route, an error) moves the connection to Python
 for good: the loop queues the descriptor with the bytes it read and signals an eventfd that this

@@ -75,6 +75,7 @@ class ServiceConfig:
     registry: Path | None = None  # the model registry behind /v1/score (v1.resolve_registry)
     fast_path: bool = True  # answer ordinary scoring requests natively (protocol.py)
     # serve handed-over connections on the native loop's thread (native_loop.py); needs the fast path
+    # (cli.py turns it on by default with --handoff)
     native_loop: bool = False
     backlog: int = 4096
     # also serve GET /metrics alone on metrics_host:metrics_port (service/metrics.py), for an
