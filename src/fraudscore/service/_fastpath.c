@@ -1072,11 +1072,11 @@ static void ring_push(LoopObject *L, conn_t *c) {
 }
 
 static void conn_close(LoopObject *L, conn_t *c) {
+    L->open--; /* first: whoever sees the close sees the count without it */
     ring_remove(c);
     epoll_ctl(L->epfd, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
     free(c);
-    L->open--;
 }
 
 static void signal_fd(int fd) {
@@ -1142,7 +1142,7 @@ static int conn_flush(LoopObject *L, conn_t *c) {
     return 0;
 }
 
-static void conn_event(LoopObject *L, conn_t *c, uint32_t events) {
+static void conn_event(LoopObject *L, conn_t *c) {
     if (c->out_left) {
         if (conn_flush(L, c)) conn_close(L, c);
         return;
@@ -1165,7 +1165,6 @@ static void conn_event(LoopObject *L, conn_t *c, uint32_t events) {
     c->out = PyBytes_AS_STRING(answer);
     c->out_left = (size_t)PyBytes_GET_SIZE(answer);
     if (conn_flush(L, c)) conn_close(L, c);
-    (void)events;
 }
 
 /* The descriptors adopt() queued: each becomes a watched connection. */
@@ -1205,7 +1204,7 @@ static void *loop_main(void *arg) {
                 drain_fd(L->wake_fd);
                 stop = take_inbox(L);
             } else {
-                conn_event(L, events[i].data.ptr, events[i].events);
+                conn_event(L, events[i].data.ptr); /* errors and hang-ups show in the read or write */
             }
         }
         if (stop) break;
