@@ -37,14 +37,14 @@ unit: install index
 
 # The native code under AddressSanitizer and UndefinedBehaviorSanitizer: every extension rebuilt
 # with them into $(SAN_DIR) (a copy of the package, so the venv's own build is untouched), then
-# a quick sample of the index, fuzz, fast-path and tree tests run against that copy (FRAUDSCORE_SANITIZER
-# makes the long loops short).  Any invalid access or undefined behaviour aborts the run, its report
+# a quick sample of the index, fuzz, fast-path and tree tests, and the native loop's (its thread
+# too), run against that copy (FRAUDSCORE_SANITIZER makes the long loops short).  Any invalid access or undefined behaviour aborts the run, its report
 # on stderr (--capture=sys: pytest leaves the sanitizers' file descriptor alone).
 SAN_DIR   = build/sanitize
-SAN_FLAGS = -O1 -g -std=c11 -ffp-contract=off -fno-strict-aliasing -fPIC -shared \
+SAN_FLAGS = -O1 -g -std=c11 -ffp-contract=off -fno-strict-aliasing -fPIC -shared -pthread \
             -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 SAN_TESTS = tests/test_index.py tests/test_index_fuzz.py tests/test_fastpath.py tests/test_models_native.py \
-            tests/test_drift.py
+            tests/test_drift.py tests/test_native_loop.py
 
 sanitize: install index
 	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)

@@ -1,7 +1,7 @@
 """The whole stack under the contract's load test, scored, with each process's peak memory and CPU.
 
     python bench/stack.py [--lb builtin|nginx|haproxy] [--outer] [--target 900] [--runs 1] [--kill-at S]
-                          [--no-chart]
+                          [--no-chart] [--native-loop | --no-native-loop]
 
 Starts `fraudscore stack` (each process in its own cgroup with the compose file's limits; with
 --outer, `--no-limits` inside one cgroup of 1 CPU / 350 MB instead), runs `fraudscore loadtest
@@ -73,11 +73,14 @@ def run_once(
     kill_at: float | None = None,
     chart: bool = True,
     observe: Observer | None = None,
+    native_loop: bool | None = None,
 ) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # INFO: the runner's restart messages and its per-process report are read back from the log
     argv = fraudscore("stack", "--port", str(port), "--lb", lb, log_level="INFO")
+    if native_loop is not None:  # else the stack's default
+        argv.append("--native-loop" if native_loop else "--no-native-loop")
     manager: CgroupManager | None = None
     outer_cg: Cgroup | None = None
     if outer:
@@ -131,15 +134,29 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--kill-at", type=float, metavar="S", help="SIGKILL api1 S seconds into the run")
     parser.add_argument("--no-chart", action="store_true", help="k6 without per-request samples")
+    parser.add_argument(
+        "--native-loop",
+        action=argparse.BooleanOptionalAction,
+        help="`fraudscore stack --native-loop` or --no-native-loop (default: the stack's default)",
+    )
     args = parser.parse_args()
     print(f"machine: {machine()}")
     for i in range(args.runs):
         kill = "-kill" if args.kill_at is not None else ""
         nochart = "-nochart" if args.no_chart else ""
-        name = f"stack-{args.lb}{'-outer' if args.outer else ''}{kill}{nochart}-{args.target:g}-run{i + 1}"
+        native = {None: "", True: "-native", False: "-nonative"}[args.native_loop]
+        outer = "-outer" if args.outer else ""
+        name = f"stack-{args.lb}{outer}{native}{kill}{nochart}-{args.target:g}-run{i + 1}"
         out = ROOT / "bench" / "results" / name
         result = run_once(
-            args.lb, args.outer, args.target, args.duration, out, args.kill_at, chart=not args.no_chart
+            args.lb,
+            args.outer,
+            args.target,
+            args.duration,
+            out,
+            args.kill_at,
+            chart=not args.no_chart,
+            native_loop=args.native_loop,
         )
         print(run_line(name, result))
         for line in result["processes"]:

@@ -6,9 +6,12 @@ import gzip
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ import pytest
 from fraudscore.errors import IndexFormatError
 from fraudscore.index.build import build_index
 from fraudscore.index.search import Index
-from fraudscore.stack.runner import wait_ready
+from fraudscore.stack.runner import probe, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
@@ -106,13 +109,89 @@ class Server:
             self.stop()
 
 
-@pytest.fixture(scope="module", params=["fast path", "python path"])
+class HandoffServer(Server):
+    """`fraudscore serve --handoff SOCK …` behind `fraudscore balance --upstream SOCK --port <free>`:
+    connections reach the instance as they do in the stack, handed over by the balancer."""
+
+    def __init__(self, index_path: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.dir = Path(tempfile.mkdtemp(prefix="fs-handoff-"))
+        self.socket = self.dir / "api.sock"
+        self.balancer: subprocess.Popen[bytes] | None = None
+        argv = [sys.executable, "-m", "fraudscore.cli"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [*argv, "serve", "--index", str(index_path), "--handoff", str(self.socket), *extra],
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        try:
+            while not probe(self.socket, handoff=True):
+                assert self.proc.poll() is None, "the instance exited before it was ready"
+                assert time.monotonic() - started < self.ready_timeout, "the instance was not ready in time"
+                time.sleep(0.02)
+            self.ready_seconds = time.monotonic() - started
+            self.balancer = subprocess.Popen(
+                [
+                    *argv,
+                    "balance",
+                    "--upstream",
+                    str(self.socket),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                stderr=subprocess.DEVNULL,
+                env=env,
+            )
+            wait_ready(self.url, process=self.balancer, timeout=self.ready_timeout)
+        except BaseException:
+            self.kill()
+            raise
+
+    def stop(self) -> tuple[int, str]:
+        """The stack's order: the balancer first (no new connections), then the instance."""
+        if self.balancer is not None and self.balancer.poll() is None:
+            self.balancer.terminate()
+            try:
+                self.balancer.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.balancer.kill()
+                self.balancer.wait()
+        try:
+            return super().stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# the server modes every HTTP behaviour test runs against
+SERVER_MODES = ["fast path", "python path", "native loop"]
+
+
+def start_server(index_path: Path, mode: str, *extra: str) -> Server:
+    """A server of ``mode`` (one of SERVER_MODES) with these further flags."""
+    if mode == "native loop":
+        return HandoffServer(index_path, "--native-loop", *extra)
+    return Server(index_path, *extra, *(("--no-fast-path",) if mode == "python path" else ()))
+
+
+def check_native_loop_log(log: str) -> None:
+    """The native loop served and answered: a loop that moved every connection to Python, or was
+    never used, cannot pass unnoticed."""
+    answered = re.search(r"the native loop answered (\d+) requests", log)
+    assert answered is not None and int(answered.group(1)) > 0, log
+
+
+@pytest.fixture(scope="module", params=SERVER_MODES)
 def server(index_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
-    """Every HTTP test runs against both answerers: the native fast path (with httptools for what
-    it declines) and httptools alone.  They must not differ in anything a client can see."""
-    fast = request.param == "fast path"
-    extra = () if fast else ("--no-fast-path",)
-    srv = Server(index_path, "--request-timeout", "1", "--max-body-bytes", "16384", *extra)
+    """Every HTTP test runs against each answerer: the native fast path (with httptools for what
+    it declines), httptools alone, and the native loop behind the balancer (moving to Python
+    whatever the fast path declines).  They must not differ in anything a client can see."""
+    fast = request.param != "python path"
+    srv = start_server(index_path, request.param, "--request-timeout", "1", "--max-body-bytes", "16384")
     yield srv
     # one ordinary scoring request, whatever tests were selected: the fast-path server must answer
     # it the fast way, so a fast path that declines everything cannot pass unnoticed
@@ -124,6 +203,8 @@ def server(index_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]
     answered = re.search(r"the fast path answered (\d+) requests", log)
     if fast:
         assert answered is not None and int(answered.group(1)) > 0, log
+        if request.param == "native loop":
+            check_native_loop_log(log)
     else:
         assert answered is None and "fast path off" in log, log
 

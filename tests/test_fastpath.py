@@ -11,6 +11,7 @@ import json
 import math
 import random
 import struct
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -29,7 +30,9 @@ from fraudscore.index.search import Index
 from fraudscore.scorer import KnnScorer
 from fraudscore.service import responses
 from fraudscore.service._fastpath import FastPath, round4
+from fraudscore.service.memory import memory_connection
 from fraudscore.service.protocol import fast_path
+from fraudscore.service.state import ServiceConfig, ServiceState
 
 from .budget import scaled
 
@@ -328,3 +331,60 @@ def test_constants_come_from_the_constructor(index: Index, example_payloads: lis
     vector = python_vector(body)
     assert vector is not None
     assert native.answer(request(body)) == answers[index.fraud_count(vector)]
+
+
+def test_a_request_over_the_head_limits_is_declined(
+    index: Index, example_payloads: list[dict[str, Any]]
+) -> None:
+    """Around the header limits, with blanks around values: whatever the Python path refuses
+    (431, or 414 for a URL limit shorter than the path) the fast path declines, and what it answers
+    is the Python path's answer."""
+    config = ServiceConfig(
+        index_path=index.path,
+        port=9999,
+        max_body_bytes=MAX_BODY,
+        max_url_bytes=64,
+        max_header_bytes=160,
+        max_headers=6,
+    )
+    state = ServiceState(config=config, scorer=KnnScorer(index), constants=DEFAULT_CONSTANTS, ready=True)
+    body = orjson.dumps(example_payloads[0])
+    checked = {"declined": 0, "answered": 0}
+    for max_url in (64, 11, 12):
+        native = fast_path(
+            KnnScorer(index),
+            DEFAULT_CONSTANTS,
+            MAX_BODY,
+            max_url_bytes=max_url,
+            max_headers=config.max_headers,
+            max_header_bytes=config.max_header_bytes,
+        )
+        for count in range(3, 9):
+            for size in range(0, 60, 3):
+                for blank in (b"", b"  ", b" \t"):
+                    head = b"POST /fraud-score HTTP/1.1\r\nHost: x\r\n"
+                    head += b"".join(
+                        b"X-%d:%s%s%s\r\n" % (i, blank, b"v" * size, blank) for i in range(count - 2)
+                    )
+                    data = request(body, head)
+                    conn, transport = memory_connection(
+                        ServiceState(
+                            config=replace(config, max_url_bytes=max_url),
+                            scorer=state.scorer,
+                            constants=DEFAULT_CONSTANTS,
+                            ready=True,
+                        )
+                    )
+                    conn.data_received(data)
+                    python = transport.output()
+                    answer = native.answer(data)
+                    if answer is None:
+                        checked["declined"] += 1
+                    else:
+                        checked["answered"] += 1
+                        assert answer == python, (count, size, blank, max_url)
+                    checked[python[:12].decode()] = checked.get(python[:12].decode(), 0) + 1
+                    if not python.startswith(b"HTTP/1.1 200"):
+                        assert answer is None, (count, size, blank, max_url, python)
+    assert checked["declined"] > 0 and checked["answered"] > 0, checked
+    assert checked["HTTP/1.1 431"] > 0 and checked["HTTP/1.1 414"] > 0, checked

@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .conftest import ROOT, Server
+import pytest
+
+from .conftest import ROOT, start_server
 
 FLOOD_SECONDS = 3.0
 WORST_LATENCY_SECONDS = 0.100  # the bound the issue "Before growing" sets for an ordinary client
@@ -87,10 +89,11 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.parametrize("mode", ["fast path", "native loop"])
 def test_floods_are_cut_off_and_stall_no_one(
-    index_path: Path, example_payloads: list[dict[str, Any]]
+    index_path: Path, example_payloads: list[dict[str, Any]], mode: str
 ) -> None:
-    srv = Server(index_path)
+    srv = start_server(index_path, mode)
     try:
         bodies = [json.dumps(p) for p in example_payloads]
         client = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)

@@ -39,7 +39,7 @@ from fraudscore.service.state import ServiceConfig, ServiceState
 from fraudscore.stack.limits import DEFAULT_STACK
 from fraudscore.stack.runner import wait_ready
 
-from .conftest import ROOT, Server, free_port
+from .conftest import ROOT, Server, check_native_loop_log, free_port, start_server
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
@@ -249,16 +249,20 @@ def get(url: str) -> str:
         return text
 
 
-@pytest.fixture(scope="module")
-def served(index_path: Path, example_payloads: list[Any]) -> Iterator[tuple[Server, int, list[bytes]]]:
-    """A real `fraudscore serve --metrics-port P`, sent the workload over one keep-alive connection."""
+@pytest.fixture(scope="module", params=["fast path", "native loop"])
+def served(
+    index_path: Path, example_payloads: list[Any], request: pytest.FixtureRequest
+) -> Iterator[tuple[Server, int, list[bytes]]]:
+    """A real `fraudscore serve --metrics-port P`, sent the workload over one keep-alive connection:
+    on its port, or behind the balancer on the native loop (which answers the ordinary requests,
+    then moves the connection to Python at the first other one)."""
     metrics_port = free_port()
-    srv = Server(index_path, "--metrics-port", str(metrics_port))
+    srv = start_server(index_path, request.param, "--metrics-port", str(metrics_port))
     try:
         answers = []
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
-            for request, status in workload(example_payloads):
-                answer = exchange(sock, request)
+            for sent, status in workload(example_payloads):
+                answer = exchange(sock, sent)
                 assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer
                 answers.append(answer)
         yield srv, metrics_port, answers
@@ -266,6 +270,8 @@ def served(index_path: Path, example_payloads: list[Any]) -> Iterator[tuple[Serv
         code, log = srv.stop()
         assert code == 0 and "Traceback" not in log, log
         assert f"metrics on http://127.0.0.1:{metrics_port}/metrics" in log, log
+        if request.param == "native loop":
+            check_native_loop_log(log)
 
 
 def test_server_counts_equal_the_requests_sent(served: tuple[Server, int, list[bytes]], index: Index) -> None:

@@ -58,7 +58,14 @@ class Client:
         config = ServiceConfig(index_path=scorer.index.path, port=9999, **{**LIMITS, **settings})
         self.state = ServiceState(config=config, scorer=scorer, constants=DEFAULT_CONSTANTS, ready=True)
         if fast:
-            self.state.fast = fast_path(scorer, DEFAULT_CONSTANTS, config.max_body_bytes)
+            self.state.fast = fast_path(
+                scorer,
+                DEFAULT_CONSTANTS,
+                config.max_body_bytes,
+                max_url_bytes=config.max_url_bytes,
+                max_headers=config.max_headers,
+                max_header_bytes=config.max_header_bytes,
+            )
         self.conn: HttpConnection
         self.transport: MemoryTransport
         self.conn, self.transport = memory_connection(self.state)
@@ -343,21 +350,7 @@ async def test_garbage_gets_400_and_close(scorer: KnnScorer) -> None:
     assert client.transport.eof_written
 
 
-@pytest.mark.parametrize(
-    "fast",
-    [
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the native fast path applies no header limits yet: it answers a whole ordinary "
-                "request in one read whatever its header count or size (a change to _fastpath.c's frame())",
-            ),
-        ),
-        False,
-    ],
-    ids=["fast path", "python path"],
-)
+@pytest.mark.parametrize("fast", [True, False], ids=["fast path", "python path"])
 @in_loop
 async def test_a_whole_request_over_the_header_limits_in_one_read(
     scorer: KnnScorer, payloads: list[bytes], fast: bool

@@ -193,6 +193,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for flag, path in (("--uds", args.uds), ("--handoff", args.handoff)):
         if path is not None:
             check_socket_path(path, flag)
+    native_loop = args.native_loop
+    if native_loop is None:  # on where it applies: handed-over connections, with the fast path
+        native_loop = args.handoff is not None and not args.no_fast_path
     config = ServiceConfig(
         index_path=ensure_index(args.index, args.references),
         host=args.host,
@@ -207,6 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_headers=args.max_headers,
         request_timeout=args.request_timeout,
         fast_path=not args.no_fast_path,
+        native_loop=native_loop,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
     )
@@ -351,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a begun request may take, then 408 (default: %(default)s)",
     )
     serve.add_argument(
+        "--native-loop",
+        action=argparse.BooleanOptionalAction,
+        help="with --handoff: serve handed-over connections on a native thread, moving a connection to "
+        "Python at its first read the fast path declines (default: on with --handoff and the fast path)",
+    )
+    serve.add_argument(
         "--no-fast-path",
         action="store_true",
         help="answer every request through httptools and the Python vectorizer (for comparison)",
@@ -422,6 +432,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
             host=args.host,
             log_level=args.log_level,
             metrics_port=args.metrics_port,
+            native_loop=args.native_loop,
         )
     )
     return 0
@@ -474,6 +485,12 @@ def _register_optional(sub: Any) -> None:
         type=int,
         metavar="BASE",
         help="serve instance i's GET /metrics on 127.0.0.1:BASE+i (i from 0; default: not at all)",
+    )
+    stack.add_argument(
+        "--native-loop",
+        action=argparse.BooleanOptionalAction,
+        help="the instances serve handed-over connections on their native loop (--lb builtin; default: "
+        "the instances' default, on)",
     )
     stack.set_defaults(func=cmd_stack)
 

@@ -25,6 +25,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "knn_api.h"
 
@@ -448,12 +455,19 @@ static int name_is(const char *s, size_t n, const char *lower) {
     return 1;
 }
 
-/* The body of data if it is exactly one plain POST /fraud-score request; -1 to decline. */
-static int frame(const char *data, size_t n, Py_ssize_t max_body, const char **body, size_t *body_len) {
+/* The limits on a request's head (ServiceConfig's): a request over any of them is the Python
+ * path's to refuse (414, 431), so the fast path declines it. */
+typedef struct { Py_ssize_t max_body, max_headers, max_header_bytes; int url_fits; } limits_t;
+
+/* The body of data if it is exactly one plain POST /fraud-score request within the limits; -1 to
+ * decline.  Header bytes are counted as the Python path counts them (name, value, 4) but with the
+ * value's trailing blanks kept, so near the limit this declines at least whatever Python refuses. */
+static int frame(const char *data, size_t n, const limits_t *limits, const char **body, size_t *body_len) {
     size_t line = sizeof REQUEST_LINE - 1;
-    if (n < line || memcmp(data, REQUEST_LINE, line) != 0) return -1;
+    if (!limits->url_fits || n < line || memcmp(data, REQUEST_LINE, line) != 0) return -1;
     const char *p = data + line, *end = data + n;
     long long length = -1;
+    Py_ssize_t headers = 0, header_bytes = 0;
     for (;;) {
         if (end - p >= 2 && p[0] == '\r' && p[1] == '\n') { p += 2; break; }
         const char *name = p;
@@ -465,6 +479,8 @@ static int frame(const char *data, size_t n, Py_ssize_t max_body, const char **b
         const char *value = p;
         while (p < end && ((unsigned char)*p >= 0x20 ? (unsigned char)*p <= 0x7e : *p == '\t')) p++;
         if (end - p < 2 || p[0] != '\r' || p[1] != '\n') return -1;
+        header_bytes += (Py_ssize_t)(name_len + (size_t)(p - value) + 4);
+        if (++headers > limits->max_headers || header_bytes > limits->max_header_bytes) return -1;
         const char *value_end = p;
         while (value_end > value && (value_end[-1] == ' ' || value_end[-1] == '\t')) value_end--;
         size_t value_len = (size_t)(value_end - value);
@@ -483,7 +499,7 @@ static int frame(const char *data, size_t n, Py_ssize_t max_body, const char **b
             return -1;
         }
     }
-    if (length < 0 || length > max_body || (long long)(end - p) != length) return -1;
+    if (length < 0 || length > limits->max_body || (long long)(end - p) != length) return -1;
     *body = p;
     *body_len = (size_t)length;
     return 0;
@@ -493,8 +509,9 @@ static int frame(const char *data, size_t n, Py_ssize_t max_body, const char **b
  *
  * A counter costs an increment and a histogram a few comparisons, so the fast path's ~5 us answer
  * pays nanoseconds for them; prometheus_client's objects (about a microsecond per call) are used
- * only at scrape time, to write out what these arrays hold.  Everything runs on the event loop's
- * thread under the GIL (answer, record and snapshot alike), so plain integers are enough. */
+ * only at scrape time, to write out what these arrays hold.  The native loop (NativeLoop, below)
+ * answers on a thread of its own, without the GIL, beside the event loop's thread: so every count
+ * is added and read atomically (relaxed: each is a count on its own, no order between them). */
 
 #define MAX_ROUTES 8       /* named routes; one more slot counts every other path */
 #define ROUTE_CHARS 32     /* a route's path, at most */
@@ -534,6 +551,9 @@ static inline uint64_t now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+#define ADD(x, n) __atomic_fetch_add(&(x), (n), __ATOMIC_RELAXED)
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+
 static inline size_t bucket_of(const uint64_t *bounds, size_t n, uint64_t ns) {
     size_t i = 0;
     while (i < n && ns > bounds[i]) i++;
@@ -541,13 +561,13 @@ static inline size_t bucket_of(const uint64_t *bounds, size_t n, uint64_t ns) {
 }
 
 static inline void observe_latency(latency_t *h, uint64_t ns) {
-    h->buckets[bucket_of(LATENCY_BOUNDS, N_LATENCY, ns)]++;
-    h->sum_ns += ns;
+    ADD(h->buckets[bucket_of(LATENCY_BOUNDS, N_LATENCY, ns)], 1);
+    ADD(h->sum_ns, ns);
 }
 
 static inline void observe_search(search_t *h, uint64_t ns) {
-    h->buckets[bucket_of(SEARCH_BOUNDS, N_SEARCH, ns)]++;
-    h->sum_ns += ns;
+    ADD(h->buckets[bucket_of(SEARCH_BOUNDS, N_SEARCH, ns)], 1);
+    ADD(h->sum_ns, ns);
 }
 
 static int match_route(const MetricsObject *m, const char *path, size_t n) {
@@ -634,10 +654,10 @@ static PyObject *Metrics_record(MetricsObject *self, PyObject *const *args, Py_s
         return PyErr_Format(PyExc_ValueError, "record() takes an HTTP response's bytes");
     int route = route_of(self, args[0]);
     double elapsed = (double)now_ns() - started * 1e9;
-    self->requests[PYTHON][route][status - MIN_STATUS]++;
+    ADD(self->requests[PYTHON][route][status - MIN_STATUS], 1);
     observe_latency(&self->latency[PYTHON][route], elapsed > 0 ? (uint64_t)elapsed : 0);
     for (int i = 0; i < N_ANSWERS; i++)
-        if (response == self->answers[i]) { self->decisions[i]++; break; }
+        if (response == self->answers[i]) { ADD(self->decisions[i], 1); break; }
     Py_RETURN_NONE;
 }
 
@@ -661,15 +681,15 @@ static PyObject *bounds_tuple(const uint64_t *bounds, size_t n) {
 }
 
 /* (bucket counts, not cumulative; sum in seconds) */
-static PyObject *histogram_tuple(const uint64_t *buckets, size_t n, uint64_t sum_ns) {
+static PyObject *histogram_tuple(uint64_t *buckets, size_t n, uint64_t sum_ns) {
     PyObject *counts = PyTuple_New((Py_ssize_t)n);
     if (!counts) return NULL;
     for (size_t i = 0; i < n; i++) {
-        PyObject *x = PyLong_FromUnsignedLongLong(buckets[i]);
+        PyObject *x = PyLong_FromUnsignedLongLong(LOAD(buckets[i]));
         if (!x) { Py_DECREF(counts); return NULL; }
         PyTuple_SET_ITEM(counts, (Py_ssize_t)i, x);
     }
-    return Py_BuildValue("(Nd)", counts, (double)sum_ns / 1e9);
+    return Py_BuildValue("(Nd)", counts, (double)sum_ns / 1e9); /* sum_ns: read with LOAD by the caller */
 }
 
 static int append_new(PyObject *list, PyObject *item) {
@@ -685,30 +705,30 @@ static PyObject *Metrics_snapshot(MetricsObject *self, PyObject *unused) {
     if (!requests || !latency || !search) goto fail;
     for (int a = 0; a < N_ANSWERERS; a++) {
         for (int r = 0; r <= self->n_routes; r++) {
-            for (int st = 0; st < MAX_STATUS - MIN_STATUS; st++)
-                if (self->requests[a][r][st] &&
-                    append_new(requests, Py_BuildValue("(iiiK)", a, r, st + MIN_STATUS,
-                                                        (unsigned long long)self->requests[a][r][st])))
+            for (int st = 0; st < MAX_STATUS - MIN_STATUS; st++) {
+                uint64_t count = LOAD(self->requests[a][r][st]);
+                if (count && append_new(requests, Py_BuildValue("(iiiK)", a, r, st + MIN_STATUS, (unsigned long long)count)))
                     goto fail;
-            const latency_t *h = &self->latency[a][r];
+            }
+            latency_t *h = &self->latency[a][r];
             uint64_t total = 0;
-            for (size_t b = 0; b <= N_LATENCY; b++) total += h->buckets[b];
-            if (total && append_new(latency, Py_BuildValue("(iiN)", a, r, histogram_tuple(h->buckets, N_LATENCY + 1, h->sum_ns))))
+            for (size_t b = 0; b <= N_LATENCY; b++) total += LOAD(h->buckets[b]);
+            if (total && append_new(latency, Py_BuildValue("(iiN)", a, r, histogram_tuple(h->buckets, N_LATENCY + 1, LOAD(h->sum_ns)))))
                 goto fail;
         }
-        const search_t *h = &self->search[a];
-        if (append_new(search, Py_BuildValue("(iN)", a, histogram_tuple(h->buckets, N_SEARCH + 1, h->sum_ns))))
+        search_t *h = &self->search[a];
+        if (append_new(search, Py_BuildValue("(iN)", a, histogram_tuple(h->buckets, N_SEARCH + 1, LOAD(h->sum_ns)))))
             goto fail;
     }
     decisions = PyTuple_New(N_ANSWERS);
     if (!decisions) goto fail;
     for (int i = 0; i < N_ANSWERS; i++) {
-        PyObject *x = PyLong_FromUnsignedLongLong(self->decisions[i]);
+        PyObject *x = PyLong_FromUnsignedLongLong(LOAD(self->decisions[i]));
         if (!x) goto fail;
         PyTuple_SET_ITEM(decisions, i, x);
     }
     return Py_BuildValue("{sNsNsNsNsK}", "requests", requests, "latency", latency, "search", search,
-                         "decisions", decisions, "declined", (unsigned long long)self->declined);
+                         "decisions", decisions, "declined", (unsigned long long)LOAD(self->declined));
 fail:
     Py_XDECREF(requests);
     Py_XDECREF(latency);
@@ -745,8 +765,9 @@ typedef struct {
     PyObject *index;
     PyObject *answers[N_ANSWERS];
     constants_t constants;
-    Py_ssize_t max_body;
-    unsigned long long answered, declined; /* requests, for the service's log */
+    limits_t limits;
+    unsigned long long answered, declined; /* requests, for the service's log (atomic: see ADD) */
+    int loops;                             /* NativeLoops answering with this object: it must not change */
     MetricsObject *metrics;                /* or NULL: where answered requests are counted and timed */
     int route;                             /* /fraud-score's slot in metrics */
 } FastPathObject;
@@ -814,13 +835,19 @@ static int read_mcc(PyObject *dict, FastPathObject *self) {
 }
 
 static int FastPath_init(FastPathObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"index", "divisors", "mcc_risk", "unknown_mcc_risk", "answers", "max_body", "metrics", NULL};
+    static char *kwlist[] = {"index", "divisors", "mcc_risk", "unknown_mcc_risk", "answers", "max_body", "metrics",
+                             "max_url", "max_headers", "max_header_bytes", NULL};
     PyObject *index, *divisors, *mcc, *answers, *metrics = Py_None;
     double unknown_mcc_risk;
-    Py_ssize_t max_body;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OOdOn|$O", kwlist, knn->index_type, &index, &divisors, &mcc,
-                                     &unknown_mcc_risk, &answers, &max_body, &metrics))
+    Py_ssize_t max_body, max_url = PY_SSIZE_T_MAX, max_headers = PY_SSIZE_T_MAX, max_header_bytes = PY_SSIZE_T_MAX;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OOdOn|$Onnn", kwlist, knn->index_type, &index, &divisors, &mcc,
+                                     &unknown_mcc_risk, &answers, &max_body, &metrics, &max_url, &max_headers,
+                                     &max_header_bytes))
         return -1;
+    if (self->loops) {
+        PyErr_SetString(PyExc_RuntimeError, "a NativeLoop answers with this FastPath: it cannot be changed");
+        return -1;
+    }
     FastPath_clear_fields(self);
     if (metrics != Py_None) {
         if (!PyObject_TypeCheck(metrics, &MetricsType)) {
@@ -850,10 +877,13 @@ static int FastPath_init(FastPathObject *self, PyObject *args, PyObject *kw) {
         Py_INCREF(a);
         self->answers[i] = a;
     }
-    if (max_body < 0) { PyErr_SetString(PyExc_ValueError, "max_body must not be negative"); return -1; }
+    if (max_body < 0 || max_url < 0 || max_headers < 0 || max_header_bytes < 0) {
+        PyErr_SetString(PyExc_ValueError, "max_body, max_url, max_headers and max_header_bytes must not be negative");
+        return -1;
+    }
     Py_INCREF(index);
     self->index = index;
-    self->max_body = max_body;
+    self->limits = (limits_t){max_body, max_headers, max_header_bytes, max_url >= (Py_ssize_t)(sizeof SCORE_PATH - 1)};
     return 0;
 }
 
@@ -874,6 +904,39 @@ static int check_initialised(FastPathObject *self) {
     return -1;
 }
 
+/* The frauds among the neighbours (0..K) when data is exactly one ordinary scoring request, counted
+ * and timed in the metrics from started_ns (a CLOCK_MONOTONIC time; < 0: now); -1 when it declines,
+ * which the caller counts.  Needs no GIL: it reads only C data, and the index and the answers stay
+ * alive as long as self does (the caller holds self). */
+static int answer_frauds(FastPathObject *self, const char *data, size_t n, double started_ns) {
+    MetricsObject *m = self->metrics;
+    uint64_t searched = 0, done = 0;
+    if (m && started_ns < 0) started_ns = (double)now_ns();
+    const char *body;
+    size_t body_len;
+    double v[DIMS];
+    if (frame(data, n, &self->limits, &body, &body_len) || body_vector(self, body, body_len, v)) return -1;
+    if (m) searched = now_ns();
+    int frauds = knn->fraud_count(self->index, v);
+    if (m) done = now_ns(); /* what follows is a few increments: the answer's time ends here */
+    if (frauds < 0 || frauds >= N_ANSWERS) return -1;
+    ADD(self->answered, 1);
+    if (m) {
+        ADD(m->requests[NATIVE][self->route][200 - MIN_STATUS], 1);
+        double elapsed = (double)done - started_ns;
+        observe_latency(&m->latency[NATIVE][self->route], elapsed > 0 ? (uint64_t)elapsed : 0);
+        observe_search(&m->search[NATIVE], done - searched);
+        ADD(m->decisions[frauds], 1);
+    }
+    return frauds;
+}
+
+static void count_declined(FastPathObject *self) {
+    ADD(self->declined, 1);
+    /* its time is the Python path's: that path's clock started before this call */
+    if (self->metrics) ADD(self->metrics->declined, 1);
+}
+
 /* answer(data[, started]): started is the time.monotonic() at which data was read (the Python path
  * times its requests from the same moment); without it the time is taken here, at the cost of one
  * more clock read (37-60 ns on the development machine, BENCHMARKS.md "Metrics"). */
@@ -882,36 +945,15 @@ static PyObject *FastPath_answer(FastPathObject *self, PyObject *const *args, Py
     if (nargs < 1 || nargs > 2) return PyErr_Format(PyExc_TypeError, "answer() takes 1 or 2 arguments (%zd given)", nargs);
     PyObject *data = args[0];
     if (!PyBytes_Check(data)) return PyErr_Format(PyExc_TypeError, "answer() takes bytes, not %.100s", Py_TYPE(data)->tp_name);
-    MetricsObject *m = self->metrics;
     double read_at = -1.0;
     if (nargs == 2) {
         read_at = PyFloat_AsDouble(args[1]);
         if (read_at == -1.0 && PyErr_Occurred()) return NULL;
     }
-    uint64_t searched = 0, done = 0;
-    double started = m && read_at < 0 ? (double)now_ns() : read_at * 1e9;
-    const char *body;
-    size_t body_len;
-    double v[DIMS];
-    int frauds = -1;
-    if (frame(PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data), self->max_body, &body, &body_len) == 0 &&
-        body_vector(self, body, body_len, v) == 0) {
-        if (m) searched = now_ns();
-        frauds = knn->fraud_count(self->index, v);
-        if (m) done = now_ns(); /* what follows is a few increments: the answer's time ends here */
-    }
-    if (frauds < 0 || frauds >= N_ANSWERS) {
-        self->declined++;
-        if (m) m->declined++; /* its time is the Python path's: that path's clock started before this call */
+    int frauds = answer_frauds(self, PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data), read_at < 0 ? -1.0 : read_at * 1e9);
+    if (frauds < 0) {
+        count_declined(self);
         Py_RETURN_NONE;
-    }
-    self->answered++;
-    if (m) {
-        m->requests[NATIVE][self->route][200 - MIN_STATUS]++;
-        double elapsed = (double)done - started;
-        observe_latency(&m->latency[NATIVE][self->route], elapsed > 0 ? (uint64_t)elapsed : 0);
-        observe_search(&m->search[NATIVE], done - searched);
-        m->decisions[frauds]++;
     }
     PyObject *answer = self->answers[frauds];
     Py_INCREF(answer);
@@ -962,13 +1004,390 @@ static PyTypeObject FastPathType = {
     .tp_name = "fraudscore.service._fastpath.FastPath",
     .tp_basicsize = sizeof(FastPathObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "FastPath(index, divisors, mcc_risk, unknown_mcc_risk, answers, max_body, *, metrics=None)\n--\n\n"
-              "Whole scoring requests answered natively; what it answers is counted in metrics.",
+    .tp_doc = "FastPath(index, divisors, mcc_risk, unknown_mcc_risk, answers, max_body, *, metrics=None, "
+              "max_url=sys.maxsize, max_headers=sys.maxsize, max_header_bytes=sys.maxsize)\n--\n\n"
+              "Whole scoring requests answered natively; what it answers is counted in metrics. A request over "
+              "the URL or header limits is declined (the Python path refuses it).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)FastPath_init,
     .tp_dealloc = (destructor)FastPath_dealloc,
     .tp_methods = FastPath_methods,
     .tp_members = FastPath_members,
+};
+
+/* ---- The native loop: handed-over connections served on a thread of their own -------------------
+ *
+ * Python keeps control (readiness, metrics, reloads, shutdown, and every request the fast path
+ * declines); this loop only carries the ordinary ones.  adopt(fd) gives it an accepted socket.  On
+ * each read it answers when the bytes are exactly one ordinary scoring request (answer_frauds, no
+ * GIL), and writes the prebuilt answer.  Anything else -- a split or pipelined request, another
+ * route, an error -- and the connection moves to Python for good: the loop stops watching it and
+ * queues (fd, the bytes read), then signals migrate_fd, which the event loop watches; take() hands
+ * them over, and Python serves the connection from those bytes on (service/native_loop.py).
+ *
+ * No request is ever half done here: a read is answered or moved within one iteration.  Only an
+ * answer the socket could not take whole waits, for EPOLLOUT, with reads paused meanwhile.
+ * Connections idle longer than idle_timeout are closed, checked about once a second.  stop() closes
+ * what the loop holds and joins the thread. */
+
+#define LOOP_EVENTS 64
+#define LOOP_READ_BYTES (256 * 1024) /* as much as uvloop reads at once */
+#define SWEEP_MS 1000
+
+typedef struct conn {
+    int fd;
+    struct conn *prev, *next; /* the loop's ring, least recently active first */
+    const char *out;          /* the rest of an answer not yet written (prebuilt bytes, alive with the FastPath) */
+    size_t out_left;
+    uint64_t last_active;
+} conn_t;
+
+typedef struct { int fd; char *data; size_t n; } migrant_t;
+
+typedef struct {
+    PyObject_HEAD
+    FastPathObject *fast;
+    int epfd, wake_fd, migrate_fd;
+    int running;
+    pthread_t thread;
+    uint64_t idle_ns;
+    pthread_mutex_t lock; /* guards inbox, outbox and stopping: the only state both threads touch */
+    int *inbox;
+    size_t n_in, cap_in;
+    migrant_t *outbox;
+    size_t n_out, cap_out;
+    int stopping;
+    /* the loop thread's own */
+    conn_t ring;
+    char *buf;
+    unsigned long long answered, migrated, idle_closed, open; /* read by Python after a join (or racily, for a log) */
+} LoopObject;
+
+static void ring_remove(conn_t *c) { c->prev->next = c->next; c->next->prev = c->prev; }
+static void ring_push(LoopObject *L, conn_t *c) {
+    c->prev = L->ring.prev;
+    c->next = &L->ring;
+    L->ring.prev->next = c;
+    L->ring.prev = c;
+}
+
+static void conn_close(LoopObject *L, conn_t *c) {
+    L->open--; /* first: whoever sees the close sees the count without it */
+    ring_remove(c);
+    epoll_ctl(L->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    free(c);
+}
+
+static void signal_fd(int fd) {
+    uint64_t one = 1;
+    ssize_t r;
+    do r = write(fd, &one, sizeof one); while (r < 0 && errno == EINTR);
+    /* EAGAIN: the counter is full, so it is signalled already */
+}
+
+static void drain_fd(int fd) {
+    uint64_t count;
+    ssize_t r;
+    do r = read(fd, &count, sizeof count); while (r < 0 && errno == EINTR);
+}
+
+/* The connection goes to Python with the bytes it sent: the loop forgets it. */
+static void conn_migrate(LoopObject *L, conn_t *c, const char *data, size_t n) {
+    int fd = c->fd;
+    ring_remove(c);
+    epoll_ctl(L->epfd, EPOLL_CTL_DEL, fd, NULL);
+    free(c);
+    L->open--;
+    char *copy = malloc(n);
+    pthread_mutex_lock(&L->lock);
+    if (copy && L->n_out == L->cap_out) {
+        size_t cap = L->cap_out ? 2 * L->cap_out : 16;
+        migrant_t *grown = realloc(L->outbox, cap * sizeof *grown);
+        if (grown) {
+            L->outbox = grown;
+            L->cap_out = cap;
+        }
+    }
+    if (!copy || L->n_out == L->cap_out) {
+        pthread_mutex_unlock(&L->lock);
+        free(copy);
+        close(fd); /* out of memory: the client sees a close, as after any failed read */
+        return;
+    }
+    memcpy(copy, data, n);
+    L->outbox[L->n_out++] = (migrant_t){fd, copy, n};
+    L->migrated++;
+    pthread_mutex_unlock(&L->lock);
+    signal_fd(L->migrate_fd);
+}
+
+/* Write what the connection still owes; 0 when done or waiting for EPOLLOUT, -1 when it failed. */
+static int conn_flush(LoopObject *L, conn_t *c) {
+    while (c->out_left) {
+        ssize_t w = send(c->fd, c->out, c->out_left, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+            struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = c};
+            return epoll_ctl(L->epfd, EPOLL_CTL_MOD, c->fd, &ev);
+        }
+        c->out += w;
+        c->out_left -= (size_t)w;
+        if (!c->out_left) { /* written whole after a wait: read again */
+            struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+            return epoll_ctl(L->epfd, EPOLL_CTL_MOD, c->fd, &ev);
+        }
+    }
+    return 0;
+}
+
+static void conn_event(LoopObject *L, conn_t *c) {
+    if (c->out_left) {
+        if (conn_flush(L, c)) conn_close(L, c);
+        return;
+    }
+    ssize_t n;
+    do n = recv(c->fd, L->buf, LOOP_READ_BYTES, MSG_DONTWAIT); while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    if (n <= 0) { conn_close(L, c); return; } /* the client closed, or the connection failed */
+    uint64_t now = now_ns();
+    int frauds = answer_frauds(L->fast, L->buf, (size_t)n, (double)now);
+    if (frauds < 0) { /* not counted as declined here: Python offers the same bytes to the fast path again */
+        conn_migrate(L, c, L->buf, (size_t)n);
+        return;
+    }
+    L->answered++;
+    c->last_active = now;
+    ring_remove(c); /* most recently active: to the end of the ring */
+    ring_push(L, c);
+    PyObject *answer = L->fast->answers[frauds];
+    c->out = PyBytes_AS_STRING(answer);
+    c->out_left = (size_t)PyBytes_GET_SIZE(answer);
+    if (conn_flush(L, c)) conn_close(L, c);
+}
+
+/* The descriptors adopt() queued: each becomes a watched connection. */
+static int take_inbox(LoopObject *L) {
+    pthread_mutex_lock(&L->lock);
+    int stopping = L->stopping;
+    size_t n = L->n_in;
+    int *fds = L->inbox;
+    L->inbox = NULL;
+    L->n_in = L->cap_in = 0;
+    pthread_mutex_unlock(&L->lock);
+    uint64_t now = now_ns();
+    for (size_t i = 0; i < n; i++) {
+        conn_t *c = stopping ? NULL : calloc(1, sizeof *c);
+        if (!c) { close(fds[i]); continue; }
+        c->fd = fds[i];
+        c->last_active = now;
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+        if (epoll_ctl(L->epfd, EPOLL_CTL_ADD, c->fd, &ev)) { close(c->fd); free(c); continue; }
+        ring_push(L, c);
+        L->open++;
+    }
+    free(fds);
+    return stopping;
+}
+
+static void *loop_main(void *arg) {
+    LoopObject *L = arg;
+    struct epoll_event events[LOOP_EVENTS];
+    uint64_t next_sweep = now_ns() + (uint64_t)SWEEP_MS * 1000000u;
+    for (;;) {
+        int n = epoll_wait(L->epfd, events, LOOP_EVENTS, SWEEP_MS);
+        if (n < 0 && errno != EINTR) break;
+        int stop = 0;
+        for (int i = 0; i < n; i++) {
+            if (events[i].data.ptr == NULL) { /* adopt() or stop() */
+                drain_fd(L->wake_fd);
+                stop = take_inbox(L);
+            } else {
+                conn_event(L, events[i].data.ptr); /* errors and hang-ups show in the read or write */
+            }
+        }
+        if (stop) break;
+        uint64_t now = now_ns();
+        if (now >= next_sweep) {
+            next_sweep = now + (uint64_t)SWEEP_MS * 1000000u;
+            while (L->ring.next != &L->ring && now - L->ring.next->last_active > L->idle_ns) {
+                L->idle_closed++;
+                conn_close(L, L->ring.next);
+            }
+        }
+    }
+    while (L->ring.next != &L->ring) conn_close(L, L->ring.next); /* stopping: nothing here is mid-request */
+    return NULL;
+}
+
+static int Loop_init(LoopObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"fast", "idle_timeout", NULL};
+    PyObject *fast;
+    double idle_timeout;
+    if (self->fast) { PyErr_SetString(PyExc_RuntimeError, "NativeLoop is initialised already"); return -1; }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!d", kwlist, &FastPathType, &fast, &idle_timeout)) return -1;
+    if (check_initialised((FastPathObject *)fast)) return -1;
+    if (!(idle_timeout > 0) || isinf(idle_timeout)) {
+        PyErr_SetString(PyExc_ValueError, "idle_timeout must be a positive number of seconds");
+        return -1;
+    }
+    self->epfd = epoll_create1(EPOLL_CLOEXEC);
+    self->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    self->migrate_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    self->buf = malloc(LOOP_READ_BYTES);
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    if (self->epfd < 0 || self->wake_fd < 0 || self->migrate_fd < 0 ||
+        epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->wake_fd, &ev)) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    if (!self->buf) { PyErr_NoMemory(); return -1; }
+    pthread_mutex_init(&self->lock, NULL);
+    self->ring.next = self->ring.prev = &self->ring;
+    self->idle_ns = (uint64_t)(idle_timeout * 1e9);
+    Py_INCREF(fast);
+    self->fast = (FastPathObject *)fast;
+    self->fast->loops++;
+    return 0;
+}
+
+static PyObject *Loop_start(LoopObject *self, PyObject *unused) {
+    if (!self->fast) return PyErr_Format(PyExc_RuntimeError, "NativeLoop is not initialised");
+    if (self->running || self->stopping) return PyErr_Format(PyExc_RuntimeError, "NativeLoop runs once");
+    int err = pthread_create(&self->thread, NULL, loop_main, self);
+    if (err) { errno = err; return PyErr_SetFromErrno(PyExc_OSError); }
+    self->running = 1;
+    Py_RETURN_NONE;
+}
+
+/* adopt(fd): the loop serves the connection from now on, and owns (closes) the descriptor. */
+static PyObject *Loop_adopt(LoopObject *self, PyObject *arg) {
+    int fd = PyObject_AsFileDescriptor(arg);
+    if (fd < 0) return NULL;
+    if (!self->running) return PyErr_Format(PyExc_RuntimeError, "NativeLoop is not running");
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    pthread_mutex_lock(&self->lock);
+    if (self->stopping) {
+        pthread_mutex_unlock(&self->lock);
+        return PyErr_Format(PyExc_RuntimeError, "NativeLoop is stopping");
+    }
+    if (self->n_in == self->cap_in) {
+        size_t cap = self->cap_in ? 2 * self->cap_in : 16;
+        int *grown = realloc(self->inbox, cap * sizeof *grown);
+        if (!grown) { pthread_mutex_unlock(&self->lock); return PyErr_NoMemory(); }
+        self->inbox = grown;
+        self->cap_in = cap;
+    }
+    self->inbox[self->n_in++] = fd;
+    pthread_mutex_unlock(&self->lock);
+    signal_fd(self->wake_fd);
+    Py_RETURN_NONE;
+}
+
+/* take() -> [(fd, data)]: the connections moved to Python since the last call, in order. */
+static PyObject *Loop_take(LoopObject *self, PyObject *unused) {
+    if (!self->fast) return PyErr_Format(PyExc_RuntimeError, "NativeLoop is not initialised");
+    drain_fd(self->migrate_fd); /* first: a connection queued after the swap below signals again */
+    pthread_mutex_lock(&self->lock);
+    migrant_t *out = self->outbox;
+    size_t n = self->n_out;
+    self->outbox = NULL;
+    self->n_out = self->cap_out = 0;
+    pthread_mutex_unlock(&self->lock);
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; i < n; i++) {
+        PyObject *item = list ? Py_BuildValue("(iy#)", out[i].fd, out[i].data, (Py_ssize_t)out[i].n) : NULL;
+        if (item) PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+        else close(out[i].fd); /* no memory for it: the client sees a close */
+        free(out[i].data);
+    }
+    free(out);
+    if (list && PyErr_Occurred()) Py_CLEAR(list);
+    return list;
+}
+
+static void loop_join(LoopObject *self) {
+    if (!self->running) return;
+    pthread_mutex_lock(&self->lock);
+    self->stopping = 1;
+    pthread_mutex_unlock(&self->lock);
+    signal_fd(self->wake_fd);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(self->thread, NULL);
+    Py_END_ALLOW_THREADS
+    self->running = 0;
+}
+
+/* stop(): close what the loop holds (every connection there is between requests) and join it. */
+static PyObject *Loop_stop(LoopObject *self, PyObject *unused) {
+    if (!self->running && !self->stopping) {
+        pthread_mutex_lock(&self->lock);
+        self->stopping = 1; /* never started: it never will */
+        pthread_mutex_unlock(&self->lock);
+    }
+    loop_join(self);
+    Py_RETURN_NONE;
+}
+
+static void Loop_dealloc(LoopObject *self) {
+    if (self->fast) {
+        loop_join(self);
+        pthread_mutex_destroy(&self->lock);
+        self->fast->loops--;
+    }
+    Py_CLEAR(self->fast);
+    for (size_t i = 0; i < self->n_in; i++) close(self->inbox[i]);
+    for (size_t i = 0; i < self->n_out; i++) { close(self->outbox[i].fd); free(self->outbox[i].data); }
+    free(self->inbox);
+    free(self->outbox);
+    free(self->buf);
+    if (self->epfd >= 0) close(self->epfd);
+    if (self->wake_fd >= 0) close(self->wake_fd);
+    if (self->migrate_fd >= 0) close(self->migrate_fd);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Loop_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    LoopObject *self = (LoopObject *)type->tp_alloc(type, 0);
+    if (self) self->epfd = self->wake_fd = self->migrate_fd = -1;
+    return (PyObject *)self;
+}
+
+static PyMethodDef Loop_methods[] = {
+    {"start", (PyCFunction)Loop_start, METH_NOARGS, "start($self, /)\n--\n\nStart the loop's thread."},
+    {"adopt", (PyCFunction)Loop_adopt, METH_O,
+     "adopt($self, fd, /)\n--\n\nServe this connected socket from now on; the loop owns the descriptor."},
+    {"take", (PyCFunction)Loop_take, METH_NOARGS,
+     "take($self, /)\n--\n\nThe connections moved to Python since the last call: (fd, the bytes read), in order."},
+    {"stop", (PyCFunction)Loop_stop, METH_NOARGS,
+     "stop($self, /)\n--\n\nClose every connection the loop holds and join its thread."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Loop_members[] = {
+    {"migrate_fd", T_INT, offsetof(LoopObject, migrate_fd), READONLY, "readable when take() has connections"},
+    {"answered", T_ULONGLONG, offsetof(LoopObject, answered), READONLY, "requests answered by the loop"},
+    {"migrated", T_ULONGLONG, offsetof(LoopObject, migrated), READONLY, "connections moved to Python"},
+    {"idle_closed", T_ULONGLONG, offsetof(LoopObject, idle_closed), READONLY, "connections closed for idling"},
+    {"open", T_ULONGLONG, offsetof(LoopObject, open), READONLY, "connections the loop holds"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject LoopType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "fraudscore.service._fastpath.NativeLoop",
+    .tp_basicsize = sizeof(LoopObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "NativeLoop(fast, idle_timeout)\n--\n\n"
+              "Connections served on a thread of their own: ordinary scoring requests answered by fast, "
+              "every other read's connection moved to Python (take()).",
+    .tp_new = Loop_new,
+    .tp_init = (initproc)Loop_init,
+    .tp_dealloc = (destructor)Loop_dealloc,
+    .tp_methods = Loop_methods,
+    .tp_members = Loop_members,
 };
 
 static PyMethodDef module_methods[] = {
@@ -994,11 +1413,12 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     if (!knn) return NULL;
     c_locale = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
     if (c_locale == (locale_t)0) return PyErr_SetFromErrno(PyExc_OSError);
-    if (PyType_Ready(&FastPathType) < 0 || PyType_Ready(&MetricsType) < 0) return NULL;
+    if (PyType_Ready(&FastPathType) < 0 || PyType_Ready(&MetricsType) < 0 || PyType_Ready(&LoopType) < 0) return NULL;
     PyObject *m = PyModule_Create(&fastpath_module);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "FastPath", (PyObject *)&FastPathType) < 0 ||
         PyModule_AddObjectRef(m, "RequestMetrics", (PyObject *)&MetricsType) < 0 ||
+        PyModule_AddObjectRef(m, "NativeLoop", (PyObject *)&LoopType) < 0 ||
         add_new(m, "LATENCY_BOUNDS", bounds_tuple(LATENCY_BOUNDS, N_LATENCY)) < 0 ||
         add_new(m, "SEARCH_BOUNDS", bounds_tuple(SEARCH_BOUNDS, N_SEARCH)) < 0) {
         Py_DECREF(m);

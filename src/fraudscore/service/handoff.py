@@ -33,17 +33,20 @@ def send_connection(channel: socket.socket, conn: socket.socket) -> None:
 
 
 class HandoffListener:
-    """Listens on ``path``; every descriptor received becomes a served connection."""
+    """Listens on ``path``; every descriptor received becomes a served connection: given to
+    ``adopt`` when there is one (the native loop, ``native_loop.py``), else served on ``loop``."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         path: Path,
         protocol_factory: Callable[[], asyncio.Protocol],
+        adopt: Callable[[int], None] | None = None,
     ) -> None:
         self._loop = loop
         self._path = Path(path)
         self._factory = protocol_factory
+        self._adopt = adopt
         self._channels: set[socket.socket] = set()
         # the loop holds tasks weakly: keep each handover's task until it is done
         self._connecting: set[asyncio.Task[None]] = set()
@@ -84,6 +87,13 @@ class HandoffListener:
                 self._serve(fd)
 
     def _serve(self, fd: int) -> None:
+        if self._adopt is not None:
+            try:
+                self._adopt(fd)
+            except (OSError, RuntimeError) as exc:  # not a socket we can use, or the loop is stopping
+                log.debug("handed-over connection not adopted: %s", exc)
+                os.close(fd)
+            return
         try:
             sock = socket.socket(fileno=fd)
         except OSError:

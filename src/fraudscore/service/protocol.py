@@ -34,7 +34,7 @@ from fraudscore.service import responses
 from fraudscore.service._fastpath import FastPath, RequestMetrics
 from fraudscore.service.decode import read_payload, unsearchable
 from fraudscore.service.metrics import METRICS_PATH
-from fraudscore.service.state import ServiceState
+from fraudscore.service.state import ServiceConfig, ServiceState
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,19 @@ class _Refused(Exception):
 
 
 def fast_path(
-    scorer: KnnScorer, constants: Constants, max_body_bytes: int, metrics: RequestMetrics | None = None
+    scorer: KnnScorer,
+    constants: Constants,
+    max_body_bytes: int,
+    metrics: RequestMetrics | None = None,
+    *,
+    max_url_bytes: int = ServiceConfig.max_url_bytes,
+    max_headers: int = ServiceConfig.max_headers,
+    max_header_bytes: int = ServiceConfig.max_header_bytes,
 ) -> FastPath:
     """The native answerer of ordinary scoring requests, with this service's data and answers:
     every constant of the vector comes from here, none is the C code's own.  It counts and times
-    what it answers in ``metrics``."""
+    what it answers in ``metrics``, and declines a request over the URL or header limits (the
+    Python path answers it 414 or 431)."""
     return FastPath(
         scorer.index.native,
         divisors={key: getattr(constants, key) for key in NORMALIZATION_KEYS},
@@ -63,6 +71,9 @@ def fast_path(
         answers=responses.SCORES,
         max_body=max_body_bytes,
         metrics=metrics,
+        max_url=max_url_bytes,
+        max_headers=max_headers,
+        max_header_bytes=max_header_bytes,
     )
 
 

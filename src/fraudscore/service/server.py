@@ -19,6 +19,7 @@ from fraudscore.scorer import KnnScorer
 from fraudscore.service import v1
 from fraudscore.service.handoff import HandoffListener
 from fraudscore.service.metrics import MetricsConnection
+from fraudscore.service.native_loop import NativeConnections
 from fraudscore.service.protocol import HttpConnection, fast_path
 from fraudscore.service.sockets import remove_own_socket, remove_socket_file
 from fraudscore.service.state import ServiceConfig, ServiceState
@@ -79,15 +80,27 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
     gc.collect()
     gc.freeze()  # what exists now lives forever: keep the collector from walking it under load
     if config.fast_path:
-        state.fast = fast_path(scorer, state.constants, config.max_body_bytes, state.metrics.native)
+        state.fast = fast_path(
+            scorer,
+            state.constants,
+            config.max_body_bytes,
+            state.metrics.native,
+            max_url_bytes=config.max_url_bytes,
+            max_headers=config.max_headers,
+            max_header_bytes=config.max_header_bytes,
+        )
     state.ready = True
+    native: NativeConnections | None = None
+    if config.native_loop and state.fast is not None:
+        native = NativeConnections(loop, state, state.fast)
     if config.handoff is not None:
-        handoff = HandoffListener(loop, config.handoff, factory)
+        handoff = HandoffListener(loop, config.handoff, factory, native.adopt if native else None)
     log.info(
-        "ready in %.2f s (kernel %s, fast path %s, pid %d)",
+        "ready in %.2f s (kernel %s, fast path %s, native loop %s, pid %d)",
         time.monotonic() - started,
         index.kernel,
         "on" if state.fast else "off",
+        "on" if native else "off",
         os.getpid(),
     )
 
@@ -110,6 +123,13 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
         server.close()
     if handoff is not None:
         handoff.close()
+    if native is not None:  # its connections are between requests: closed; what it moved is Python's
+        await native.stop()
+        log.info(
+            "the native loop answered %d requests and moved %d connections to Python",
+            native.answered,
+            native.migrated,
+        )
     state.draining = True
     if state.fast is not None:
         log.info(

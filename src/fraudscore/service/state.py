@@ -73,6 +73,9 @@ class ServiceConfig:
     warm_queries: int = 256
     registry: Path | None = None  # the model registry behind /v1/score (v1.resolve_registry)
     fast_path: bool = True  # answer ordinary scoring requests natively (protocol.py)
+    # serve handed-over connections on the native loop's thread (native_loop.py); needs the fast path
+    # (cli.py turns it on by default with --handoff)
+    native_loop: bool = False
     backlog: int = 4096
     # also serve GET /metrics alone on metrics_host:metrics_port (service/metrics.py), for an
     # instance whose main listener Prometheus cannot reach (a unix or handoff socket)
@@ -97,6 +100,10 @@ class ServiceConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and value > 0):
                 raise ConfigError(f"{_setting(name)} must be a positive whole number, got {value}")
+        if self.native_loop and (self.handoff is None or not self.fast_path):
+            raise ConfigError(
+                "--native-loop serves handed-over connections: it needs --handoff and the fast path"
+            )
         if not (isinstance(self.warm_queries, int) and self.warm_queries >= 0):
             raise ConfigError(f"{_setting('warm_queries')} must not be negative, got {self.warm_queries}")
 

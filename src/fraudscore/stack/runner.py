@@ -205,6 +205,9 @@ class StackConfig:
     log_level: str = "INFO"
     workdir: Path | None = None
     metrics_port: int | None = None  # instance i serves GET /metrics on 127.0.0.1:metrics_port + i
+    # the instances' --native-loop / --no-native-loop (handed-over connections: builtin only); None:
+    # their default
+    native_loop: bool | None = None
     stack_limits: StackLimits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -235,6 +238,8 @@ class Stack:
         if self.config.metrics_port is not None:
             # each instance its own scrape target (service/metrics.py says why, not an aggregate)
             argv += ["--metrics-port", str(self.config.metrics_port + i)]
+        if self.config.native_loop is not None and self.config.balancer == "builtin":
+            argv.append("--native-loop" if self.config.native_loop else "--no-native-loop")
         return Process(limits.name, argv, limits, socket=sock)
 
     def _balancer(self, limits: ServiceLimits) -> Process:
