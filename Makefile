@@ -7,7 +7,7 @@ BIN     = $(VENV)/bin
 INDEX  ?= data/references.fsidx
 PORT   ?= 9999
 
-.PHONY: install index run test lint typecheck unit sanitize stubtest bench clean
+.PHONY: install system-deps index run test lint typecheck unit sanitize stubtest bench clean
 
 $(BIN)/.installed: pyproject.toml setup.py $(wildcard src/fraudscore/*/_*.c src/fraudscore/*/*.h)
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,25 @@ $(BIN)/.installed: pyproject.toml setup.py $(wildcard src/fraudscore/*/_*.c src/
 	touch $@
 
 install: $(BIN)/.installed
+
+# Programs the tests run for real, from Debian's packages (command:package): the stack's other
+# balancers, the stream pipeline's Redis (redis-cli builds the test cluster), and Prometheus with
+# promtool.  Installed when missing and we are root with apt-get; otherwise said, once.
+SYSTEM_TOOLS = nginx:nginx haproxy:haproxy redis-server:redis-server redis-cli:redis-tools \
+               prometheus:prometheus promtool:prometheus
+
+system-deps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$tool >/dev/null 2>&1 || [ -x /usr/sbin/$$tool ] || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "missing Debian packages:$$missing (the tests that run them will fail)" >&2; \
+	  fi; \
+	fi
 
 $(INDEX): data/references.json.gz $(BIN)/.installed
 	$(BIN)/fraudscore index build --references data/references.json.gz --out $(INDEX)
@@ -68,7 +87,7 @@ stubtest: install
 	$(BIN)/python -m mypy.stubtest fraudscore.index._knn fraudscore.service._fastpath fraudscore.models._trees \
 	    fraudscore.models._drift
 
-test: lint typecheck stubtest unit sanitize
+test: system-deps lint typecheck stubtest unit sanitize
 
 bench: install index
 	$(BIN)/python bench/search.py
