@@ -11,7 +11,7 @@ import argparse
 import difflib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fraudscore.defaults import PORT
@@ -109,12 +109,15 @@ def render(stack: StackLimits = DEFAULT_STACK, *, build_context: str | None = ".
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fraudscore.stack.compose", description=__doc__)
+def generated_file_command(
+    argv: Sequence[str] | None, *, module: str, doc: str | None, out: Path, render: Callable[[], str]
+) -> int:
+    """``python -m MODULE [--check] [--out PATH]``: write what ``render`` gives to ``out``, or with
+    --check exit 1 (showing the diff) when the committed file differs: one command for every
+    generated deployment file."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc)
     parser.add_argument("--check", action="store_true", help="exit 1 if the file differs from the rendering")
-    parser.add_argument(
-        "--out", type=Path, default=COMPOSE_PATH, help="the compose file (default: %(default)s)"
-    )
+    parser.add_argument("--out", type=Path, default=out, help="the file (default: %(default)s)")
     args = parser.parse_args(argv)
     wanted = render()
     if args.check:
@@ -125,12 +128,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             current.splitlines(keepends=True), wanted.splitlines(keepends=True), str(args.out), "rendered"
         )
         sys.stderr.write("".join(diff))
-        sys.stderr.write(f"{args.out} is stale: run `python -m fraudscore.stack.compose`\n")
+        sys.stderr.write(f"{args.out} is stale: run `python -m {module}`\n")
         return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(wanted)
     print(f"wrote {args.out}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return generated_file_command(
+        argv, module="fraudscore.stack.compose", doc=__doc__, out=COMPOSE_PATH, render=render
+    )
 
 
 if __name__ == "__main__":

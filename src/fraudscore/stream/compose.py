@@ -11,11 +11,8 @@ The YAML is written as text (JSON arrays are YAML flow sequences), as ``stack/co
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from fraudscore.stack.compose import IMAGE, INDEX_PATH, REPO_ROOT
 
@@ -72,20 +69,11 @@ def render() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fraudscore.stream.compose", description=__doc__)
-    parser.add_argument("--check", action="store_true", help="exit 1 if the file differs from the rendering")
-    parser.add_argument("--out", type=Path, default=COMPOSE_PATH, help="default: %(default)s")
-    args = parser.parse_args(argv)
-    wanted = render()
-    if args.check:
-        if args.out.exists() and args.out.read_text() == wanted:
-            return 0
-        sys.stderr.write(f"{args.out} is stale: run `python -m fraudscore.stream.compose`\n")
-        return 1
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(wanted)
-    print(f"wrote {args.out}")
-    return 0
+    from fraudscore.stack.compose import generated_file_command
+
+    return generated_file_command(
+        argv, module="fraudscore.stream.compose", doc=__doc__, out=COMPOSE_PATH, render=render
+    )
 
 
 if __name__ == "__main__":
