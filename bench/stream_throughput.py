@@ -42,7 +42,7 @@ from _common import INDEX, machine
 from fraudscore.stream.generate import generate, raw
 from fraudscore.stream.keys import GROUP, PartitionKeys
 from fraudscore.stream.produce import publish
-from fraudscore.stream.worker import Client, connect, prepare
+from fraudscore.stream.worker import Client, connect, prepare, wait_until_answering
 
 POOL = 100_000  # events the producer generates once, then publishes again and again
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -134,12 +134,7 @@ def one_run(args: argparse.Namespace) -> Run:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         client = connect(url)
-        for _ in range(200):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:  # not listening yet
-                time.sleep(0.05)
+        wait_until_answering(client, 10.0)
         prepare(client, args.partitions)
         total = args.warmup + args.duration + 5
         producer = subprocess.Popen(
@@ -209,12 +204,7 @@ def phases(args: argparse.Namespace) -> None:
     )
     try:
         client = connect(f"unix://{sock}")
-        for _ in range(200):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:  # not listening yet
-                time.sleep(0.05)
+        wait_until_answering(client, 10.0)
         prepare(client, args.partitions)
         events = generate(args.events, customers=max(100, args.events // 25), merchants=300, seed=1)
         publish(client, [raw(e) for e in events], args.partitions)

@@ -53,6 +53,16 @@ N_FAST, N_PYTHON, N_BAD, N_MISSING = 7, 5, 3, 2
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 30 s: nothing is left running."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def parse(text: str) -> Samples:
     return {
         (s.name, frozenset(s.labels.items())): s.value
@@ -384,12 +394,7 @@ def test_prometheus_scrapes_a_real_server(served: tuple[Server, int, list[bytes]
         native = query(url, 'fraudscore_knn_search_duration_seconds_count{answerer="native"}')
         assert float(native[0]["value"][1]) == N_FAST
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
         log.close()
 
 
@@ -430,12 +435,7 @@ def test_stack_exposes_each_instance(index_path: Path, example_payloads: list[An
             )
         assert sum(counts) == sent and all(c > 0 for c in counts), counts
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
         err.close()
     log = (tmp_path / "stack.log").read_text()
     for i, api in enumerate(DEFAULT_STACK.apis):

@@ -42,7 +42,15 @@ from fraudscore.stream.keys import GROUP, PartitionKeys
 from fraudscore.stream.monitor import snapshot
 from fraudscore.stream.produce import publish
 from fraudscore.stream.replay import Replay, replay
-from fraudscore.stream.worker import Client, Worker, WorkerConfig, apply_call, connect, prepare
+from fraudscore.stream.worker import (
+    Client,
+    Worker,
+    WorkerConfig,
+    apply_call,
+    connect,
+    prepare,
+    wait_until_answering,
+)
 
 REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
@@ -506,14 +514,7 @@ def cluster_url() -> Iterator[str]:
 
 
 def _wait_ping(client: Client) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            return
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
+    wait_until_answering(client, 20.0)
 
 
 @pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli is not installed")

@@ -19,13 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import redis
-
 from fraudscore.errors import TransientError, UsageError
 from fraudscore.stream.generate import RateShape, generate, raw
 from fraudscore.stream.monitor import Snapshot, line, snapshot
 from fraudscore.stream.produce import publish_paced
-from fraudscore.stream.worker import connect, prepare
+from fraudscore.stream.worker import connect, prepare, wait_until_answering
 
 START_TIMEOUT_S = 20.0
 
@@ -51,18 +49,14 @@ def _start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     proc = subprocess.Popen([*argv, "--appendonly", "no"], stdout=subprocess.DEVNULL)
     url = f"unix://{sock}"
     client = connect(url)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        try:
-            client.ping()
-            return proc, url
-        except redis.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise TransientError(f"redis-server did not start in {directory}") from None
-            time.sleep(0.05)
-        finally:
-            client.close()
+    try:
+        wait_until_answering(client, START_TIMEOUT_S, proc)
+    except TransientError:
+        proc.kill()
+        raise TransientError(f"redis-server did not start in {directory}") from None
+    finally:
+        client.close()
+    return proc, url
 
 
 def run(config: DemoConfig, log_level: str = "WARNING") -> Snapshot:

@@ -162,6 +162,20 @@ def connect(url: str, cluster: bool = False) -> Client:
     return client
 
 
+def wait_until_answering(client: Client, timeout_s: float, process: Any = None) -> None:
+    """Return once Redis answers PING; TransientError after ``timeout_s``, or at once when
+    ``process`` (the redis-server just started, if any) has exited."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:  # not listening yet
+            if (process is not None and process.poll() is not None) or time.monotonic() > deadline:
+                raise TransientError(f"Redis did not answer within {timeout_s:g} s") from None
+            time.sleep(0.05)
+
+
 def prepare(client: Client, partitions: int, group: str = GROUP) -> None:
     """Load the function library, fix the partition count, create the consumer groups."""
     try:
