@@ -16,7 +16,7 @@ import pytest
 from fraudscore.contract.costs import FN_WEIGHT, FP_WEIGHT
 from fraudscore.contract.vectorize import FEATURES, vectorize
 from fraudscore.errors import ModelFormatError, UsageError
-from fraudscore.models.registry import MODEL_FILE, POINTER, Registry
+from fraudscore.models.registry import FOREST_FILE, MODEL_FILE, POINTER, Registry
 from fraudscore.models.scorer import ModelScorer, open_version
 from fraudscore.models.train import TrainConfig, best_threshold, train
 from fraudscore.scorer import KnnScorer
@@ -40,6 +40,12 @@ def _copy_version(registry: Registry, version: str, root: Path) -> tuple[Registr
     for p in dst.iterdir():
         p.chmod(stat.S_IRUSR | stat.S_IWUSR)
     return target, version, dst
+
+
+def _text_only(path: Path) -> None:
+    """The copied version as written before forest.bin existed: loaded by parsing model.txt."""
+    (path / FOREST_FILE).unlink()
+    _edit_meta(path, lambda m: m["files"].pop(FOREST_FILE))
 
 
 def _edit_meta(path: Path, change: Any) -> None:
@@ -190,6 +196,7 @@ def test_a_model_changed_with_its_checksum_is_refused_by_the_check_rows(
     import hashlib
 
     registry, version, path = _copy_version(*trained, tmp_path)
+    _text_only(path)  # forest.bin's own check: test_models_compiled.py
     text = (path / MODEL_FILE).read_text()
     start = text.index("leaf_value=") + len("leaf_value=")
     first = text[start:].split()[0]
@@ -220,6 +227,7 @@ def test_a_model_of_other_features_is_refused(trained: tuple[Registry, str], tmp
     import hashlib
 
     registry, version, path = _copy_version(*trained, tmp_path)
+    _text_only(path)
     text = (path / MODEL_FILE).read_text().replace("feature_names=amount ", "feature_names=value ", 1)
     (path / MODEL_FILE).write_text(text)
     digest = hashlib.sha256(text.encode()).hexdigest()

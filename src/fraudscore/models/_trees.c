@@ -21,6 +21,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -251,10 +253,45 @@ static PyObject *Forest_raw_many(Forest *self, PyObject *arg) { return many(self
 
 /* ---- construction ------------------------------------------------------------------------ */
 
+/* A running instance loads versions in a thread while its event loop serves, so the forest is
+ * built without the GIL: the caller's arrays are copied once into the forest's own memory (what
+ * is checked is then what is built, whatever the caller's buffers do meanwhile), memory comes
+ * from the raw allocator (the one usable without the GIL), an error is kept as a message and
+ * raised once the GIL is back, and the result is put into the object only then. */
+
 typedef struct {
     Py_buffer view;
     int held;
 } arg_buf;
+
+typedef struct {
+    PyObject *type; /* the exception to raise; NULL while all is well */
+    char message[200];
+} build_error;
+
+static int fail(build_error *err, PyObject *type, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err->message, sizeof err->message, fmt, ap);
+    va_end(ap);
+    err->type = type;
+    return -1;
+}
+
+static int out_of_memory(build_error *err) { return fail(err, PyExc_MemoryError, "no memory for the forest"); }
+
+static void free_forest(Forest *f) {
+    PyMem_RawFree(f->nodes);
+    PyMem_RawFree(f->roots);
+    PyMem_RawFree(f->group_depth);
+    PyMem_RawFree(f->entry_start);
+    PyMem_RawFree(f->entries);
+    f->nodes = NULL;
+    f->roots = NULL;
+    f->group_depth = NULL;
+    f->entry_start = NULL;
+    f->entries = NULL;
+}
 
 static int take(PyObject *obj, arg_buf *b, Py_ssize_t itemsize, Py_ssize_t *count, const char *name) {
     if (PyObject_GetBuffer(obj, &b->view, PyBUF_SIMPLE) < 0) return -1;
@@ -273,68 +310,131 @@ static int take(PyObject *obj, arg_buf *b, Py_ssize_t itemsize, Py_ssize_t *coun
 }
 
 /* Every node but a root has exactly one parent (else ValueError); each leaf gets its path's
- * Saabas sums, one entry per feature split on along the path. */
-static int build_reasons(Forest *self, const int32_t *feature, const int32_t *left, const int32_t *right,
-                         const int32_t *roots) {
-    Py_ssize_t n = self->n_nodes;
-    int nf = self->n_features;
-    int32_t *parent = PyMem_Malloc((size_t)n * sizeof(int32_t));
+ * Saabas sums, one entry per feature split on along the path.  Reads only the forest's own
+ * nodes (a leaf's children are itself). */
+static int build_reasons(Forest *f, build_error *err) {
+    Py_ssize_t n = f->n_nodes;
+    const node_t *nodes = f->nodes;
+    int nf = f->n_features;
+    int32_t *parent = PyMem_RawMalloc((size_t)n * sizeof(int32_t));
     double acc[MAX_FEATURES];
     int touched[MAX_FEATURES];
     int rc = -1;
-    self->entry_start = PyMem_Calloc((size_t)n + 1, sizeof(int32_t));
-    if (!parent || !self->entry_start) { PyErr_NoMemory(); goto out; }
+    f->entry_start = PyMem_RawCalloc((size_t)n + 1, sizeof(int32_t));
+    if (!parent || !f->entry_start) { out_of_memory(err); goto out; }
     for (Py_ssize_t i = 0; i < n; i++) parent[i] = -2; /* -2: no parent yet */
-    for (Py_ssize_t t = 0; t < self->n_trees; t++) {
-        if (parent[roots[t]] != -2) { PyErr_Format(PyExc_ValueError, "tree %zd: root reached twice", t); goto out; }
-        parent[roots[t]] = -1;
+    for (Py_ssize_t t = 0; t < f->n_trees; t++) {
+        if (parent[f->roots[t]] != -2) { fail(err, PyExc_ValueError, "tree %zd: root reached twice", t); goto out; }
+        parent[f->roots[t]] = -1;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (feature[i] < 0) continue;
-        const int32_t kids[2] = {left[i], right[i]};
+        if (nodes[i].feature < 0) continue;
         for (int k = 0; k < 2; k++) {
-            if (parent[kids[k]] != -2) {
-                PyErr_Format(PyExc_ValueError, "node %d has two parents", kids[k]);
-                goto out;
-            }
-            parent[kids[k]] = (int32_t)i;
+            int32_t kid = nodes[i].child[k];
+            if (parent[kid] != -2) { fail(err, PyExc_ValueError, "node %d has two parents", kid); goto out; }
+            parent[kid] = (int32_t)i;
         }
     }
     Py_ssize_t total = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (parent[i] == -2) { PyErr_Format(PyExc_ValueError, "node %zd is in no tree", i); goto out; }
-        if (feature[i] >= 0) continue;
+        if (parent[i] == -2) { fail(err, PyExc_ValueError, "node %zd is in no tree", i); goto out; }
+        if (nodes[i].feature >= 0) continue;
         int count = 0;
         memset(touched, 0, sizeof(int) * (size_t)nf);
         for (int32_t c = (int32_t)i; parent[c] >= 0; c = parent[c]) {
-            int32_t f = feature[parent[c]];
-            count += !touched[f];
-            touched[f] = 1;
+            int32_t feat = nodes[parent[c]].feature;
+            count += !touched[feat];
+            touched[feat] = 1;
         }
         total += count;
     }
-    if (total > INT32_MAX) { PyErr_SetString(PyExc_ValueError, "the forest is too large"); goto out; }
-    self->entries = PyMem_Malloc((size_t)(total ? total : 1) * sizeof(reason_t));
-    if (!self->entries) { PyErr_NoMemory(); goto out; }
+    if (total > INT32_MAX) { fail(err, PyExc_ValueError, "the forest is too large"); goto out; }
+    f->entries = PyMem_RawMalloc((size_t)(total ? total : 1) * sizeof(reason_t));
+    if (!f->entries) { out_of_memory(err); goto out; }
     int32_t e = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        self->entry_start[i] = e;
-        if (feature[i] >= 0) continue;
+        f->entry_start[i] = e;
+        if (nodes[i].feature >= 0) continue;
         memset(touched, 0, sizeof(int) * (size_t)nf);
         for (int32_t c = (int32_t)i; parent[c] >= 0; c = parent[c]) {
-            int32_t p = parent[c], f = feature[p];
-            if (!touched[f]) acc[f] = 0.0;
-            touched[f] = 1;
-            acc[f] += self->nodes[c].value - self->nodes[p].value;
+            int32_t p = parent[c], feat = nodes[p].feature;
+            if (!touched[feat]) acc[feat] = 0.0;
+            touched[feat] = 1;
+            acc[feat] += nodes[c].value - nodes[p].value;
         }
-        for (int f = 0; f < nf; f++)
-            if (touched[f]) self->entries[e++] = (reason_t){acc[f], f};
+        for (int k = 0; k < nf; k++)
+            if (touched[k]) f->entries[e++] = (reason_t){acc[k], k};
     }
-    self->entry_start[n] = e;
+    f->entry_start[n] = e;
     rc = 0;
 out:
-    PyMem_Free(parent);
+    PyMem_RawFree(parent);
     return rc;
+}
+
+/* The whole build, without the GIL: the arrays (n nodes, n_trees roots) into ``f``.  The nodes
+ * are copied first, then checked and walked from the copy only. */
+static int build(Forest *f, const arg_buf *b, Py_ssize_t n, Py_ssize_t n_trees, build_error *err) {
+    const int32_t *feature = b[0].view.buf, *left = b[3].view.buf, *right = b[4].view.buf;
+    const double *threshold = b[1].view.buf, *value = b[5].view.buf;
+    const uint8_t *decision = b[2].view.buf;
+    f->nodes = PyMem_RawCalloc((size_t)n, sizeof(node_t));
+    f->roots = PyMem_RawMalloc((size_t)n_trees * sizeof(int32_t));
+    if (!f->nodes || !f->roots) return out_of_memory(err);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        node_t *nd = &f->nodes[i];
+        int32_t feat = feature[i];
+        int leaf = feat < 0;
+        nd->threshold = threshold[i];
+        nd->value = value[i];
+        nd->feature = leaf ? -1 : feat;
+        nd->fidx = (uint16_t)(leaf ? 0 : feat);
+        nd->child[0] = leaf ? (int32_t)i : left[i];
+        nd->child[1] = leaf ? (int32_t)i : right[i];
+        nd->decision = decision[i];
+    }
+    memcpy(f->roots, b[6].view.buf, (size_t)n_trees * sizeof(int32_t));
+    int zero_missing = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const node_t *nd = &f->nodes[i];
+        if (nd->feature < 0) continue; /* a leaf */
+        if (nd->feature >= f->n_features)
+            return fail(err, PyExc_ValueError, "node %zd splits on feature %d of %d", i, nd->feature, f->n_features);
+        /* children after their parent: every walk ends */
+        if (nd->child[0] <= i || nd->child[0] >= n || nd->child[1] <= i || nd->child[1] >= n)
+            return fail(err, PyExc_ValueError, "node %zd: children must lie after it in the node array", i);
+        if (nd->decision & CATEGORICAL)
+            return fail(err, PyExc_ValueError, "node %zd: categorical splits are not supported", i);
+        int missing = (nd->decision >> 2) & 3;
+        if (missing == 3) return fail(err, PyExc_ValueError, "node %zd: unknown missing type", i);
+        zero_missing |= missing == MISSING_ZERO;
+    }
+    for (Py_ssize_t t = 0; t < n_trees; t++)
+        if (f->roots[t] < 0 || f->roots[t] >= n) return fail(err, PyExc_ValueError, "tree %zd: bad root", t);
+    /* splits on the deepest path below each node: children lie after parents, so go backwards */
+    int32_t *depth = PyMem_RawCalloc((size_t)n, sizeof(int32_t));
+    Py_ssize_t n_groups = (n_trees + GROUP - 1) / GROUP;
+    f->group_depth = PyMem_RawCalloc((size_t)n_groups, sizeof(int32_t));
+    if (!depth || !f->group_depth) { PyMem_RawFree(depth); return out_of_memory(err); }
+    for (Py_ssize_t i = n - 1; i >= 0; i--) {
+        const node_t *nd = &f->nodes[i];
+        if (nd->feature < 0) continue;
+        int32_t l = depth[nd->child[0]], r = depth[nd->child[1]];
+        depth[i] = 1 + (l > r ? l : r);
+    }
+    for (Py_ssize_t t = 0; t < n_trees; t++) {
+        int32_t *g = &f->group_depth[t / GROUP];
+        if (depth[f->roots[t]] > *g) *g = depth[f->roots[t]];
+    }
+    PyMem_RawFree(depth);
+    f->n_nodes = n;
+    f->n_trees = n_trees;
+    if (build_reasons(f, err) < 0) return -1;
+    double bias = 0.0;
+    for (Py_ssize_t t = 0; t < n_trees; t++) bias += f->nodes[f->roots[t]].value;
+    f->bias = bias;
+    f->zero_missing = zero_missing;
+    return 0;
 }
 
 static int Forest_init(Forest *self, PyObject *args, PyObject *kwds) {
@@ -356,6 +456,8 @@ static int Forest_init(Forest *self, PyObject *args, PyObject *kwds) {
     static const char *names[7] = {"feature", "threshold", "decision", "left", "right", "value", "roots"};
     Py_ssize_t n = -1, n_trees = -1;
     int rc = -1;
+    Forest built = {0};
+    build_error err = {NULL, {0}};
     for (int i = 0; i < 6; i++)
         if (take(o[i], &b[i], sizes[i], &n, names[i]) < 0) goto done;
     if (take(o[6], &b[6], 4, &n_trees, "roots") < 0) goto done;
@@ -363,95 +465,45 @@ static int Forest_init(Forest *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_ValueError, "a forest needs at least one tree and one node");
         goto done;
     }
-    const int32_t *feature = b[0].view.buf, *left = b[3].view.buf, *right = b[4].view.buf;
-    const int32_t *roots = b[6].view.buf;
-    const double *threshold = b[1].view.buf, *value = b[5].view.buf;
-    const uint8_t *decision = b[2].view.buf;
-    int zero_missing = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (feature[i] < 0) continue; /* a leaf */
-        if (feature[i] >= n_features) {
-            PyErr_Format(PyExc_ValueError, "node %zd splits on feature %d of %d", i, feature[i], n_features);
-            goto done;
-        }
-        /* children after their parent: every walk ends */
-        if (left[i] <= i || left[i] >= n || right[i] <= i || right[i] >= n) {
-            PyErr_Format(PyExc_ValueError, "node %zd: children must lie after it in the node array", i);
-            goto done;
-        }
-        if (decision[i] & CATEGORICAL) {
-            PyErr_Format(PyExc_ValueError, "node %zd: categorical splits are not supported", i);
-            goto done;
-        }
-        int missing = (decision[i] >> 2) & 3;
-        if (missing == 3) { PyErr_Format(PyExc_ValueError, "node %zd: unknown missing type", i); goto done; }
-        zero_missing |= missing == MISSING_ZERO;
+    built.n_features = n_features;
+    Py_BEGIN_ALLOW_THREADS
+    rc = build(&built, b, n, n_trees, &err);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        PyErr_SetString(err.type, err.message);
+        goto done;
     }
-    for (Py_ssize_t t = 0; t < n_trees; t++) {
-        if (roots[t] < 0 || roots[t] >= n) { PyErr_Format(PyExc_ValueError, "tree %zd: bad root", t); goto done; }
+    if (self->nodes) { /* another thread initialised it meanwhile */
+        PyErr_SetString(PyExc_TypeError, "Forest is already initialised");
+        rc = -1;
+        goto done;
     }
-    self->nodes = PyMem_Calloc((size_t)n, sizeof(node_t));
-    self->roots = PyMem_Malloc((size_t)n_trees * sizeof(int32_t));
-    if (!self->nodes || !self->roots) { PyErr_NoMemory(); goto done; }
-    double bias = 0.0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        node_t *nd = &self->nodes[i];
-        nd->threshold = threshold[i];
-        nd->value = value[i];
-        int leaf = feature[i] < 0;
-        nd->feature = leaf ? -1 : feature[i];
-        nd->fidx = (uint16_t)(leaf ? 0 : feature[i]);
-        nd->child[0] = leaf ? (int32_t)i : left[i];
-        nd->child[1] = leaf ? (int32_t)i : right[i];
-        nd->decision = decision[i];
-    }
-    /* splits on the deepest path below each node: children lie after parents, so go backwards */
-    int32_t *depth = PyMem_Calloc((size_t)n, sizeof(int32_t));
-    Py_ssize_t n_groups = (n_trees + GROUP - 1) / GROUP;
-    self->group_depth = PyMem_Calloc((size_t)n_groups, sizeof(int32_t));
-    if (!depth || !self->group_depth) { PyMem_Free(depth); PyErr_NoMemory(); goto done; }
-    for (Py_ssize_t i = n - 1; i >= 0; i--) {
-        if (feature[i] < 0) continue;
-        int32_t l = depth[left[i]], r = depth[right[i]];
-        depth[i] = 1 + (l > r ? l : r);
-    }
-    for (Py_ssize_t t = 0; t < n_trees; t++) {
-        int32_t *g = &self->group_depth[t / GROUP];
-        if (depth[roots[t]] > *g) *g = depth[roots[t]];
-    }
-    PyMem_Free(depth);
-    self->n_nodes = n;
-    self->n_trees = n_trees;
+    self->nodes = built.nodes;
+    self->roots = built.roots;
+    self->group_depth = built.group_depth;
+    self->entry_start = built.entry_start;
+    self->entries = built.entries;
+    self->n_nodes = built.n_nodes;
+    self->n_trees = built.n_trees;
     self->n_features = n_features;
-    if (build_reasons(self, feature, left, right, roots) < 0) goto done;
-    memcpy(self->roots, roots, (size_t)n_trees * sizeof(int32_t));
-    for (Py_ssize_t t = 0; t < n_trees; t++) bias += self->nodes[roots[t]].value;
-    self->n_nodes = n;
-    self->n_trees = n_trees;
-    self->n_features = n_features;
-    self->zero_missing = zero_missing;
+    self->zero_missing = built.zero_missing;
     self->allow_nan = allow_nan;
     self->sigmoid = sigmoid;
-    self->bias = bias;
-    rc = 0;
+    self->bias = built.bias;
+    built.nodes = NULL; /* the object's now */
+    built.roots = NULL;
+    built.group_depth = NULL;
+    built.entry_start = NULL;
+    built.entries = NULL;
 done:
     for (int i = 0; i < 7; i++)
         if (b[i].held) PyBuffer_Release(&b[i].view);
-    if (rc < 0) {
-        PyMem_Free(self->nodes); PyMem_Free(self->roots); PyMem_Free(self->group_depth);
-        PyMem_Free(self->entry_start); PyMem_Free(self->entries);
-        self->nodes = NULL; self->roots = NULL; self->group_depth = NULL;
-        self->entry_start = NULL; self->entries = NULL;
-    }
+    free_forest(&built);
     return rc;
 }
 
 static void Forest_dealloc(Forest *self) {
-    PyMem_Free(self->nodes);
-    PyMem_Free(self->roots);
-    PyMem_Free(self->group_depth);
-    PyMem_Free(self->entry_start);
-    PyMem_Free(self->entries);
+    free_forest(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 

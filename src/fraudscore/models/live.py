@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 # an operator who only wants SIGHUP and /admin/reload) slow the polling down
 POLL_ENV = "FRAUDSCORE_REGISTRY_POLL"
 POLL_SECONDS = float(os.environ.get(POLL_ENV, "0.2"))
-# while a version loads (Python parsing model.txt, holding the GIL in bursts), the interpreter
+# while a version loads (Python work between calls that release the GIL), the interpreter
 # hands the GIL to a waiting thread (the event loop) after this long instead of the default 5 ms:
 # measured (bench/lifecycle_lag.py), a waiting thread's median wake-up lag during loads drops from
 # 1.4-2.0 to 0.7 ms and its p99 from 9-10 to 6-7.5 ms; the longest (about 10 ms) stays: one C call
@@ -258,6 +258,20 @@ def _yielding_gil() -> Iterator[None]:
         sys.setswitchinterval(previous)
 
 
+class _Metas:
+    """The meta.json of each version, read at most once per refresh: one is a large document
+    (check rows, drift reference) whose parse is one call holding the GIL."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._read: dict[str, dict[str, Any]] = {}
+
+    def get(self, version: str) -> dict[str, Any]:
+        if version not in self._read:
+            self._read[version] = self.registry.meta(version)
+        return self._read[version]
+
+
 @dataclass
 class _Wanted:
     production: str | None
@@ -303,16 +317,16 @@ class LiveModels:
             return None
         return st.st_ino, st.st_mtime_ns, st.st_size
 
-    def _wanted(self) -> _Wanted:
+    def _wanted(self, metas: _Metas) -> _Wanted:
         assert self.registry is not None
         registry = self.registry
         production = registry.production()
         candidate = registry.candidate()
         beside = None
-        kind = registry.meta(production).get("kind") if production else None
+        kind = metas.get(production).get("kind") if production else None
         if self.beside_newest and kind != "model":
             beside = next(
-                (v for v in reversed(registry.versions()) if registry.meta(v).get("kind") == "model"), None
+                (v for v in reversed(registry.versions()) if metas.get(v).get("kind") == "model"), None
             )
         return _Wanted(
             production,
@@ -322,7 +336,7 @@ class LiveModels:
             beside,
         )
 
-    def _load(self, version: str) -> Loaded:
+    def _load(self, version: str, metas: _Metas) -> Loaded:
         from fraudscore.models.scorer import ModelScorer
         from fraudscore.service import metrics
 
@@ -330,7 +344,7 @@ class LiveModels:
         registry = self.registry
         name = "unknown"
         try:
-            meta = registry.meta(version)
+            meta = metas.get(version)
             name = str(meta.get("name", name))
             if meta.get("kind") == "knn" and self.knn is not None:
                 # the instance's own index, open already: the version must be its kNN
@@ -342,7 +356,7 @@ class LiveModels:
                 scorer: Scorer = self.knn
                 owned = False
             else:
-                meta, forest = registry.validated(version)  # model.txt parsed once (its check)
+                meta, forest = registry.validated(version, meta)  # built once (by its check)
                 if forest is None:
                     scorer = KnnScorer.open(meta["index"])
                     scorer.id = ScorerId("knn", "knn", version)
@@ -371,12 +385,13 @@ class LiveModels:
             current = self.current.members()
             loaded: dict[str, Loaded] = {}
             version: str | None = None
+            metas = _Metas(self.registry)
             try:
-                wanted = self._wanted()
+                wanted = self._wanted(metas)
                 with _yielding_gil():
                     for version in wanted.versions():
                         if version not in current and version not in loaded:
-                            loaded[version] = self._load(version)
+                            loaded[version] = self._load(version, metas)
             except Exception as exc:
                 for new in loaded.values():
                     new.retire()

@@ -2,14 +2,18 @@
 
 Layout (``data/registry`` unless ``--registry`` or ``FRAUDSCORE_REGISTRY`` say otherwise)::
 
-    <root>/versions/gbt-20261122T121500Z/   model.txt (LightGBM's text format), meta.json
+    <root>/versions/gbt-20261122T121500Z/   model.txt (LightGBM's text format), forest.bin
+                                            (its compiled arrays: models/trees.py), meta.json
     <root>/versions/knn-3f2a…/              meta.json naming an index file and its checksum
     <root>/production.json                  {"production": VERSION, "history": [older …]}
 
 A version is written whole under a temporary name and renamed into place, and its files are
 made read-only: a version is complete or absent, and never changes.  ``meta.json`` records the
 SHA-256 of each of the version's files, the feature schema, and check rows with LightGBM's own
-predictions; ``validate`` checks all three before a version is promoted or opened.
+predictions; ``validate`` checks all three before a version is promoted or opened.  A model
+version's evaluator is built from ``forest.bin`` (checksummed, bound to its model.txt's
+checksum, and checked against the stored predictions like any model), without parsing
+model.txt; a version written before forest.bin existed is parsed from model.txt instead.
 
 The production pointer is replaced atomically (a temporary file, fsync, ``os.replace``, fsync
 of the directory), so a crash at any point leaves either the old pointer or the new one.  It
@@ -45,6 +49,7 @@ POINTER = "production.json"
 VERSIONS = "versions"
 META = "meta.json"
 MODEL_FILE = "model.txt"
+FOREST_FILE = "forest.bin"  # model.txt compiled (trees.compile_forest): what a load reads
 CHECK_TOLERANCE = 1e-6  # the native evaluator must match LightGBM's stored predictions this closely
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 VERSION_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}-[0-9a-zA-Z_-]{1,64}$")
@@ -203,11 +208,16 @@ class Registry:
         ModelFormatError naming the first thing that does not."""
         return self.validated(version)[0]
 
-    def validated(self, version: str) -> tuple[dict[str, Any], Forest | None]:
+    def validated(
+        self, version: str, meta: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], Forest | None]:
         """``validate``'s meta.json, and the model's native evaluator that the check built (None
-        for a kNN version): a caller that loads the model parses model.txt once, not twice."""
+        for a kNN version): a caller that loads the model builds it once, not twice.  ``meta``:
+        the version's meta.json as ``meta`` just read it (a large document: parsing it holds the
+        GIL, so a loading thread reads it once)."""
         path = self.version_dir(version)
-        meta = self.meta(version)
+        if meta is None:
+            meta = self.meta(version)
         if meta.get("features") != list(FEATURES):
             raise ModelFormatError(f"{version}: its feature schema is not this contract's 14 features")
         threshold = meta.get("threshold")
@@ -221,14 +231,19 @@ class Registry:
         files = meta.get("files")
         if not isinstance(files, dict) or MODEL_FILE not in files:
             raise ModelFormatError(f"{version}: meta.json lists no checksum for {MODEL_FILE}")
+        compiled: bytes | None = None
         for filename, expected in files.items():
             try:
-                actual = sha256_file(path / filename)
+                if filename == FOREST_FILE:  # read once: checksummed here, then built from
+                    compiled = (path / filename).read_bytes()
+                    actual = hashlib.sha256(compiled).hexdigest()
+                else:
+                    actual = sha256_file(path / filename)
             except OSError as exc:
                 raise ModelFormatError(f"{version}: cannot read {filename}: {exc.strerror or exc}") from exc
             if actual != expected:
                 raise ModelFormatError(f"{version}: {filename} does not match its checksum in meta.json")
-        return meta, self._check_predictions(version, path, meta)
+        return meta, self._check_predictions(version, path, meta, compiled)
 
     @staticmethod
     def _validate_knn(version: str, meta: dict[str, Any]) -> None:
@@ -243,12 +258,21 @@ class Registry:
             raise ModelFormatError(f"{version}: the index at {meta['index']} is not the one registered")
 
     @staticmethod
-    def _check_predictions(version: str, path: Path, meta: dict[str, Any]) -> Forest:
-        from fraudscore.models.trees import load_forest
+    def _check_predictions(version: str, path: Path, meta: dict[str, Any], compiled: bytes | None) -> Forest:
+        """The evaluator, from ``compiled`` (forest.bin's checked bytes) or else from model.txt,
+        once it predicts meta.json's check rows as LightGBM did."""
+        from fraudscore.models.trees import build_forest, load_forest, read_compiled
 
-        parsed, forest = load_forest(path / MODEL_FILE)
+        if compiled is None:
+            source = MODEL_FILE
+            parsed, forest = load_forest(path / MODEL_FILE)
+        else:
+            source = FOREST_FILE
+            where = f"{version}: {FOREST_FILE}"
+            parsed = read_compiled(compiled, where, str(meta["files"][MODEL_FILE]))
+            forest = build_forest(parsed, where)
         if list(parsed.feature_names) != list(FEATURES):
-            raise ModelFormatError(f"{version}: {MODEL_FILE}'s features are not this contract's 14 features")
+            raise ModelFormatError(f"{version}: {source}'s features are not this contract's 14 features")
         check = meta.get("check_rows")
         try:
             rows, expected = check["rows"], check["probabilities"]  # type: ignore[index]

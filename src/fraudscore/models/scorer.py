@@ -1,8 +1,9 @@
 """A registry version behind the scoring seam: ``ModelScorer`` (a trained forest) and
 ``open_version`` (any version, the exact kNN included).
 
-Loading parses model.txt and builds the native evaluator: a plain function, to be called
-outside any event loop (it reads files and checks the version's stored predictions).
+Loading builds the native evaluator (from forest.bin, or model.txt for older versions): a plain
+function, to be called outside any event loop (it reads files and checks the version's stored
+predictions).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from fraudscore.contract.vectorize import FEATURES
+from fraudscore.errors import UsageError
 from fraudscore.models import _trees
-from fraudscore.models.registry import MODEL_FILE, Registry
-from fraudscore.models.trees import load_forest, rows_buffer
+from fraudscore.models.registry import Registry
+from fraudscore.models.trees import rows_buffer
 from fraudscore.scorer import KnnScorer, Scorer, ScorerId
 
 
@@ -30,8 +32,9 @@ class ModelScorer(Scorer):
     @classmethod
     def from_registry(cls, registry: Registry, version: str) -> ModelScorer:
         """The version, validated (files, schema, stored predictions) and loaded."""
-        meta = registry.validate(version)
-        _, forest = load_forest(registry.version_dir(version) / MODEL_FILE)
+        meta, forest = registry.validated(version)  # the evaluator its check built
+        if forest is None:
+            raise UsageError(f"{version} is a kNN version, not a model")
         return cls(forest, meta)
 
     def score(self, vector: Sequence[float]) -> float:
@@ -69,8 +72,6 @@ def open_version(registry: Registry, version: str | None = None) -> Scorer:
     if version is None:
         version = registry.production()
         if version is None:
-            from fraudscore.errors import UsageError
-
             raise UsageError(f"{registry.root}: no version in production (see: fraudscore model promote)")
     meta = registry.validate(version)
     if meta.get("kind") == "knn":

@@ -32,7 +32,8 @@ from fraudscore.errors import ReferenceDataError, UsageError
 from fraudscore.index import _knn
 from fraudscore.index.build import read_references
 from fraudscore.index.search import random_queries
-from fraudscore.models.registry import Registry
+from fraudscore.models.registry import FOREST_FILE, MODEL_FILE, Registry
+from fraudscore.models.trees import compile_forest, parse_model
 
 log = logging.getLogger(__name__)
 
@@ -326,11 +327,13 @@ def train(
             "numpy": np.__version__,
             "python": platform.python_version(),
         },
-        "serving": "model.txt, parsed at load into the native evaluator's arrays (models/_trees.c)",
+        "serving": f"{FOREST_FILE}: {MODEL_FILE} compiled into the arrays of models/_trees.c's evaluator",
         "drift": drift,
         "check_rows": {"rows": check.tolist(), "probabilities": [float(v) for v in check_p]},
     }
-    version, path = registry.create(name, {"model.txt": model_text.encode()}, meta)
+    text = model_text.encode()
+    forest = compile_forest(parse_model(model_text, MODEL_FILE), text)
+    version, path = registry.create(name, {MODEL_FILE: text, FOREST_FILE: forest}, meta)
     log.info(
         "%s: AUC %.5f, threshold %.4f, %d trees, %.1f s",
         version,

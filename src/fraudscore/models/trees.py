@@ -10,11 +10,20 @@ child ``c`` is leaf ``~c`` —, ``leaf_value``, ``leaf_count``, ``internal_count
 Each tree's nodes are laid out in pre-order, leaves included, so every child lies after its
 parent; each node carries its expected value (the leaf values below it, weighted by their
 training counts), from which the walk derives Saabas attributions.
+
+**The compiled form.**  Parsing model.txt is Python work that holds the GIL (a running instance
+loads versions in a thread beside its event loop), so a version also stores those arrays as
+they are, ``forest.bin`` (``compile_forest``): a fixed header, the feature names, then each
+array in little-endian order.  Its header names the SHA-256 of the model.txt it was compiled
+from, so it cannot be paired with another one; reading it (``read_compiled``) is a few copies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import struct
+import sys
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +33,10 @@ from fraudscore.errors import ModelFormatError
 from fraudscore.models import _trees
 
 CATEGORICAL_BIT = 1
+COMPILED_MAGIC = b"FSFOREST"
+COMPILED_FORMAT = 1  # bumped when the layout changes: an unknown format is refused, not guessed
+# magic, format, n_features, n_trees, n_nodes, sigmoid, model.txt's SHA-256, names' length, 0
+_HEADER = struct.Struct("<8sIIIId32sII")
 
 
 @dataclass
@@ -283,10 +296,99 @@ def load_forest(path: Path, *, allow_nan: bool = False) -> tuple[ParsedModel, _t
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelFormatError(f"cannot read {path}: {exc}") from exc
     parsed = parse_model(text, path)
+    return parsed, build_forest(parsed, path, allow_nan=allow_nan)
+
+
+def _aligned(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+def _little(items: array[int] | array[float]) -> bytes:
+    if sys.byteorder == "big":  # pragma: no cover - the file is little-endian everywhere
+        items = array(items.typecode, items)
+        items.byteswap()
+    return items.tobytes()
+
+
+def compile_forest(parsed: ParsedModel, model_text: bytes) -> bytes:
+    """``forest.bin``: ``parsed`` (the parse of ``model_text``) as the arrays the evaluator takes."""
+    names = " ".join(parsed.feature_names).encode()
+    n = len(parsed.feature)
+    header = _HEADER.pack(
+        COMPILED_MAGIC,
+        COMPILED_FORMAT,
+        len(parsed.feature_names),
+        parsed.n_trees,
+        n,
+        parsed.sigmoid,
+        hashlib.sha256(model_text).digest(),
+        len(names),
+        0,
+    )
+    parts = [header, names.ljust(_aligned(len(names)), b"\0")]
+    parts += [_little(a) for a in (parsed.threshold, parsed.value, parsed.feature, parsed.left, parsed.right)]
+    parts += [_little(parsed.roots), parsed.decision]
+    return b"".join(parts)
+
+
+def read_compiled(data: bytes, source: str | Path, model_sha256: str) -> ParsedModel:
+    """The arrays of a ``forest.bin``, compiled from the model.txt whose SHA-256 is
+    ``model_sha256``; ModelFormatError naming ``source`` if it is not such a file.  The
+    evaluator's constructor checks the arrays' structure (``_trees.c``)."""
+    if len(data) < _HEADER.size or not data.startswith(COMPILED_MAGIC):
+        raise ModelFormatError(f"{source}: not a compiled forest")
+    _, fmt, n_features, n_trees, n, sigmoid, digest, names_len, _ = _HEADER.unpack_from(data)
+    if fmt != COMPILED_FORMAT:
+        raise ModelFormatError(f"{source}: compiled forest format {fmt}, not {COMPILED_FORMAT}")
+    if digest.hex() != model_sha256:
+        raise ModelFormatError(f"{source}: compiled from another model.txt than the version's")
+    start = _HEADER.size + _aligned(names_len)
+    if len(data) != start + 29 * n + 4 * n_trees:
+        raise ModelFormatError(f"{source}: {len(data)} bytes, not the size its header gives")
+    names = tuple(data[_HEADER.size : _HEADER.size + names_len].decode(errors="replace").split())
+    if len(names) != n_features:
+        raise ModelFormatError(f"{source}: {len(names)} feature names for {n_features} features")
+    view = memoryview(data)
+    offset = [start]
+
+    def doubles(count: int) -> array[float]:
+        items = array("d")
+        items.frombytes(view[offset[0] : offset[0] + 8 * count])
+        offset[0] += 8 * count
+        if sys.byteorder == "big":  # pragma: no cover
+            items.byteswap()
+        return items
+
+    def ints(count: int) -> array[int]:
+        items = array("i")
+        items.frombytes(view[offset[0] : offset[0] + 4 * count])
+        offset[0] += 4 * count
+        if sys.byteorder == "big":  # pragma: no cover
+            items.byteswap()
+        return items
+
+    threshold, value = doubles(n), doubles(n)
+    feature, left, right, roots = ints(n), ints(n), ints(n), ints(n_trees)
+    return ParsedModel(
+        feature_names=names,
+        sigmoid=sigmoid,
+        n_trees=n_trees,
+        feature=feature,
+        threshold=threshold,
+        decision=bytes(view[offset[0] :]),
+        left=left,
+        right=right,
+        value=value,
+        roots=roots,
+    )
+
+
+def build_forest(parsed: ParsedModel, source: str | Path, *, allow_nan: bool = False) -> _trees.Forest:
+    """``parsed``'s native evaluator; ModelFormatError naming ``source`` if its arrays are wrong."""
     try:
-        return parsed, parsed.forest(allow_nan=allow_nan)
+        return parsed.forest(allow_nan=allow_nan)
     except ValueError as exc:
-        raise ModelFormatError(f"{path}: {exc}") from exc
+        raise ModelFormatError(f"{source}: {exc}") from exc
 
 
 def rows_buffer(rows: Sequence[Sequence[float]], n_features: int) -> array[float]:
