@@ -39,6 +39,7 @@ import os
 import socket
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fraudscore.errors import ConfigError, FraudscoreError
-from fraudscore.models.registry import POINTER, Registry, write_json_atomic
+from fraudscore.models.registry import META, POINTER, Registry, write_json_atomic
 from fraudscore.scorer import KnnScorer, Scorer, ScorerId
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ AB_KEY = b"fraudscore/ab-split/v1"  # the split hash's key: changing it reshuffl
 AB_BUCKETS = 10_000  # shares resolve to 0.01 %
 INSTANCES = "instances"
 MAX_FAILURES = 20  # the failures an instance remembers (the newest)
+RECENT_METAS = 8  # meta.json documents an instance keeps between refreshes (see _Metas)
 PRODUCTION, CANDIDATE, SHADOW = "production", "candidate", "shadow"
 
 
@@ -258,18 +260,41 @@ def _yielding_gil() -> Iterator[None]:
         sys.setswitchinterval(previous)
 
 
-class _Metas:
-    """The meta.json of each version, read at most once per refresh: one is a large document
-    (check rows, drift reference) whose parse is one call holding the GIL."""
+_Stamp = tuple[int, int, int, int]
 
-    def __init__(self, registry: Registry) -> None:
+
+class _Metas:
+    """The meta.json of each version, read at most once per refresh, and not again at a later
+    refresh while its file is unchanged (``recent``, shared between refreshes): a model's is a
+    large document (check rows, drift reference) whose parse is one call holding the GIL for
+    about 1.5 ms, and promotions and rollbacks swap between the same few versions.  The
+    documents are read-only for everyone (the live set's versions hold the same ones)."""
+
+    def __init__(self, registry: Registry, recent: OrderedDict[str, tuple[_Stamp, dict[str, Any]]]) -> None:
         self.registry = registry
+        self._recent = recent
         self._read: dict[str, dict[str, Any]] = {}
 
     def get(self, version: str) -> dict[str, Any]:
-        if version not in self._read:
-            self._read[version] = self.registry.meta(version)
-        return self._read[version]
+        if version in self._read:
+            return self._read[version]
+        try:
+            st = os.stat(self.registry.version_dir(version) / META)
+            stamp: _Stamp | None = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except OSError:
+            stamp = None  # registry.meta says why
+        known = self._recent.get(version)
+        if stamp is not None and known is not None and known[0] == stamp:
+            meta = known[1]
+            self._recent.move_to_end(version)
+        else:
+            meta = self.registry.meta(version)  # stat before read: a later change shows in the stamp
+            if stamp is not None:
+                self._recent[version] = (stamp, meta)
+                while len(self._recent) > RECENT_METAS:
+                    self._recent.popitem(last=False)
+        self._read[version] = meta
+        return meta
 
 
 @dataclass
@@ -303,6 +328,7 @@ class LiveModels:
         self.listeners: list[Callable[[ModelSet], None]] = []
         self._stamp: tuple[int, int, int] | None = None
         self._refresh_lock = threading.Lock()
+        self._recent_metas: OrderedDict[str, tuple[_Stamp, dict[str, Any]]] = OrderedDict()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -385,7 +411,7 @@ class LiveModels:
             current = self.current.members()
             loaded: dict[str, Loaded] = {}
             version: str | None = None
-            metas = _Metas(self.registry)
+            metas = _Metas(self.registry, self._recent_metas)
             try:
                 wanted = self._wanted(metas)
                 with _yielding_gil():
