@@ -13,7 +13,9 @@ The two versions are copied into a scratch registry first (data/registry is left
 swap rewrites the production pointer directly, as a promotion in another process (the CLI)
 would: the loading thread does only what the instance does.  ``--switch 0`` keeps the
 interpreter's default switch interval (5 ms) during loads; any other value is forced during each
-load, overriding ``live.LOAD_SWITCH_INTERVAL``.
+load, overriding ``live.LOAD_SWITCH_INTERVAL``.  An instance keeps the meta.json of versions it
+loaded recently, so swapping back and forth reads none after the first two loads; ``--cold``
+has each load read its version's meta.json, as the first load of a new version does.
 """
 
 from __future__ import annotations
@@ -85,8 +87,11 @@ def main() -> None:
     parser.add_argument("--loads", type=int, default=10)
     parser.add_argument("--form", choices=("binary", "text"), default="binary")
     parser.add_argument("--registry", type=Path, default=ROOT / "data" / "registry")
+    parser.add_argument("--cold", action="store_true", help="keep no meta.json between loads")
     args = parser.parse_args()
     live.LOAD_SWITCH_INTERVAL = args.switch or sys.getswitchinterval()
+    if args.cold:
+        live.RECENT_METAS = 0
     source = Registry(args.registry)
     versions = [v for v in source.versions() if source.meta(v).get("kind") == "model"][:2]
     with tempfile.TemporaryDirectory(prefix="lifecycle-lag-") as tmp:
@@ -119,7 +124,8 @@ def main() -> None:
         idle_until = time.perf_counter() + seconds
         idle = naps(lambda: time.perf_counter() >= idle_until)
     print(
-        f"{args.form}, switch interval during loads {live.LOAD_SWITCH_INTERVAL * 1e3:g} ms, "
+        f"{args.form}{', cold' if args.cold else ''}, "
+        f"switch interval during loads {live.LOAD_SWITCH_INTERVAL * 1e3:g} ms, "
         f"{args.loads} loads in {seconds:.3f} s, CPU per load median {statistics.median(cpu) * 1e3:.2f} ms "
         f"(max {max(cpu) * 1e3:.2f})\n"
         f"  during loads: {summary(loading)}\n"
