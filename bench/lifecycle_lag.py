@@ -16,6 +16,10 @@ interpreter's default switch interval (5 ms) during loads; any other value is fo
 load, overriding ``live.LOAD_SWITCH_INTERVAL``.  An instance keeps the meta.json of versions it
 loaded recently, so swapping back and forth reads none after the first two loads; ``--cold``
 has each load read its version's meta.json, as the first load of a new version does.
+
+``--every SECONDS`` spaces the loads out (one every SECONDS, the naps running throughout): the
+issue's load is 20 promotions or rollbacks a minute, ``--every 3``.  What then counts is the
+lag's percentiles over the whole time, loads or not, beside the same time without loads.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ def main() -> None:
     parser.add_argument("--form", choices=("binary", "text"), default="binary")
     parser.add_argument("--registry", type=Path, default=ROOT / "data" / "registry")
     parser.add_argument("--cold", action="store_true", help="keep no meta.json between loads")
+    parser.add_argument("--every", type=float, default=0.0, help="seconds from one load to the next")
     args = parser.parse_args()
     live.LOAD_SWITCH_INTERVAL = args.switch or sys.getswitchinterval()
     if args.cold:
@@ -107,12 +112,15 @@ def main() -> None:
         cpu: list[float] = []
 
         def load() -> None:
+            first = time.perf_counter()
             for i in range(args.loads):
+                time.sleep(max(0.0, first + i * args.every - time.perf_counter()))
                 point(versions[(i + 1) % 2])
                 started = time.thread_time()
                 result: dict[str, Any] = models.refresh()
                 cpu.append(time.thread_time() - started)
                 assert result["result"] == "swapped", result
+            time.sleep(args.every)  # the time after the last load counts too
             done.set()
 
         thread = threading.Thread(target=load)
@@ -123,12 +131,13 @@ def main() -> None:
         thread.join()
         idle_until = time.perf_counter() + seconds
         idle = naps(lambda: time.perf_counter() >= idle_until)
+    spacing = f" one every {args.every:g} s" if args.every else ""
     print(
         f"{args.form}{', cold' if args.cold else ''}, "
         f"switch interval during loads {live.LOAD_SWITCH_INTERVAL * 1e3:g} ms, "
-        f"{args.loads} loads in {seconds:.3f} s, CPU per load median {statistics.median(cpu) * 1e3:.2f} ms "
-        f"(max {max(cpu) * 1e3:.2f})\n"
-        f"  during loads: {summary(loading)}\n"
+        f"{args.loads} loads{spacing} in {seconds:.3f} s, "
+        f"CPU per load median {statistics.median(cpu) * 1e3:.2f} ms (max {max(cpu) * 1e3:.2f})\n"
+        f"  {'with loads: ' if args.every else 'during loads:'} {summary(loading)}\n"
         f"  no loads:     {summary(idle)}"
     )
 
