@@ -33,6 +33,7 @@ import re
 import shutil
 import stat
 import tempfile
+from array import array
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -261,7 +262,7 @@ class Registry:
     def _check_predictions(version: str, path: Path, meta: dict[str, Any], compiled: bytes | None) -> Forest:
         """The evaluator, from ``compiled`` (forest.bin's checked bytes) or else from model.txt,
         once it predicts meta.json's check rows as LightGBM did."""
-        from fraudscore.models.trees import build_forest, load_forest, read_compiled
+        from fraudscore.models.trees import build_forest, load_forest, read_compiled, rows_buffer
 
         if compiled is None:
             source = MODEL_FILE
@@ -278,8 +279,10 @@ class Registry:
             rows, expected = check["rows"], check["probabilities"]  # type: ignore[index]
             if not rows or len(rows) != len(expected):
                 raise ValueError("no rows")
-            for i, (row, want) in enumerate(zip(rows, expected, strict=True)):
-                got = forest.predict(row)
+            # one batch call (without the GIL) rather than one call per row: the same numbers
+            predicted = array("d")
+            predicted.frombytes(forest.predict_many(rows_buffer(rows, forest.n_features)))
+            for i, (got, want) in enumerate(zip(predicted, expected, strict=True)):
                 if not math.isclose(got, float(want), rel_tol=0.0, abs_tol=CHECK_TOLERANCE):
                     raise ModelFormatError(
                         f"{version}: check row {i}: the model predicts {got:.9f}, meta.json says {want}"
