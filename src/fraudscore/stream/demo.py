@@ -1,14 +1,22 @@
-"""``fraudscore demo``: the whole pipeline on this machine, watched live.
+"""``fraudscore pipeline demo``: the whole pipeline on this machine, watched live, then a report.
 
 It starts a private redis-server (a unix socket in a temporary directory; or uses ``--redis``),
-``fraudscore worker --workers N``, and a producer that publishes generated events at the pace
-of a rate shape, and prints the monitor's line every interval until every event is scored or
-dead-lettered.  Then it stops the workers with SIGTERM (they finish their batch), stops Redis,
-and prints a summary.
+``fraudscore worker --workers N``, and a generator thread that publishes labelled events
+(``generate_labelled``: a share made fraudulent on purpose) at the pace of a rate shape.  Once
+per interval it takes the monitor's snapshot (``stream.monitor``) and shows its line: rewritten
+in place on a terminal, one line per interval otherwise (on stderr, so ``--json`` leaves stdout
+to the report).  When every event is scored or dead-lettered it stops, in this order, also on
+Ctrl-C or SIGTERM: the generator, the workers (SIGTERM: they finish their batch), Redis.  Then
+the report (``stream.demo_report``), ``report.json`` and the chart in the output directory.
+
+The children run in sessions of their own, so a Ctrl-C at the terminal reaches the demo only,
+and the demo stops them in that order rather than all at once.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import signal
 import subprocess
@@ -18,14 +26,22 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
 
 from fraudscore.errors import TransientError, UsageError
-from fraudscore.stream.generate import RateShape, generate, raw
-from fraudscore.stream.monitor import Snapshot, line, snapshot
+from fraudscore.stream import demo_report
+from fraudscore.stream.demo_report import Interval
+from fraudscore.stream.generate import RateShape, generate_labelled, raw
+from fraudscore.stream.monitor import Decision, LatencyHistogram, Snapshot, line, snapshot
 from fraudscore.stream.produce import publish_paced
-from fraudscore.stream.worker import connect, prepare, wait_until_answering
+from fraudscore.stream.worker import TRANSIENT_ERRORS, Client, connect, prepare, wait_until_answering
 
 START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 30.0  # for the workers to finish their batch after SIGTERM
+DRAIN_S = 120.0  # after the last event is due, how long the workers may take to catch up
+REPORT_NAME = "report.json"
+CHART_NAME = "pipeline.png"
 
 
 @dataclass(frozen=True)
@@ -35,35 +51,137 @@ class DemoConfig:
     workers: int
     partitions: int
     index: Path
+    out: Path  # report.json, and the chart unless ``chart`` says elsewhere
+    chart: Path | None  # None: no chart
     interval: float = 1.0
     redis_url: str | None = None  # None: a private redis-server
-    timeout: float = 600.0  # give up when the events are not all done by then
+    seed: int = 0
+    fraud_share: float = 0.02
+    log_level: str = "WARNING"
+
+
+def events_within(shape: RateShape, seconds: float) -> int:
+    """How many events ``shape`` schedules in its first ``seconds`` (at least one).
+
+    >>> events_within(RateShape("constant", 50.0), 4.0)
+    200
+    """
+    due = shape.schedule(int(shape.peak * seconds) + 1)
+    return max(1, sum(t < seconds for t in due))
+
+
+def check_redis(url: str) -> None:
+    """A usable ``--redis``: a well-formed URL that answers PING now; else one clear error."""
+    try:
+        client = connect(url)
+    except ValueError as exc:
+        raise UsageError(f"--redis {url!r}: {exc}") from None
+    try:
+        client.ping()
+    except TRANSIENT_ERRORS as exc:
+        raise TransientError(f"--redis {url}: Redis does not answer: {exc}") from None
+    finally:
+        client.close()
 
 
 def _start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     server = shutil.which("redis-server")
     if server is None:
-        raise UsageError("redis-server is not installed: install Redis 7, or pass --redis URL")
+        raise UsageError("redis-server is not installed: run `make system-deps`, or pass --redis URL")
     sock = directory / "redis.sock"
     argv = [server, "--port", "0", "--unixsocket", str(sock), "--dir", str(directory), "--save", ""]
-    proc = subprocess.Popen([*argv, "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([*argv, "--appendonly", "no"], stdout=subprocess.DEVNULL, start_new_session=True)
     url = f"unix://{sock}"
     client = connect(url)
     try:
         wait_until_answering(client, START_TIMEOUT_S, proc)
     except TransientError:
         proc.kill()
+        proc.wait()
         raise TransientError(f"redis-server did not start in {directory}") from None
     finally:
         client.close()
     return proc, url
 
 
-def run(config: DemoConfig, log_level: str = "WARNING") -> Snapshot:
-    """Run the demo; the final snapshot."""
+def _wait_for_workers(client: Client, partitions: int, workers: subprocess.Popen[bytes]) -> Snapshot:
+    """The first snapshot in which the workers own every partition: the generator starts then, so
+    the latency measured is the pipeline's, not the workers' start."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        now = snapshot(client, partitions)
+        if all(p.owner is not None for p in now.partitions):
+            return now
+        if workers.poll() is not None:
+            raise TransientError(f"the workers stopped (exit status {workers.returncode})")
+        if time.monotonic() > deadline:
+            raise TransientError(f"the workers did not take the partitions within {START_TIMEOUT_S:g} s")
+        time.sleep(0.05)
+
+
+class _Generator(threading.Thread):
+    """``publish_paced`` in a thread, stoppable, keeping its error for the main thread."""
+
+    def __init__(self, client: Client, raws: list[bytes], partitions: int, shape: RateShape) -> None:
+        super().__init__(name="generator", daemon=True)
+        self.args = (client, raws, partitions, shape)
+        self.halt = threading.Event()
+        self.error: BaseException | None = None
+        self.started_at = 0.0
+
+    def run(self) -> None:
+        self.started_at = time.monotonic()
+        try:
+            publish_paced(*self.args, stop=self.halt)
+        except BaseException as exc:  # shown by the main thread, as one line
+            self.error = exc
+
+
+class _Progress:
+    """The monitor's line per interval: rewritten in place on a terminal, appended otherwise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.pending = False  # a line shown in place, not yet ended
+
+    def show(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K" + text)
+            self.pending = True
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.pending:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.pending = False
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run(config: DemoConfig, progress_to: TextIO = sys.stderr) -> dict[str, Any]:
+    """Run the demo; its report (also written to ``config.out``/report.json)."""
+    events, frauds = generate_labelled(
+        config.events,
+        customers=max(50, config.events // 50),
+        seed=config.seed,
+        fraud_share=config.fraud_share,
+    )
+    raws = [raw(e) for e in events]
+    due = config.shape.schedule(len(raws))
     directory = Path(tempfile.mkdtemp(prefix="fs-demo-"))
-    server = None
-    workers = None
+    server: subprocess.Popen[bytes] | None = None
+    workers: subprocess.Popen[bytes] | None = None
+    generator: _Generator | None = None
+    client: Client | None = None
+    progress = _Progress(progress_to)
+    previous_int = signal.getsignal(signal.SIGINT)
+    previous_term = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the demo as Ctrl-C does
     try:
         if config.redis_url is None:
             server, url = _start_redis(directory)
@@ -71,44 +189,99 @@ def run(config: DemoConfig, log_level: str = "WARNING") -> Snapshot:
             url = config.redis_url
         client = connect(url)
         prepare(client, config.partitions)
-        before = snapshot(client, config.partitions)
-        argv = [sys.executable, "-m", "fraudscore.cli", "--log-level", log_level, "worker", "--redis", url]
-        argv += ["--partitions", str(config.partitions), "--index", str(config.index)]
-        workers = subprocess.Popen([*argv, "--workers", str(config.workers)])
+        argv = [sys.executable, "-m", "fraudscore.cli", "--log-level", config.log_level, "worker"]
+        argv += ["--redis", url, "--partitions", str(config.partitions), "--index", str(config.index)]
+        workers = subprocess.Popen([*argv, "--workers", str(config.workers)], start_new_session=True)
 
-        raws = [raw(e) for e in generate(config.events, customers=max(50, config.events // 50))]
-        producer = threading.Thread(
-            target=publish_paced, args=(connect(url), raws, config.partitions, config.shape), daemon=True
-        )
-        producer.start()
-        previous = None
-        deadline = time.monotonic() + config.timeout
+        before = _wait_for_workers(client, config.partitions, workers)  # counters, results' cursor
+        generator = _Generator(connect(url), raws, config.partitions, config.shape)
+        generator.start()
+        series: list[Interval] = []
+        histograms: list[LatencyHistogram] = []
+        decisions: list[Decision] = []
+        previous = before
+        start = time.monotonic()  # the generator's start: within a few ms of this
+        deadline = start + (due[-1] if due else 0.0) + DRAIN_S
         while True:
             time.sleep(config.interval)
-            current = snapshot(client, config.partitions)
-            print(line(previous, current), flush=True)
+            current = snapshot(client, config.partitions, since=previous, limit=None)
+            if generator.started_at:
+                start = generator.started_at
+            point = demo_report.interval(previous, current, start, due)
+            series.append(point)
+            histograms.append(current.latency)
+            decisions += current.decisions
+            progress.show(
+                f"{point.t_s:6.1f} s, target {point.target_per_s:,.0f}/s: {line(previous, current)}"
+            )
             previous = current
-            finished = ("scored", "dead")
-            done = sum(current.total(name) - before.total(name) for name in finished)
-            if done >= config.events and not producer.is_alive():
+            if generator.error is not None:
+                raise TransientError(f"the generator stopped: {generator.error}")
+            published = current.total("published") - before.total("published")
+            done = sum(current.total(name) - before.total(name) for name in ("scored", "dead"))
+            if not generator.is_alive() and done >= published:
                 break
             if workers.poll() is not None:
                 raise TransientError(f"the workers stopped (exit status {workers.returncode})")
             if time.monotonic() > deadline:
-                raise TransientError(f"{done} of {config.events} events done in {config.timeout:.0f} s")
-        scored = current.total("scored") - before.total("scored")
-        dead = current.total("dead") - before.total("dead")
-        print(f"demo: {config.events} events published, {scored} scored, {dead} dead-lettered", flush=True)
-        return current
+                raise TransientError(
+                    f"{done} of {config.events} events done {DRAIN_S:.0f} s after the last was due"
+                )
+        progress.done()
+        report = demo_report.build(
+            events=len(raws),
+            published=published,
+            scored=current.total("scored") - before.total("scored"),
+            dead=current.total("dead") - before.total("dead"),
+            due=due,
+            series=series,
+            histograms=histograms,
+            decisions=decisions,
+            frauds=frauds,
+            shape={"shape": config.shape.shape, "peak": config.shape.peak, "period": config.shape.period},
+            redis="private redis-server" if server is not None else url,
+            chart=config.chart,
+        )
+    except BaseException as exc:
+        progress.done()  # the error's line after the progress line, not on it
+        if isinstance(exc, KeyboardInterrupt):
+            print("pipeline demo: interrupted; stopping the generator, the workers, Redis", file=sys.stderr)
+        raise
     finally:
-        if workers is not None and workers.poll() is None:
-            workers.send_signal(signal.SIGTERM)
-            try:
-                workers.wait(30)
-            except subprocess.TimeoutExpired:
-                workers.kill()
-                workers.wait()
-        if server is not None:
-            server.terminate()
-            server.wait()
-        shutil.rmtree(directory, ignore_errors=True)
+        # a second Ctrl-C or SIGTERM must not cut the stop short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            _stop(generator, workers, server)
+        finally:
+            signal.signal(signal.SIGINT, previous_int)
+            signal.signal(signal.SIGTERM, previous_term)
+            if client is not None:
+                client.close()
+            shutil.rmtree(directory, ignore_errors=True)
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    if config.chart is not None:
+        demo_report.write_chart(report, config.chart)
+    return report
+
+
+def _stop(
+    generator: _Generator | None,
+    workers: subprocess.Popen[bytes] | None,
+    server: subprocess.Popen[bytes] | None,
+) -> None:
+    """Stop what was started, in order: the generator, the workers (SIGTERM, then KILL), Redis."""
+    if generator is not None:
+        generator.halt.set()
+        generator.join(5.0)
+    if workers is not None and workers.poll() is None:
+        workers.send_signal(signal.SIGTERM)
+        try:
+            workers.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # the supervisor and its worker processes: one group
+            os.killpg(workers.pid, signal.SIGKILL)
+            workers.wait()
+    if server is not None:
+        server.terminate()
+        server.wait()

@@ -1,0 +1,148 @@
+"""`fraudscore pipeline demo` for real: the command as a subprocess, its private redis-server,
+its worker processes and its generator; the report's numbers, the chart, Ctrl-C and bad flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+DEMO = [sys.executable, "-m", "fraudscore.cli", "--log-level", "WARNING", "pipeline", "demo"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DURATION_S = 6
+RATE = 50.0
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Pids of live processes whose command line holds ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_the_demo_runs_the_pipeline_and_reports_consistent_numbers(index_path: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    argv = [*DEMO, "--duration", str(DURATION_S), "--rate", str(RATE), "--shape", "constant"]
+    argv += ["--partitions", "2", "--workers", "1", "--fraud-share", "0.2", "--index", str(index_path)]
+    argv += ["--out", str(out_dir), "--json"]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=90)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)  # --json: stdout is the report alone
+    assert json.loads((out_dir / "report.json").read_text()) == report
+
+    events = int(DURATION_S * RATE)  # what the constant schedule holds in the duration
+    assert report["events"] == report["published"] == events
+    assert report["results"] == report["results_read"] == events  # every event scored, each read once
+    assert report["dead_letters"] == 0
+
+    series = report["per_second"]
+    # one point per second from the generator's start until the last result: the duration and
+    # the drain (the worker's start and its last batches), a few seconds at most
+    assert DURATION_S <= len(series) <= DURATION_S + 6
+    assert sum(s["results"] for s in series) == events
+    assert report["rate_per_s"]["target"]["peak"] == pytest.approx(RATE, rel=0.1)
+    assert report["rate_per_s"]["target"]["mean"] == pytest.approx(RATE, rel=0.05)
+
+    latency = report["latency_ms"]
+    assert latency["count"] == events  # the per-second histograms merged hold every result
+    assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"]
+    worst = max(s["p99_ms"] for s in series if s["p99_ms"] is not None)
+    assert latency["p99"] <= worst  # a merged percentile cannot pass every second's
+
+    assert sum(d["approved"] + d["declined"] for d in report["decisions"]) == events
+    assert all(d["scorer"].startswith("knn:") and d["arm"] == "production" for d in report["decisions"])
+    truth = report["truth"]
+    assert truth["tp"] + truth["fp"] + truth["fn"] + truth["tn"] == events
+    assert truth["tp"] + truth["fn"] == truth["frauds"] > 0
+    # the frauds are declined far more often than the rest: the labels are those of these events
+    # (labels unrelated to the events would give about the same share for both)
+    assert truth["recall"] > truth["fp"] / (truth["fp"] + truth["tn"]) + 0.2
+
+    chart = Path(report["chart"])
+    assert chart == out_dir / "pipeline.png"
+    data = chart.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 20_000
+
+    progress = [line for line in run.stderr.splitlines() if "target" in line and "published" in line]
+    assert len(progress) == len(series)  # not a terminal: one progress line per point
+
+
+def test_ctrl_c_stops_the_generator_the_workers_and_redis(index_path: Path, tmp_path: Path) -> None:
+    temp = tmp_path / "tmp"  # the private Redis's socket lives under here: it names the children
+    temp.mkdir()
+    argv = [*DEMO, "--events", "100000", "--rate", "200", "--partitions", "2", "--workers", "2"]
+    argv += ["--index", str(index_path), "--out", str(tmp_path / "out"), "--no-chart"]
+    demo = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(temp)},
+    )
+    assert demo.stderr is not None
+    first = demo.stderr.readline()  # the first progress line: everything is running
+    assert "published" in first, first
+    children = _processes_mentioning(str(temp))
+    # redis-server, the worker supervisor, its two worker processes
+    assert len(children) == 4, [(Path(f"/proc/{pid}/cmdline").read_bytes()[:80]) for pid in children]
+    demo.send_signal(signal.SIGINT)
+    _, stderr = demo.communicate(timeout=40)
+    assert demo.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    # Redis was stopped after the workers: no worker ever lost its connection to it
+    assert "redis:" not in stderr.lower() and "connection" not in stderr.lower(), stderr[-2000:]
+    deadline = time.monotonic() + 5
+    while _processes_mentioning(str(temp)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_mentioning(str(temp)) == []
+    assert not (tmp_path / "out" / "report.json").exists()  # an interrupted run reports nothing
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--rate", "0"], "--rate"),
+        (["--rate", "-5"], "--rate"),
+        (["--duration", "3", "--events", "10"], "--events"),
+        (["--fraud-share", "1.5"], "--fraud-share"),
+        (["--redis", "redis://127.0.0.1:{port}/0"], "--redis"),
+        (["--redis", "nonsense://x"], "--redis"),
+    ],
+)
+def test_a_bad_flag_is_one_line_and_a_nonzero_exit(flags: list[str], named: str, tmp_path: Path) -> None:
+    flags = [f.format(port=free_port()) for f in flags]
+    run = subprocess.run(
+        [*DEMO, *flags, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=30
+    )
+    assert 0 < run.returncode < 128
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("fraudscore pipeline demo"), run.stderr
+    assert named in run.stderr and "Traceback" not in run.stderr
+    assert run.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_help_at_both_levels() -> None:
+    group = subprocess.run([*DEMO[:-1], "--help"], capture_output=True, text=True)
+    assert group.returncode == 0 and "demo" in group.stdout
+    demo = subprocess.run([*DEMO, "--help"], capture_output=True, text=True)
+    assert demo.returncode == 0
+    for flag in ("--redis", "--rate", "--duration", "--chart", "--no-chart", "--json"):
+        assert flag in demo.stdout
