@@ -3,6 +3,7 @@ its worker processes and its generator; the report's numbers, the chart, Ctrl-C 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -91,30 +92,39 @@ def test_ctrl_c_stops_the_generator_the_workers_and_redis(index_path: Path, tmp_
     temp.mkdir()
     argv = [*DEMO, "--events", "100000", "--rate", "200", "--partitions", "2", "--workers", "2"]
     argv += ["--index", str(index_path), "--out", str(tmp_path / "out"), "--no-chart"]
-    demo = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "TMPDIR": str(temp)},
-    )
-    assert demo.stderr is not None
-    first = demo.stderr.readline()  # the first progress line: everything is running
-    assert "published" in first, first
-    children = _processes_mentioning(str(temp))
-    # redis-server, the worker supervisor, its two worker processes
-    assert len(children) == 4, [(Path(f"/proc/{pid}/cmdline").read_bytes()[:80]) for pid in children]
-    demo.send_signal(signal.SIGINT)
-    _, stderr = demo.communicate(timeout=40)
-    assert demo.returncode == 130, stderr[-2000:]
-    assert "interrupted" in stderr and "Traceback" not in stderr
-    # Redis was stopped after the workers: no worker ever lost its connection to it
-    assert "redis:" not in stderr.lower() and "connection" not in stderr.lower(), stderr[-2000:]
-    deadline = time.monotonic() + 5
-    while _processes_mentioning(str(temp)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _processes_mentioning(str(temp)) == []
-    assert not (tmp_path / "out" / "report.json").exists()  # an interrupted run reports nothing
+    log = tmp_path / "stderr"  # a file, not a pipe: a child left behind cannot hold it open
+    with log.open("w") as err:
+        demo = subprocess.Popen(
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={**os.environ, "TMPDIR": str(temp)},
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "published" not in log.read_text() and time.monotonic() < deadline:  # running
+            time.sleep(0.1)
+        children = _processes_mentioning(str(temp))
+        # redis-server, the worker supervisor, its two worker processes
+        assert len(children) == 4, log.read_text()[-2000:]
+        os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C at a terminal: the whole foreground group
+        assert demo.wait(timeout=40) == 130, log.read_text()[-2000:]
+        stderr = log.read_text()
+        assert "Traceback" not in stderr
+        # in order, each while the next was still running: the workers finished against a live Redis
+        stopped = "stopped the generator, then the workers (exit status 0), then redis-server\n"
+        assert stderr.endswith(f"pipeline demo: interrupted; {stopped}"), stderr[-2000:]
+        deadline = time.monotonic() + 5
+        while _processes_mentioning(str(temp)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _processes_mentioning(str(temp)) == []
+        assert not (tmp_path / "out" / "report.json").exists()  # an interrupted run reports nothing
+    finally:  # whatever failed, nothing of this test stays running
+        for pid in [demo.pid, *_processes_mentioning(str(temp))]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        demo.wait()
 
 
 @pytest.mark.parametrize(

@@ -242,17 +242,18 @@ def run(config: DemoConfig, progress_to: TextIO = sys.stderr) -> dict[str, Any]:
             redis="private redis-server" if server is not None else url,
             chart=config.chart,
         )
-    except BaseException as exc:
+    except BaseException:
         progress.done()  # the error's line after the progress line, not on it
-        if isinstance(exc, KeyboardInterrupt):
-            print("pipeline demo: interrupted; stopping the generator, the workers, Redis", file=sys.stderr)
         raise
     finally:
         # a second Ctrl-C or SIGTERM must not cut the stop short
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt)
         try:
-            _stop(generator, workers, server)
+            stopped = _stop(generator, workers, server)
+            if interrupted:
+                print(f"pipeline demo: interrupted; stopped {stopped}", file=sys.stderr)
         finally:
             signal.signal(signal.SIGINT, previous_int)
             signal.signal(signal.SIGTERM, previous_term)
@@ -270,18 +271,28 @@ def _stop(
     generator: _Generator | None,
     workers: subprocess.Popen[bytes] | None,
     server: subprocess.Popen[bytes] | None,
-) -> None:
-    """Stop what was started, in order: the generator, the workers (SIGTERM, then KILL), Redis."""
+) -> str:
+    """Stop what was started, in order: the generator, the workers (SIGTERM, then KILL), Redis;
+    what was stopped, in that order, and how each ended."""
+    done = []
     if generator is not None:
         generator.halt.set()
         generator.join(5.0)
-    if workers is not None and workers.poll() is None:
-        workers.send_signal(signal.SIGTERM)
-        try:
-            workers.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:  # the supervisor and its worker processes: one group
-            os.killpg(workers.pid, signal.SIGKILL)
-            workers.wait()
+        done.append("the generator" + (" (still sending)" if generator.is_alive() else ""))
+    if workers is not None:
+        if workers.poll() is None:
+            workers.send_signal(signal.SIGTERM)
+            try:
+                workers.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:  # the supervisor and its worker processes: one group
+                os.killpg(workers.pid, signal.SIGKILL)
+                workers.wait()
+        done.append(f"the workers (exit status {workers.returncode})")
     if server is not None:
-        server.terminate()
-        server.wait()
+        # Redis must outlive the workers: they finish their batch against it
+        early = server.poll()
+        if early is None:
+            server.terminate()
+            server.wait()
+        done.append("redis-server" + ("" if early is None else f" (gone before the workers: status {early})"))
+    return ", then ".join(done) or "nothing"
