@@ -52,8 +52,8 @@ def test_the_demo_runs_the_pipeline_and_reports_consistent_numbers(index_path: P
 
     events = int(DURATION_S * RATE)  # what the constant schedule holds in the duration
     assert report["events"] == report["published"] == events
-    assert report["results"] == report["results_read"] == events  # every event scored, each read once
     assert report["dead_letters"] == 0
+    assert report["results"] == report["results_read"] == events  # every event scored, each read once
 
     series = report["per_second"]
     # one point per second from the generator's start until the last result: the duration and
