@@ -2,7 +2,8 @@
 
 It starts a private redis-server (a unix socket in a temporary directory; or uses ``--redis``),
 ``fraudscore worker --workers N``, and a generator thread that publishes labelled events
-(``generate_labelled``: a share made fraudulent on purpose) at the pace of a rate shape.  Once
+(``generate_labelled``: a share made fraudulent on purpose) at the pace of a rate shape, once
+the workers own every partition (so the latency is the pipeline's, not the workers' start).  Once
 per interval it takes the monitor's snapshot (``stream.monitor``) and shows its line: rewritten
 in place on a terminal, one line per interval otherwise (on stderr, so ``--json`` leaves stdout
 to the report).  When every event is scored or dead-lettered it stops, in this order, also on
@@ -202,8 +203,10 @@ def run(config: DemoConfig, progress_to: TextIO = sys.stderr) -> dict[str, Any]:
         previous = before
         start = time.monotonic()  # the generator's start: within a few ms of this
         deadline = start + (due[-1] if due else 0.0) + DRAIN_S
+        tick = time.monotonic()
         while True:
-            time.sleep(config.interval)
+            tick += config.interval  # on a fixed grid: the snapshots' own time does not add up
+            time.sleep(max(0.0, tick - time.monotonic()))
             current = snapshot(client, config.partitions, since=previous, limit=None)
             if generator.started_at:
                 start = generator.started_at
