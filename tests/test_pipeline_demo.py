@@ -25,19 +25,37 @@ RATE = 50.0
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    """Pids of live processes whose command line holds ``text``."""
-    found = []
+def _descendants(pid: int) -> list[int]:
+    """The live processes below ``pid`` (children, their children...)."""
+    parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if text in cmdline:
-            found.append(int(entry.name))
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # after "pid (comm) state"
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
     return found
+
+
+def _alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists() and "(zombie)" not in _status(pid)]
+
+
+def _status(pid: int) -> str:
+    try:
+        return next(
+            line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State:")
+        )
+    except (OSError, StopIteration):
+        return "(zombie)"
 
 
 def test_the_demo_runs_the_pipeline_and_reports_consistent_numbers(index_path: Path, tmp_path: Path) -> None:
@@ -88,24 +106,18 @@ def test_the_demo_runs_the_pipeline_and_reports_consistent_numbers(index_path: P
 
 
 def test_ctrl_c_stops_the_generator_the_workers_and_redis(index_path: Path, tmp_path: Path) -> None:
-    temp = tmp_path / "tmp"  # the private Redis's socket lives under here: it names the children
-    temp.mkdir()
     argv = [*DEMO, "--events", "100000", "--rate", "200", "--partitions", "2", "--workers", "2"]
     argv += ["--index", str(index_path), "--out", str(tmp_path / "out"), "--no-chart"]
     log = tmp_path / "stderr"  # a file, not a pipe: a child left behind cannot hold it open
     with log.open("w") as err:
-        demo = subprocess.Popen(
-            argv,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            env={**os.environ, "TMPDIR": str(temp)},
-            start_new_session=True,  # its own process group, as a terminal's foreground job
-        )
+        # its own process group, as a terminal's foreground job
+        demo = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    children: list[int] = []
     try:
         deadline = time.monotonic() + 30
         while "published" not in log.read_text() and time.monotonic() < deadline:  # running
             time.sleep(0.1)
-        children = _processes_mentioning(str(temp))
+        children = _descendants(demo.pid)
         # redis-server, the worker supervisor, its two worker processes
         assert len(children) == 4, log.read_text()[-2000:]
         os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C at a terminal: the whole foreground group
@@ -116,12 +128,12 @@ def test_ctrl_c_stops_the_generator_the_workers_and_redis(index_path: Path, tmp_
         stopped = "stopped the generator, then the workers (exit status 0), then redis-server\n"
         assert stderr.endswith(f"pipeline demo: interrupted; {stopped}"), stderr[-2000:]
         deadline = time.monotonic() + 5
-        while _processes_mentioning(str(temp)) and time.monotonic() < deadline:
+        while _alive(children) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _processes_mentioning(str(temp)) == []
+        assert _alive(children) == []
         assert not (tmp_path / "out" / "report.json").exists()  # an interrupted run reports nothing
     finally:  # whatever failed, nothing of this test stays running
-        for pid in [demo.pid, *_processes_mentioning(str(temp))]:
+        for pid in [demo.pid, *_alive(children)]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         demo.wait()

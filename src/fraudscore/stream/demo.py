@@ -41,6 +41,7 @@ from fraudscore.stream.worker import TRANSIENT_ERRORS, Client, connect, prepare,
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 30.0  # for the workers to finish their batch after SIGTERM
 DRAIN_S = 120.0  # after the last event is due, how long the workers may take to catch up
+MAX_SOCKET_PATH = 100  # bytes: a unix socket's path must fit sun_path (108 on Linux, with its NUL)
 REPORT_NAME = "report.json"
 CHART_NAME = "pipeline.png"
 
@@ -176,6 +177,9 @@ def run(config: DemoConfig, progress_to: TextIO = sys.stderr) -> dict[str, Any]:
     raws = [raw(e) for e in events]
     due = config.shape.schedule(len(raws))
     directory = Path(tempfile.mkdtemp(prefix="fs-demo-"))
+    if len(str(directory / "redis.sock")) > MAX_SOCKET_PATH:  # a long $TMPDIR: /tmp instead
+        directory.rmdir()
+        directory = Path(tempfile.mkdtemp(prefix="fs-demo-", dir="/tmp"))
     server: subprocess.Popen[bytes] | None = None
     workers: subprocess.Popen[bytes] | None = None
     generator: _Generator | None = None
