@@ -139,6 +139,37 @@ def test_ctrl_c_stops_the_generator_the_workers_and_redis(index_path: Path, tmp_
         demo.wait()
 
 
+def test_with_a_registry_the_decisions_are_split_by_arm(index_path: Path, tmp_path: Path) -> None:
+    from fraudscore.models.live import CANDIDATE, arm_of
+    from fraudscore.models.registry import Registry
+    from fraudscore.models.train import train
+    from fraudscore.stream.generate import generate_labelled
+    from tests.models_support import SMALL_CONFIG, small_references
+
+    registry = Registry(tmp_path / "registry")
+    knn = registry.register_knn(index_path)
+    registry.promote(knn)
+    model = train(small_references(), registry, config=SMALL_CONFIG, index_path=index_path, progress=False)
+    registry.promote_candidate(model.version, 50)
+    argv = [*DEMO, "--events", "150", "--rate", str(RATE), "--shape", "constant", "--partitions", "2"]
+    argv += ["--workers", "1", "--index", str(index_path), "--registry", str(registry.root)]
+    argv += ["--out", str(tmp_path / "out"), "--no-chart", "--json"]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=90)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert report["results"] == 150 and report["chart"] is None
+    # (arm the report gives, kind of the scorer that decided): they must agree, event by event
+    decisions = {
+        (d["arm"], d["scorer"].split(":")[0]): d["approved"] + d["declined"] for d in report["decisions"]
+    }
+    # the same events (the demo's generator: seed 0, 50 customers for so few events), split as
+    # the workers split them: each customer's arm by models.live.arm_of
+    events, _ = generate_labelled(150, customers=50)
+    candidates = sum(arm_of(e.customer_id, model.version, 50) == CANDIDATE for e in events)
+    assert 0 < candidates < 150
+    assert decisions == {("production", "knn"): 150 - candidates, ("candidate", "model"): candidates}
+
+
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
@@ -146,6 +177,7 @@ def test_ctrl_c_stops_the_generator_the_workers_and_redis(index_path: Path, tmp_
         (["--rate", "-5"], "--rate"),
         (["--duration", "3", "--events", "10"], "--events"),
         (["--fraud-share", "1.5"], "--fraud-share"),
+        (["--registry", "/nonexistent/registry"], "--registry"),
         (["--redis", "redis://127.0.0.1:{port}/0"], "--redis"),
         (["--redis", "nonsense://x"], "--redis"),
     ],

@@ -168,6 +168,13 @@ def register(subparsers: Any) -> None:
         help="generate as many events as --rate/--shape schedule in this time, instead of --events",
     )
     d.add_argument("--workers", type=positive_int, default=2, help="default: %(default)s")
+    d.add_argument(
+        "--registry",
+        type=Path,
+        help="the workers score with this model registry's live versions, as `fraudscore worker "
+        "--registry` (an A/B candidate's share too); the report gives each arm's decisions "
+        "(default: the exact kNN of --index)",
+    )
     d.add_argument("--rate", type=positive_float, default=1000.0, help="peak events/s (default: %(default)s)")
     d.add_argument(
         "--shape", choices=["constant", "ramp", "burst", "wave"], default="wave", help="default: %(default)s"
@@ -359,6 +366,8 @@ def cmd_pipeline_demo(args: argparse.Namespace) -> int:
     chart = None if args.no_chart else (args.chart or args.out / CHART_NAME)
     if chart is not None:
         check_available()  # before the run, not after it
+    if args.registry is not None and not args.registry.is_dir():
+        raise UsageError(f"--registry {args.registry}: no such directory")
     if args.redis is not None:
         check_redis(args.redis)
     events = events_within(shape, args.duration) if args.duration is not None else args.events or DEMO_EVENTS
@@ -375,6 +384,7 @@ def cmd_pipeline_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         fraud_share=args.fraud_share,
         log_level=args.log_level,
+        registry=args.registry,
     )
     report = run(config)
     if args.json:

@@ -33,6 +33,7 @@ from typing import Any, TextIO
 from fraudscore.errors import TransientError, UsageError
 from fraudscore.stream import demo_report
 from fraudscore.stream.demo_report import Interval
+from fraudscore.stream.events import Event
 from fraudscore.stream.generate import RateShape, generate_labelled, raw
 from fraudscore.stream.monitor import Decision, LatencyHistogram, Snapshot, line, snapshot
 from fraudscore.stream.produce import publish_paced
@@ -60,6 +61,7 @@ class DemoConfig:
     seed: int = 0
     fraud_share: float = 0.02
     log_level: str = "WARNING"
+    registry: Path | None = None  # the workers score with its live versions (an A/B split too)
 
 
 def events_within(shape: RateShape, seconds: float) -> int:
@@ -104,6 +106,21 @@ def _start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     finally:
         client.close()
     return proc, url
+
+
+def _arms(registry: Path | None, events: list[Event]) -> dict[str, str]:
+    """The A/B arm of each event sent to the registry's candidate, by the split the workers use
+    (``models.live.arm_of`` of the customer); the others are production."""
+    if registry is None:
+        return {}
+    from fraudscore.models.live import CANDIDATE, arm_of
+    from fraudscore.models.registry import Registry
+
+    candidate = Registry(registry).candidate()
+    if candidate is None:
+        return {}
+    version, share = candidate
+    return {e.event_id: CANDIDATE for e in events if arm_of(e.customer_id, version, share) == CANDIDATE}
 
 
 def _wait_for_workers(client: Client, partitions: int, workers: subprocess.Popen[bytes]) -> Snapshot:
@@ -196,6 +213,8 @@ def run(config: DemoConfig, progress_to: TextIO = sys.stderr) -> dict[str, Any]:
         prepare(client, config.partitions)
         argv = [sys.executable, "-m", "fraudscore.cli", "--log-level", config.log_level, "worker"]
         argv += ["--redis", url, "--partitions", str(config.partitions), "--index", str(config.index)]
+        if config.registry is not None:
+            argv += ["--registry", str(config.registry)]
         workers = subprocess.Popen([*argv, "--workers", str(config.workers)], start_new_session=True)
 
         before = _wait_for_workers(client, config.partitions, workers)  # counters, results' cursor
@@ -245,6 +264,7 @@ def run(config: DemoConfig, progress_to: TextIO = sys.stderr) -> dict[str, Any]:
             histograms=histograms,
             decisions=decisions,
             frauds=frauds,
+            arms=_arms(config.registry, events),
             shape={"shape": config.shape.shape, "peak": config.shape.peak, "period": config.shape.period},
             redis="private redis-server" if server is not None else url,
             chart=config.chart,

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from fraudscore.stream.monitor import Decision, LatencyHistogram, Snapshot
 
-PRODUCTION_ARM = "production"  # the demo's workers score with one scorer: every event is this arm
+PRODUCTION_ARM = "production"  # without a registry's A/B candidate, every event's arm
 QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
 
 
@@ -80,18 +80,21 @@ def build(
     histograms: Sequence[LatencyHistogram],
     decisions: Sequence[Decision],
     frauds: frozenset[str],
+    arms: Mapping[str, str],
     shape: dict[str, Any],
     redis: str,
     chart: Path | None,
 ) -> dict[str, Any]:
-    """The report, as the JSON ``--json`` prints."""
+    """The report, as the JSON ``--json`` prints; ``arms``: each event's A/B arm where it is not
+    production."""
     merged = LatencyHistogram()
     for h in histograms:
         merged.merge(h)
     by_arm: dict[tuple[str, str], dict[str, int]] = {}
     tp = fp = fn = tn = 0
     for d in decisions:
-        counts = by_arm.setdefault((d.scorer, PRODUCTION_ARM), {"approved": 0, "declined": 0})
+        arm = arms.get(d.event_id, PRODUCTION_ARM)
+        counts = by_arm.setdefault((d.scorer, arm), {"approved": 0, "declined": 0})
         counts["approved" if d.approved else "declined"] += 1
         fraud = d.event_id in frauds
         tp += fraud and not d.approved
