@@ -165,8 +165,9 @@ class _Progress:
         self.pending = False  # a line shown in place, not yet ended
 
     def show(self, text: str) -> None:
-        if self.tty:
-            self.stream.write("\r\x1b[K" + text)
+        if self.tty:  # cut to the terminal's width: a wrapped line could not be rewritten
+            width = shutil.get_terminal_size().columns
+            self.stream.write("\r\x1b[K" + text[: max(20, width - 1)])
             self.pending = True
         else:
             self.stream.write(text + "\n")
