@@ -270,6 +270,10 @@ def run(config: DemoConfig, progress_to: TextIO = sys.stderr) -> dict[str, Any]:
             redis="private redis-server" if server is not None else url,
             chart=config.chart,
         )
+    except TRANSIENT_ERRORS as exc:  # Redis went away, or stopped answering
+        progress.done()
+        where = config.redis_url or "the private redis-server"
+        raise TransientError(f"Redis ({where}): {exc}") from None
     except BaseException:
         progress.done()  # the error's line after the progress line, not on it
         raise
