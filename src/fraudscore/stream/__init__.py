@@ -13,5 +13,5 @@
 - ``compose``    renders deploy/stream/docker-compose.yml
 - ``cli``        ``fraudscore worker``, ``publish``, ``monitor`` and ``pipeline demo``
 
-README.md beside this file describes the design and lists every key.
+The repository's README.md ("The streaming pipeline") describes the design and lists every key.
 """
