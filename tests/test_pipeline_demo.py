@@ -200,3 +200,27 @@ def test_help_at_both_levels() -> None:
     assert demo.returncode == 0
     for flag in ("--redis", "--rate", "--duration", "--chart", "--no-chart", "--json"):
         assert flag in demo.stdout
+
+
+def test_the_readme_lists_every_redis_key_of_keys_py() -> None:
+    """README's "Redis keys" table against stream/keys.py, the one owner of key names: a key
+    added there without a row here (or a row for a key that is gone) fails."""
+    from fraudscore.stream import keys
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("### Redis keys", 1)[1].split("\n#", 1)[0]
+    # a row's key, partition 0, cut where its variable part (<event id>, <customer>...) begins
+    listed = {
+        row.split("`")[1].replace("<i>", "0").split("<")[0]
+        for row in table.splitlines()
+        if row.startswith("| `")
+    }
+    module = {v for k, v in vars(keys).items() if k.isupper() and isinstance(v, str) and v.startswith("{")}
+    partition = keys.PartitionKeys(0)
+    fixed = {v for k, v in vars(partition).items() if isinstance(v, str) and k != "tag"}
+    variable = {
+        getattr(partition, name)("\0").split("\0")[0]
+        for name in dir(partition)
+        if not name.startswith("_") and callable(getattr(partition, name))
+    }
+    assert listed == module | fixed | variable
