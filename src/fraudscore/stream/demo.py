@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -79,11 +80,11 @@ def check_redis(url: str) -> None:
     try:
         client = connect(url)
     except ValueError as exc:
-        raise UsageError(f"--redis {url!r}: {exc}") from None
+        raise UsageError(f"--redis {_without_password(url)!r}: {exc}") from None
     try:
         client.ping()
     except TRANSIENT_ERRORS as exc:
-        raise TransientError(f"--redis {url}: Redis does not answer: {exc}") from None
+        raise TransientError(f"--redis {_without_password(url)}: Redis does not answer: {exc}") from None
     finally:
         client.close()
 
@@ -106,6 +107,19 @@ def _start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     finally:
         client.close()
     return proc, url
+
+
+def _without_password(url: str) -> str:
+    """``url`` as the report may show it: a password in it becomes ``***``.
+
+    >>> _without_password("redis://:secret@db:6379/0"), _without_password("unix:///tmp/r.sock")
+    ('redis://:***@db:6379/0', 'unix:///tmp/r.sock')
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _arms(registry: Path | None, events: list[Event]) -> dict[str, str]:
@@ -267,12 +281,12 @@ def run(config: DemoConfig, progress_to: TextIO = sys.stderr) -> dict[str, Any]:
             frauds=frauds,
             arms=_arms(config.registry, events),
             shape={"shape": config.shape.shape, "peak": config.shape.peak, "period": config.shape.period},
-            redis="private redis-server" if server is not None else url,
+            redis="private redis-server" if server is not None else _without_password(url),
             chart=config.chart,
         )
     except TRANSIENT_ERRORS as exc:  # Redis went away, or stopped answering
         progress.done()
-        where = config.redis_url or "the private redis-server"
+        where = _without_password(config.redis_url) if config.redis_url else "the private redis-server"
         raise TransientError(f"Redis ({where}): {exc}") from None
     except BaseException:
         progress.done()  # the error's line after the progress line, not on it
