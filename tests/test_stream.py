@@ -639,16 +639,6 @@ def test_paced_publishing_sends_every_event_in_order(client: Client, shared_redi
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--rate" in bad.stderr
 
 
-def test_demo_runs_the_whole_pipeline(index_path: Path) -> None:
-    demo = [sys.executable, "-m", "fraudscore.cli", "--log-level", "WARNING", "demo", "--events", "400"]
-    demo += ["--rate", "2000", "--shape", "constant", "--partitions", "2", "--interval", "0.3"]
-    out = subprocess.run([*demo, "--index", str(index_path)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.splitlines()
-    assert lines[-1] == "demo: 400 events published, 400 scored, 0 dead-lettered"
-    assert "enqueue->scored p50" in lines[-2]
-
-
 def test_the_compose_file_is_rendered_and_its_commands_parse() -> None:
     from fraudscore.cli import build_parser
     from fraudscore.stream import compose

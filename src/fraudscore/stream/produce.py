@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -69,13 +70,19 @@ def publish(
 
 
 def publish_paced(
-    client: Client, raws: Sequence[bytes], partitions: int, shape: RateShape, max_chunk: int = 500
+    client: Client,
+    raws: Sequence[bytes],
+    partitions: int,
+    shape: RateShape,
+    max_chunk: int = 500,
+    stop: threading.Event | None = None,
 ) -> int:
-    """``publish`` each event at its due time by ``shape`` (in chunks of those already due)."""
+    """``publish`` each event at its due time by ``shape`` (in chunks of those already due);
+    the number sent, fewer when ``stop`` is set first (it is checked at least every 0.1 s)."""
     due = shape.schedule(len(raws))
     start = time.monotonic()
     sent = 0
-    while sent < len(raws):
+    while sent < len(raws) and not (stop is not None and stop.is_set()):
         now = time.monotonic() - start
         ready = min(bisect.bisect_right(due, now, lo=sent), sent + max_chunk)
         if ready == sent:
