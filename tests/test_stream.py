@@ -182,7 +182,21 @@ def assert_matches_replay(
     assert not repeated, f"events with more than one result: {list(repeated.items())[:5]}"
     assert got.keys() == expected.keys()
     differing = [key for key in expected if got[key][0] != expected[key]]
-    assert not differing, f"{len(differing)} events differ, e.g. {differing[0]}: {got[differing[0]][0]}"
+    assert not differing, _differences(differing, got, expected)
+
+
+def _differences(
+    differing: list[tuple[int, str]],
+    got: dict[tuple[int, str], list[dict[str, Any]]],
+    expected: dict[tuple[int, str], dict[str, Any]],
+) -> str:
+    """The events that differ, and for the first few, each section that differs: got / replay."""
+    lines = [f"{len(differing)} events differ from the replay: {differing[:10]}"]
+    for key in differing[:5]:
+        for section, want in expected[key].items():
+            if got[key][0].get(section) != want:
+                lines.append(f"  {key} {section}: got {got[key][0].get(section)} replay {want}")
+    return "\n".join(lines)
 
 
 def run_worker(client: Client, scorer: Any, partitions: int, **options: Any) -> Worker:
