@@ -1,4 +1,4 @@
-"""The stream commands: ``fraudscore worker``, ``publish``, ``monitor`` and ``pipeline demo``.
+"""The stream commands: ``fraudscore worker``, ``publish``, ``generate``, ``monitor``, ``pipeline demo``.
 
 ``register(subparsers)`` adds them to the main parser (``fraudscore.cli``).  Redis and the
 worker's modules are imported only when a stream command runs, so other commands start as fast
@@ -27,6 +27,7 @@ log = logging.getLogger("fraudscore.stream")
 REDIS_URL_ENV = "FRAUDSCORE_REDIS_URL"
 DEMO_OUT = "pipeline-demo"  # `pipeline demo`'s output directory
 DEMO_EVENTS = 20000  # `pipeline demo`'s events without --events or --duration
+RUN_PERIOD_S = 30.0  # `generate`: the longest period of a wave or spike
 RESTART_DELAY_S = 1.0  # before restarting a worker process that died
 
 
@@ -55,7 +56,7 @@ def _add_redis_options(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``worker``, ``publish``, ``monitor`` and ``pipeline`` to the command line's subparsers."""
+    """Add the stream commands to the command line's subparsers."""
     from fraudscore.cli import DEFAULT_INDEX, DEFAULT_REFERENCES
     from fraudscore.stream.keys import DEFAULT_BATCH
 
@@ -125,6 +126,40 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--period", type=float, default=60.0, help="seconds per period of --shape (default: 60)")
     p.set_defaults(func=cmd_publish)
+
+    g = subparsers.add_parser(
+        "generate",
+        help="publish a run of generated events (a share fraudulent, the ground truth kept) at a "
+        "rate shaped over time",
+        description="Publish events of a population of customers (homes, habits, favourite "
+        "merchants; --fraud-share of the events made fraudulent) to the partition streams at "
+        "--rate events/s shaped by --shape, for --duration seconds. The run is registered in Redis "
+        "({fs}:runs, {fs}:run:<ID>, the ids of its frauds in {fs}:run:<ID>:frauds) for "
+        "`fraudscore monitor`; each event id is <ID>-<n>. wave and spike repeat every "
+        f"min(--duration, {RUN_PERIOD_S:g}) s; random holds a level for a second, then steps.",
+    )
+    _add_redis_options(g)
+    g.add_argument("--rate", type=positive_float, default=1000.0, help="peak events/s (default: %(default)g)")
+    g.add_argument(
+        "--duration", type=positive_float, default=60.0, metavar="S", help="seconds (default: %(default)g)"
+    )
+    g.add_argument(
+        "--shape",
+        choices=["constant", "wave", "spike", "random"],
+        default="constant",
+        help="how the rate varies; never below a tenth of --rate (default: %(default)s)",
+    )
+    g.add_argument("--customers", type=positive_int, default=10000, help="default: %(default)s")
+    g.add_argument(
+        "--fraud-share",
+        type=_share,
+        default=0.02,
+        metavar="F",
+        help="share of the events made fraudulent, 0 to 1 (default: %(default)s)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="the population's and the shape's seed (default: 0)")
+    g.add_argument("--run-id", metavar="ID", help="the run's id (default: run-<UTC time>-<random>)")
+    g.set_defaults(func=cmd_generate)
 
     m = subparsers.add_parser(
         "monitor",
@@ -209,6 +244,17 @@ def register(subparsers: Any) -> None:
         "--json", action="store_true", help="print the report as JSON (the progress stays on stderr)"
     )
     d.set_defaults(func=cmd_pipeline_demo)
+
+
+def _share(text: str) -> float:
+    """A share, 0 to 1 (an argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text!r}")
+    return value
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -326,6 +372,54 @@ def cmd_publish(args: argparse.Namespace) -> int:
         raise TransientError(f"--redis {args.redis or _redis_url()}: {exc}") from None
     print(f"published {count} events to {args.partitions} partitions")
     return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fraudscore.stream.runs import RunSpec, check_run_id, claim, new_run_id, publish_run
+    from fraudscore.stream.worker import TRANSIENT_ERRORS, prepare
+
+    try:
+        run_id = check_run_id(args.run_id) if args.run_id is not None else new_run_id()
+    except ValueError as exc:
+        raise UsageError(f"--run-id: {exc}") from None
+    spec = RunSpec(
+        run_id=run_id,
+        shape=args.shape,
+        rate=args.rate,
+        period=min(args.duration, RUN_PERIOD_S),
+        duration=args.duration,
+        customers=args.customers,
+        fraud_share=args.fraud_share,
+        seed=args.seed,
+        partitions=args.partitions,
+    )
+    client = _client(args)
+    stop = _stop_on_signals()
+    try:
+        prepare(client, args.partitions)
+        if not claim(client, spec):
+            raise UsageError(f"--run-id {run_id}: a run with this id is already in this Redis")
+        print(f"run {run_id}: {args.shape} up to {args.rate:g}/s for {args.duration:g} s", file=sys.stderr)
+        counts = publish_run(client, spec, stop)
+    except TRANSIENT_ERRORS as exc:
+        raise TransientError(f"--redis {args.redis or _redis_url()}: {exc}") from None
+    ended = "stopped early: " if stop.is_set() else ""
+    print(f"run {run_id}: {ended}published {counts['published']} events, {counts['frauds']} fraudulent")
+    return 0
+
+
+def _stop_on_signals() -> Any:
+    """A threading.Event set by SIGINT or SIGTERM: the run stops between two sends."""
+    import threading
+
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:

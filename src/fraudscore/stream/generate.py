@@ -18,9 +18,12 @@ the moment, from the start, at which each of n events is due.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
 import orjson
 
@@ -36,9 +39,14 @@ CITIES = (
 )
 MCCS = ("5411", "5812", "5912", "5944", "7801", "7802", "7995", "4511", "5311", "5999")
 START_MS = 1_773_187_200_000  # 2026-03-11T00:00:00Z
-SHAPES = ("constant", "ramp", "burst", "wave")
+SHAPES = ("constant", "ramp", "burst", "wave", "spike", "random")
+RUN_SHAPES = ("constant", "wave", "spike", "random")  # `fraudscore generate --shape`
 FLOOR = 0.1  # every shape's lowest rate, as a share of its peak
 BURST_SHARE = 0.1  # of each period a burst lasts
+SPIKE_SHARE = 0.1  # of each period a spike lasts (in its middle)
+SPIKE_BASE = 0.2  # the rate between spikes, as a share of the peak
+WALK_S = 1.0  # the random shape holds each level this long
+WALK_STEP = 0.25  # the random shape's largest step, as a share of the peak
 FRAUD_MCCS = ("7801", "7802", "7995")  # the riskiest codes of the contract's mcc_risk.json
 
 
@@ -102,8 +110,40 @@ def generate_labelled(
     >>> len(frauds), events[:3] == generate(3, seed=1)
     (30, True)
     """
+    events: list[Event] = []
+    frauds: set[str] = set()
+    for event, fraud in labelled(
+        n_events,
+        customers=customers,
+        merchants=merchants,
+        seed=seed,
+        mean_gap_s=mean_gap_s,
+        start_ms=start_ms,
+        fraud_share=fraud_share,
+    ):
+        events.append(event)
+        if fraud:
+            frauds.add(event.event_id)
+    return events, frozenset(frauds)
+
+
+def labelled(
+    n_events: int | None,
+    *,
+    customers: int = 1000,
+    merchants: int = 200,
+    seed: int = 0,
+    mean_gap_s: float = 2.0,
+    start_ms: int = START_MS,
+    fraud_share: float = 0.02,
+    id_prefix: str | None = None,
+) -> Iterator[tuple[Event, bool]]:
+    """``generate_labelled``'s events one at a time, each with its ground truth (True: a fraud);
+    endless when ``n_events`` is None.  Event ids are ``<id_prefix>-<n>`` (``ev-<seed>`` by
+    default), so ``fraudscore generate`` tags each with its run."""
     if not 0.0 <= fraud_share <= 1.0:
         raise ValueError(f"the fraud share must be in [0, 1], not {fraud_share}")
+    prefix = f"ev-{seed}" if id_prefix is None else id_prefix
     rng = random.Random(seed)
     fraud_rng = random.Random(f"fraud-{seed}")
     shops = [
@@ -121,10 +161,9 @@ def generate_labelled(
         typical = int(100 * math.exp(rng.uniform(math.log(10), math.log(800))))
         people.append(Customer(f"C-{c:05d}", home, favourites, typical))
     seen: set[str] = set()
-    frauds: set[str] = set()
-    events = []
     t = start_ms
-    for n in range(n_events):
+    n = 0
+    while n_events is None or n < n_events:
         t += 1000 * int(rng.expovariate(1.0 / mean_gap_s))
         who = rng.choice(people)
         shop = shops[rng.choice(who.favourites) if rng.random() < 0.85 else rng.randrange(merchants)]
@@ -141,7 +180,7 @@ def generate_labelled(
         given_home = who.home if (first and rng.random() < 0.9) or rng.random() < 0.001 else None
         cents = max(1, int(who.typical_cents * math.exp(rng.gauss(0, 0.6))))
         event = Event(
-            event_id=f"ev-{seed}-{n:08d}",
+            event_id=f"{prefix}-{n:08d}",
             customer_id=who.id,
             cents=cents,
             installments=1 if rng.random() < 0.6 else rng.randint(2, 12),
@@ -155,11 +194,11 @@ def generate_labelled(
             customer_home=given_home,
         )
         # a customer's first event sets their home: it stays theirs, never a fraud
-        if fraud_share and not first and fraud_rng.random() < fraud_share:
+        fraud = bool(fraud_share) and not first and fraud_rng.random() < fraud_share
+        if fraud:
             event = _fraudulent(fraud_rng, event, who, shops)
-            frauds.add(event.event_id)
-        events.append(event)
-    return events, frozenset(frauds)
+        yield event, fraud
+        n += 1
 
 
 def _fraudulent(rng: random.Random, event: Event, who: Customer, shops: list[Merchant]) -> Event:
@@ -215,19 +254,41 @@ def malformed(customer_id: str = "C-00000") -> list[tuple[bytes, str]]:
     ]
 
 
+@lru_cache(maxsize=64)
+def _walk(seed: int, steps: int) -> tuple[float, ...]:
+    """The ``random`` shape's first ``steps`` levels (shares of the peak): a seeded random walk
+    that starts mid-way, moves by up to ``WALK_STEP`` each step and stays in [FLOOR, 1]."""
+    rng = random.Random(f"walk-{seed}")
+    level = (1 + FLOOR) / 2
+    levels = []
+    for _ in range(steps):
+        levels.append(level)
+        level = min(1.0, max(FLOOR, level + rng.uniform(-WALK_STEP, WALK_STEP)))
+    return tuple(levels)
+
+
 @dataclass(frozen=True)
 class RateShape:
-    """A publishing rate over wall-clock time: ``peak`` events/s at most, periodic.
+    """A publishing rate over wall-clock time: ``peak`` events/s at most, never below a tenth
+    of it.  ``constant``; ``ramp``, ``burst``, ``wave`` and ``spike`` repeat every ``period``
+    seconds; ``random`` holds a level for ``WALK_S`` seconds, then steps by a seeded random walk.
 
     >>> [RateShape("burst", 100.0, period=10.0).rate_at(t) for t in (0.5, 5.0, 10.5)]
     [100.0, 10.0, 100.0]
     >>> [round(RateShape("ramp", 100.0, period=10.0).rate_at(t)) for t in (0.0, 5.0, 9.999)]
     [10, 55, 100]
+    >>> [RateShape("spike", 100.0, period=10.0).rate_at(t) for t in (1.0, 5.2, 9.0)]
+    [20.0, 100.0, 20.0]
+    >>> shape = RateShape("random", 100.0, seed=3)
+    >>> again = RateShape("random", 100.0, seed=3)
+    >>> [round(shape.rate_at(t)) for t in (0.0, 0.9)], shape.rate_at(7.5) == again.rate_at(7.5)
+    ([55, 55], True)
     """
 
     shape: str
     peak: float
     period: float = 60.0
+    seed: int = 0  # the ``random`` shape's walk
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -244,23 +305,43 @@ class RateShape:
             share = 1.0 if phase < BURST_SHARE else FLOOR
         elif self.shape == "wave":
             share = FLOOR + (1 - FLOOR) * (0.5 - 0.5 * math.cos(2 * math.pi * phase))
+        elif self.shape == "spike":
+            share = 1.0 if abs(phase - 0.5) < SPIKE_SHARE / 2 else SPIKE_BASE
+        elif self.shape == "random":
+            step = int(t // WALK_S)
+            share = _walk(self.seed, 1 << max(6, step.bit_length()))[step]  # few distinct lengths cached
         else:
             share = 1.0
         return self.peak * share
 
+    def due_times(self) -> Iterator[float]:
+        """When each event is due, endlessly: the k-th when the rate's integral reaches k."""
+        step = min(self.period, WALK_S) / 1000.0  # the rate is taken as constant over each step
+        count = 0
+        t = sent = 0.0  # sent: the rate's integral up to t
+        while True:
+            rate = self.rate_at(t)
+            reached = sent + rate * step
+            while count < reached:
+                yield round(t + (count - sent) / rate, 6)
+                count += 1
+            t, sent = t + step, reached
+
     def schedule(self, n: int) -> list[float]:
-        """When each of ``n`` events is due: the k-th when the rate's integral reaches k.
+        """When each of ``n`` events is due.
 
         >>> RateShape("constant", 4.0).schedule(3)
         [0.0, 0.25, 0.5]
         """
-        step = self.period / 1000.0  # the rate is taken as constant over each step
-        due: list[float] = []
-        t = sent = 0.0  # sent: the rate's integral up to t
-        while len(due) < n:
-            rate = self.rate_at(t)
-            reached = sent + rate * step
-            while len(due) < n and len(due) < reached:
-                due.append(round(t + (len(due) - sent) / rate, 6))
-            t, sent = t + step, reached
-        return due
+        return list(itertools.islice(self.due_times(), n))
+
+    def count_within(self, seconds: float) -> int:
+        """How many events are due in the first ``seconds``.
+
+        >>> RateShape("constant", 50.0).count_within(4.0), RateShape("burst", 50.0, 10.0).count_within(10.0)
+        (200, 95)
+        """
+        for count, due in enumerate(self.due_times()):
+            if due >= seconds:
+                return count
+        raise AssertionError("unreachable: due_times is endless")
