@@ -80,7 +80,7 @@ def claim(client: Client, spec: RunSpec) -> bool:
     key = run_key(spec.run_id)
     if not client.hsetnx(key, "run_id", spec.run_id):
         return False
-    fields: dict[str, str | int] = {k: str(v) for k, v in asdict(spec).items()}
+    fields: Any = {k: str(v) for k, v in asdict(spec).items()}
     planned = spec.rate_shape().count_within(spec.duration)
     fields |= {"planned": planned, "published": 0, "frauds": 0, "state": "starting"}
     client.hset(key, mapping=fields)
