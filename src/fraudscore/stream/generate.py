@@ -1,9 +1,13 @@
 """A small deterministic generator of raw events: customers with homes and favourite merchants.
 
 The same arguments always give the same events (one ``random.Random(seed)``).  Customers live
-around a few Brazilian cities and mostly buy from their favourite merchants, near home; some
-purchases are online, some far from home.  Event times are whole seconds apart (sometimes
-zero: ties happen), so a customer's 24 h window fills and empties as the stream goes on.
+around a few Brazilian cities and buy mostly (95 %) at one to four favourite merchants, else at
+another merchant of their neighbourhood; a quarter online, 1 % while travelling.  Risky MCCs
+are rare (3 % of merchants), and most purchases are paid at once or in two or three
+installments.  Event time follows a day's rhythm (``DIURNAL``: busy by day, quiet at night),
+independently of how fast a producer sends the events; times are whole seconds apart
+(sometimes zero: ties happen) unless the mean gap is under a second, so a customer's 24 h
+window fills and empties as the stream goes on.
 ``malformed`` gives raw events that must be dead-lettered, one of each kind of mistake.
 ``generate_labelled`` also makes a share of the events fraudulent on purpose (a card used
 online, far from home, at a risky merchant the customer never visited, for many times the usual
@@ -48,14 +52,24 @@ SPIKE_BASE = 0.2  # the rate between spikes, as a share of the peak
 WALK_S = 1.0  # the random shape holds each level this long
 WALK_STEP = 0.25  # the random shape's largest step, as a share of the peak
 FRAUD_MCCS = ("7801", "7802", "7995")  # the riskiest codes of the contract's mcc_risk.json
+EVERYDAY_MCCS = tuple(m for m in MCCS if m not in FRAUD_MCCS)
+RISKY_MCC_SHARE = 0.03  # of the merchants
+NEIGHBOURHOOD = 12  # merchants near a customer's home
+FAVOURITE_SHARE = 0.95  # of a customer's purchases, at a favourite merchant
+ONLINE_SHARE = 0.25
+TRAVEL_SHARE = 0.01  # of legitimate purchases, in another city
+# the rate of events by hour of the day (UTC), relative to the mean: quiet at night, busy by day
+_HOURLY = "0.15 0.1 0.08 0.08 0.1 0.2 0.5 0.9 1.3 1.5 1.6 1.7 1.8 1.7 1.6 1.6 1.7 1.8 1.8 1.6 1.3 1.0 0.6 0.3"
+DIURNAL = tuple(float(x) * 24 / sum(map(float, _HOURLY.split())) for x in _HOURLY.split())
 
 
 @dataclass(frozen=True)
 class Customer:
     id: str
     home: Point
-    favourites: tuple[int, ...]  # merchant numbers
+    favourites: tuple[int, ...]  # merchant numbers, the most visited first
     typical_cents: int
+    nearby: tuple[int, ...] = ()  # merchants near home, where a new purchase usually happens
 
 
 @dataclass(frozen=True)
@@ -108,7 +122,7 @@ def generate_labelled(
 
     >>> events, frauds = generate_labelled(2000, seed=1)
     >>> len(frauds), events[:3] == generate(3, seed=1)
-    (30, True)
+    (26, True)
     """
     events: list[Event] = []
     frauds: set[str] = set()
@@ -147,29 +161,37 @@ def labelled(
     rng = random.Random(seed)
     fraud_rng = random.Random(f"fraud-{seed}")
     shops = [
-        Merchant(f"MERC-{m:04d}", rng.choice(MCCS), _near(rng, rng.choice(CITIES), 0.08))
+        Merchant(f"MERC-{m:04d}", _mcc(rng), _near(rng, CITIES[m % len(CITIES)], 0.08))
         for m in range(merchants)
     ]
+    by_city = [list(range(c, merchants, len(CITIES))) or list(range(merchants)) for c in range(len(CITIES))]
     people = []
     for c in range(customers):
-        home = _near(rng, rng.choice(CITIES), 0.08)
-        nearby = sorted(
-            range(merchants),
-            key=lambda m: (shops[m].location.lat - home.lat) ** 2 + (shops[m].location.lon - home.lon) ** 2,
-        )
-        favourites = tuple(rng.sample(nearby[:20], min(merchants, rng.randint(2, 6))))
+        city = rng.randrange(len(CITIES))
+        home = _near(rng, CITIES[city], 0.08)
+        # the nearest of a sample of the city's merchants: the customer's neighbourhood
+        sample = rng.sample(by_city[city], min(NEIGHBOURHOOD * 2, len(by_city[city])))
+        nearby = sorted(sample, key=lambda m: _km2(shops[m].location, home))[:NEIGHBOURHOOD]
+        favourites = tuple(rng.sample(nearby, min(len(nearby), rng.randint(1, 4))))
         typical = int(100 * math.exp(rng.uniform(math.log(10), math.log(800))))
-        people.append(Customer(f"C-{c:05d}", home, favourites, typical))
+        people.append(Customer(f"C-{c:05d}", home, favourites, typical, tuple(nearby)))
     seen: set[str] = set()
     t = start_ms
     n = 0
+    unit = 1000 if mean_gap_s >= 1 else 1  # whole seconds apart (ties happen), unless that is too coarse
     while n_events is None or n < n_events:
-        t += 1000 * int(rng.expovariate(1.0 / mean_gap_s))
+        # a day's rhythm: events come faster by day than by night, in event time
+        hour = (t // 3_600_000) % 24
+        t += unit * int(rng.expovariate(DIURNAL[hour] / mean_gap_s) * 1000 / unit)
         who = rng.choice(people)
-        shop = shops[rng.choice(who.favourites) if rng.random() < 0.85 else rng.randrange(merchants)]
-        online = rng.random() < 0.2
-        present = not online and rng.random() < 0.95
-        if rng.random() < 0.02:  # far from home: another city
+        draw = rng.random()
+        if draw < FAVOURITE_SHARE:  # mostly the first favourites
+            shop = shops[who.favourites[min(int(rng.expovariate(1.0)), len(who.favourites) - 1)]]
+        else:  # now and then somewhere new, but in the neighbourhood
+            shop = shops[rng.choice(who.nearby)]
+        online = rng.random() < ONLINE_SHARE
+        present = not online and rng.random() < 0.9
+        if rng.random() < TRAVEL_SHARE:  # travelling: another city
             terminal = _near(rng, rng.choice(CITIES), 0.5)
         elif present:
             terminal = shop.location
@@ -178,12 +200,12 @@ def labelled(
         first = who.id not in seen
         seen.add(who.id)
         given_home = who.home if (first and rng.random() < 0.9) or rng.random() < 0.001 else None
-        cents = max(1, int(who.typical_cents * math.exp(rng.gauss(0, 0.6))))
+        cents = max(1, int(who.typical_cents * math.exp(rng.gauss(0, 0.5))))
         event = Event(
             event_id=f"{prefix}-{n:08d}",
             customer_id=who.id,
             cents=cents,
-            installments=1 if rng.random() < 0.6 else rng.randint(2, 12),
+            installments=_installments(rng),
             time_ms=t,
             merchant_id=shop.id,
             mcc=shop.mcc,
@@ -199,6 +221,21 @@ def labelled(
             event = _fraudulent(fraud_rng, event, who, shops)
         yield event, fraud
         n += 1
+
+
+def _km2(a: Point, b: Point) -> float:
+    return (a.lat - b.lat) ** 2 + (a.lon - b.lon) ** 2
+
+
+def _mcc(rng: random.Random) -> str:
+    """A merchant's category: the risky ones rare."""
+    return rng.choice(FRAUD_MCCS) if rng.random() < RISKY_MCC_SHARE else rng.choice(EVERYDAY_MCCS)
+
+
+def _installments(rng: random.Random) -> int:
+    """Mostly one payment, often two or three, now and then more."""
+    draw = rng.random()
+    return 1 if draw < 0.6 else rng.randint(2, 3) if draw < 0.92 else rng.randint(4, 12)
 
 
 def _fraudulent(rng: random.Random, event: Event, who: Customer, shops: list[Merchant]) -> Event:

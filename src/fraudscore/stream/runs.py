@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from fraudscore.stream.events import Event
 from fraudscore.stream.generate import RateShape, labelled, raw
 from fraudscore.stream.keys import RUNS, run_frauds_key, run_key
 from fraudscore.stream.produce import publish
@@ -28,7 +29,7 @@ RUN_ID = re.compile(r"[A-Za-z0-9_.]([A-Za-z0-9_.-]{0,62}[A-Za-z0-9_.])?")
 MAX_CHUNK = 1000  # events per pipelined send
 FILL_STEP = 200  # events generated ahead between two looks at the clock
 LOOKAHEAD_S = 2.0  # events generated ahead of their due time while there is nothing to send
-MEAN_GAP_PER_CUSTOMER_S = 2.0  # generate.labelled's default mean gap, for one customer in a thousand
+MEAN_GAP_PER_CUSTOMER_S = 8 * 3600.0  # in event time: about three purchases a day per customer
 
 
 @dataclass(frozen=True)
@@ -111,17 +112,7 @@ def frauds_of(client: Client, run_id: str) -> set[str]:
 
 def _population(spec: RunSpec) -> Iterator[tuple[bytes, bool, str]]:
     """The run's events as (raw bytes, fraud, event id), endless."""
-    # the events' own time advances by the customers' habits, not by the wall-clock rate
-    gap = MEAN_GAP_PER_CUSTOMER_S * 1000 / spec.customers
-    for event, fraud in labelled(
-        None,
-        customers=spec.customers,
-        merchants=max(50, spec.customers // 5),
-        seed=spec.seed,
-        mean_gap_s=gap,
-        fraud_share=spec.fraud_share,
-        id_prefix=spec.run_id,
-    ):
+    for event, fraud in population_events(spec.customers, spec.seed, spec.fraud_share, spec.run_id):
         yield raw(event), fraud, event.event_id
 
 
@@ -182,3 +173,19 @@ def publish_run(client: Client, spec: RunSpec, stop: threading.Event | None = No
             time.sleep(min(wait, 0.1))
     client.hset(key, mapping={"ended_ms": redis_ms(client), "state": "done" if done else "stopped"})
     return {"published": published, "frauds": frauds}
+
+
+def population_events(
+    customers: int, seed: int, fraud_share: float, run_id: str, n_events: int | None = None
+) -> Iterator[tuple[Event, bool]]:
+    """A run's events, each with its ground truth: ``generate.labelled`` for a population of
+    ``customers``, whose event time advances by their habits, not by the wall-clock rate."""
+    return labelled(
+        n_events,
+        customers=customers,
+        merchants=max(50, customers // 5),
+        seed=seed,
+        mean_gap_s=MEAN_GAP_PER_CUSTOMER_S / customers,
+        fraud_share=fraud_share,
+        id_prefix=run_id,
+    )
