@@ -163,15 +163,28 @@ def register(subparsers: Any) -> None:
 
     m = subparsers.add_parser(
         "monitor",
-        help="print the pipeline's rates, backlog, latency and approvals, once per interval",
-        description="One line per interval, read from Redis: events published and scored per second, "
-        "dead letters, pending and undelivered entries, partitions owned, enqueue-to-scored latency "
-        "of the newest results, and the share approved.",
+        help="a live view of the pipeline: rates, latency, backlog, workers, decisions, precision/recall",
+        description="Read from Redis once per interval and show: events in and out per second, "
+        "enqueue-to-result latency p50/p95/p99 (histograms merged, never max-of-percentiles), "
+        "backlog and pending, each worker's rate, dead letters, decisions by scorer version and "
+        "A/B arm, and precision/recall against the ground truth of `fraudscore generate` runs. "
+        "--runs lists the runs; --stats --run-id ID gives one run's figures; --json prints JSON.",
     )
     _add_redis_options(m)
-    m.add_argument("--interval", type=float, default=1.0, help="seconds between lines (default: %(default)s)")
-    m.add_argument("--count", type=positive_int, help="stop after this many lines (default: never)")
+    m.add_argument("--interval", type=positive_float, default=1.0, help="seconds between views (default: 1)")
+    m.add_argument("--count", type=positive_int, help="stop after this many views (default: never)")
     m.add_argument("--group", default="scorers", help="consumer group (default: %(default)s)")
+    what = m.add_mutually_exclusive_group()
+    what.add_argument("--runs", action="store_true", help="list the generator's runs, then exit")
+    what.add_argument("--stats", action="store_true", help="one run's figures (with --run-id), then exit")
+    m.add_argument("--run-id", metavar="ID", help="the run of --stats")
+    m.add_argument(
+        "--registry",
+        type=Path,
+        help="the model registry the workers follow: results of its A/B candidate's version count "
+        "for the candidate arm (the results carry the scorer, not the arm)",
+    )
+    m.add_argument("--json", action="store_true", help="JSON: one object per view (a line each)")
     m.set_defaults(func=cmd_monitor)
 
     pipeline = subparsers.add_parser(
@@ -423,25 +436,68 @@ def _stop_on_signals() -> Any:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from fraudscore.stream.monitor import line, snapshot
+    from fraudscore.stream import monitor
+    from fraudscore.stream.runs import runs
     from fraudscore.stream.worker import TRANSIENT_ERRORS
 
-    if not args.interval > 0:
-        raise UsageError(f"--interval must be positive, got {args.interval}")
+    if args.stats and args.run_id is None:
+        raise UsageError("--stats needs --run-id ID")
+    if args.run_id is not None and not args.stats:
+        raise UsageError("--run-id goes with --stats")
+    candidate = _candidate(args.registry)
     client = _client(args)
-    previous = None
-    printed = 0
+    try:
+        if args.runs:
+            found = runs(client)
+            print(json.dumps(found, indent=2) if args.json else monitor.render_runs(found))
+            return 0
+        if args.stats:
+            stats = monitor.run_stats(client, args.partitions, args.run_id, candidate)
+            if stats is None:
+                raise UsageError(f"--run-id {args.run_id}: no such run in this Redis (see --runs)")
+            print(json.dumps(stats, indent=2) if args.json else monitor.render_stats(stats))
+            return 0
+        return _live(client, args, candidate)
+    except TRANSIENT_ERRORS as exc:
+        raise TransientError(f"--redis {args.redis or _redis_url()}: {exc}") from None
+
+
+def _candidate(registry: Path | None) -> str | None:
+    """The registry's A/B candidate version, if a split is running."""
+    if registry is None:
+        return None
+    if not registry.is_dir():
+        raise UsageError(f"--registry {registry}: no such directory")
+    from fraudscore.models.registry import Registry
+
+    found = Registry(registry).candidate()
+    return None if found is None else found[0]
+
+
+def _live(client: Any, args: argparse.Namespace, candidate: str | None) -> int:
+    """The live view, once per interval: redrawn in place on a terminal, appended otherwise."""
+    from fraudscore.stream import monitor
+
+    truth = monitor.Truth(client)
+    view = monitor.LiveView(candidate=candidate)
+    tty = sys.stdout.isatty() and not args.json
+    previous = monitor.snapshot(client, args.partitions, args.group, sample=1)  # its cursor: now
+    shown = 0
+    tick = time.monotonic()
     while True:
-        try:
-            current = snapshot(client, args.partitions, args.group, since=previous)
-        except TRANSIENT_ERRORS as exc:
-            raise TransientError(f"--redis {args.redis or _redis_url()}: {exc}") from None
-        print(line(previous, current), flush=True)
-        printed += 1
-        if args.count is not None and printed >= args.count:
+        tick += args.interval
+        time.sleep(max(0.0, tick - time.monotonic()))
+        current = monitor.snapshot(client, args.partitions, args.group, since=previous)
+        figures = view.update(previous, current, truth, monitor.live_workers(client))
+        if args.json:
+            print(json.dumps(figures), flush=True)
+        else:
+            text = monitor.render(figures)
+            print(("\x1b[H\x1b[2J" if tty else "") + text + ("" if tty else "\n"), flush=True)
+        shown += 1
+        if args.count is not None and shown >= args.count:
             return 0
         previous = current
-        time.sleep(args.interval)
 
 
 def cmd_pipeline_demo(args: argparse.Namespace) -> int:

@@ -17,10 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fraudscore.stream.monitor import Decision, LatencyHistogram, Snapshot
-
-PRODUCTION_ARM = "production"  # without a registry's A/B candidate, every event's arm
-QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+from fraudscore.stream.monitor import PRODUCTION_ARM, QUANTILES, Decision, LatencyHistogram, Quality, Snapshot
 
 
 @dataclass(frozen=True)
@@ -57,10 +54,6 @@ def interval(previous: Snapshot, current: Snapshot, start: float, due: Sequence[
     )
 
 
-def _ratio(a: int, b: int) -> float | None:
-    return a / b if b else None
-
-
 def _rate(series: Sequence[Interval], name: str, total: int) -> dict[str, float]:
     """Mean (``total`` over the seconds up to the last interval with any) and peak of a rate."""
     values = [getattr(s, name) for s in series]
@@ -91,16 +84,10 @@ def build(
     for h in histograms:
         merged.merge(h)
     by_arm: dict[tuple[str, str], dict[str, int]] = {}
-    tp = fp = fn = tn = 0
     for d in decisions:
         arm = arms.get(d.event_id, PRODUCTION_ARM)
         counts = by_arm.setdefault((d.scorer, arm), {"approved": 0, "declined": 0})
         counts["approved" if d.approved else "declined"] += 1
-        fraud = d.event_id in frauds
-        tp += fraud and not d.approved
-        fp += not fraud and not d.approved
-        fn += fraud and d.approved
-        tn += not fraud and d.approved
     target_span = due[-1] if due else 0.0
     return {
         "events": events,
@@ -122,15 +109,7 @@ def build(
         "decisions": [
             {"scorer": scorer, "arm": arm, **counts} for (scorer, arm), counts in sorted(by_arm.items())
         ],
-        "truth": {
-            "frauds": len(frauds),
-            "tp": tp,
-            "fp": fp,
-            "fn": fn,
-            "tn": tn,
-            "precision": _ratio(tp, tp + fp),
-            "recall": _ratio(tp, tp + fn),
-        },
+        "truth": {"frauds": len(frauds), **Quality.of(decisions, frauds).as_json()},
         "per_second": [asdict(s) for s in series],
         "chart": None if chart is None else str(chart),
     }

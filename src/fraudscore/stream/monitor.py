@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -152,19 +152,19 @@ def _decision(fields: dict[bytes, bytes]) -> Decision:
 
 
 def _read_since(
-    client: Client, key: str, after: bytes | None, limit: int | None, page: int = 1000
+    client: Client, key: str, after: bytes | None, limit: int | None, page: int = 1000, low: str = "-"
 ) -> tuple[list[Any], bool]:
-    """The results after entry ``after`` (all of them when None), oldest first, at most ``limit``
+    """The results after entry ``after`` (from ``low`` when None), oldest first, at most ``limit``
     and then the newest (those between are passed over: True)."""
     rows: list[Any] = []
-    low = b"-" if after is None else b"(" + after
+    start: Any = low if after is None else b"(" + after
     while limit is None or len(rows) < limit:
         count = page if limit is None else min(page, limit - len(rows))
-        chunk: Any = client.xrange(key, min=low, count=count)
+        chunk: Any = client.xrange(key, min=start, count=count)
         rows += chunk
         if len(chunk) < count:
             return rows, False
-        low = b"(" + chunk[-1][0]
+        start = b"(" + chunk[-1][0]
     newest: Any = client.xrevrange(key, count=1)
     if newest[0][0] == rows[-1][0]:
         return rows, False
@@ -243,3 +243,284 @@ def line(previous: Snapshot | None, current: Snapshot) -> str:
             f"approved {100 * current.approved / current.sampled:.0f}%"
         )
     return text
+
+
+# --- runs, ground truth, decisions by scorer and arm, per-worker rates ---------------------------
+
+PRODUCTION_ARM = "production"  # every event's arm without a registry's A/B candidate
+CANDIDATE_ARM = "candidate"
+QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+
+
+def run_of(event_id: str) -> str:
+    """The run an event belongs to: ``fraudscore generate`` names events ``<run id>-<n>``.
+
+    >>> run_of("wave-1-00000042")
+    'wave-1'
+    """
+    return event_id.rsplit("-", 1)[0]
+
+
+def arm_of_scorer(scorer: str, candidate: str | None) -> str:
+    """A result's A/B arm: the candidate's when its scorer is the registry's candidate version.
+
+    The results carry the scorer ("kind:name:version"), not the arm; the arm follows from the
+    version, as the candidate and production are different versions.
+
+    >>> arm_of_scorer("model:gbt:v7", "v7"), arm_of_scorer("knn:knn:v1", "v7")
+    ('candidate', 'production')
+    """
+    return (
+        CANDIDATE_ARM if candidate is not None and scorer.rsplit(":", 1)[-1] == candidate else PRODUCTION_ARM
+    )
+
+
+def decisions_by_scorer(decisions: Iterable[Decision], candidate: str | None = None) -> list[dict[str, Any]]:
+    """Approved and declined counts per (scorer, arm), sorted."""
+    counts: dict[tuple[str, str], dict[str, int]] = {}
+    for d in decisions:
+        row = counts.setdefault(
+            (d.scorer, arm_of_scorer(d.scorer, candidate)), {"approved": 0, "declined": 0}
+        )
+        row["approved" if d.approved else "declined"] += 1
+    return [{"scorer": s, "arm": a, **c} for (s, a), c in sorted(counts.items())]
+
+
+@dataclass
+class Quality:
+    """Decisions against the ground truth; a declined event is a positive."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+
+    def add(self, approved: bool, fraud: bool) -> None:
+        if fraud:
+            self.fn += approved
+            self.tp += not approved
+        else:
+            self.tn += approved
+            self.fp += not approved
+
+    @classmethod
+    def of(cls, decisions: Iterable[Decision], frauds: Container[str]) -> Quality:
+        q = cls()
+        for d in decisions:
+            q.add(d.approved, d.event_id in frauds)
+        return q
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "tp": self.tp,
+            "fp": self.fp,
+            "fn": self.fn,
+            "tn": self.tn,
+            "precision": self.tp / (self.tp + self.fp) if self.tp + self.fp else None,
+            "recall": self.tp / (self.tp + self.fn) if self.tp + self.fn else None,
+        }
+
+
+def latency_json(h: LatencyHistogram) -> dict[str, Any]:
+    return {"count": h.count, **{name: h.quantile(q) for name, q in QUANTILES}}
+
+
+class Truth:
+    """Which results are frauds, from the runs' ground-truth sets in Redis (``stream.runs``).
+
+    A decision counts only when its event belongs to a registered run; the run's set is
+    written before its events are published, so it is complete for every result read."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.known: dict[str, bool] = {}  # run id: registered
+
+    def labels(self, decisions: Sequence[Decision]) -> list[tuple[Decision, bool]]:
+        """(decision, is a fraud) for each decision of a registered run."""
+        from fraudscore.stream.keys import run_frauds_key, run_key
+
+        by_run: dict[str, list[Decision]] = {}
+        for d in decisions:
+            by_run.setdefault(run_of(d.event_id), []).append(d)
+        labelled: list[tuple[Decision, bool]] = []
+        for run, ds in by_run.items():
+            if run not in self.known:
+                self.known[run] = bool(self.client.exists(run_key(run)))
+            if not self.known[run]:
+                continue
+            flags: Any = self.client.smismember(run_frauds_key(run), [d.event_id for d in ds])
+            labelled += [(d, bool(f)) for d, f in zip(ds, flags, strict=True)]
+        return labelled
+
+
+def worker_rates(
+    previous: Snapshot, current: Snapshot, live: Sequence[str] = ()
+) -> dict[str, dict[str, Any]]:
+    """Each worker's results per second between two snapshots: a partition has one owner at a
+    time (its lease), so a partition's results in the interval count for its current owner.
+    ``live``: the workers registered as alive, listed even when they own nothing."""
+    seconds = max(current.taken_at - previous.taken_at, 1e-9)
+    rates: dict[str, dict[str, Any]] = {w: {"partitions": [], "results": 0} for w in live}
+    for before, now in zip(previous.partitions, current.partitions, strict=True):
+        if now.owner is None:
+            continue
+        row = rates.setdefault(now.owner, {"partitions": [], "results": 0})
+        row["partitions"].append(now.index)
+        row["results"] += now.scored - before.scored
+    for row in rates.values():
+        row["per_s"] = row["results"] / seconds
+    return dict(sorted(rates.items()))
+
+
+def live_workers(client: Client) -> list[str]:
+    from fraudscore.stream.keys import WORKERS
+
+    tokens: Any = client.zrangebyscore(WORKERS, int(time.time() * 1000), "+inf")
+    return [t.decode() for t in tokens]
+
+
+@dataclass
+class LiveView:
+    """What ``fraudscore monitor`` shows: the latest interval, and totals since it started."""
+
+    candidate: str | None = None  # the registry's A/B candidate version, if any
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    quality: Quality = field(default_factory=Quality)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # since the start
+    _counts: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
+
+    def update(
+        self, previous: Snapshot, current: Snapshot, truth: Truth, live: Sequence[str]
+    ) -> dict[str, Any]:
+        """Fold in an interval; the view as JSON."""
+        for d, fraud in truth.labels(current.decisions):
+            self.quality.add(d.approved, fraud)
+        self.latency.merge(current.latency)
+        for row in decisions_by_scorer(current.decisions, self.candidate):
+            counts = self._counts.setdefault((row["scorer"], row["arm"]), {"approved": 0, "declined": 0})
+            counts["approved"] += row["approved"]
+            counts["declined"] += row["declined"]
+        self.decisions = [{"scorer": s, "arm": a, **c} for (s, a), c in sorted(self._counts.items())]
+        seconds = max(current.taken_at - previous.taken_at, 1e-9)
+
+        def rate(name: str) -> float:
+            return (current.total(name) - previous.total(name)) / seconds
+
+        return {
+            "in_per_s": rate("published"),
+            "out_per_s": rate("scored"),
+            "dead_per_s": rate("dead"),
+            "published": current.total("published"),
+            "results": current.total("scored"),
+            "dead_letters": current.total("dead"),
+            "pending": current.total("pending"),
+            "backlog": current.total("lag"),
+            "latency_ms": latency_json(current.latency),
+            "latency_ms_since_start": latency_json(self.latency),
+            "workers": worker_rates(previous, current, live),
+            "decisions": self.decisions,
+            "truth": self.quality.as_json(),
+            "skipped": current.skipped,
+        }
+
+
+def render(view: dict[str, Any]) -> str:
+    """The live view as a few lines of text."""
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f} %"
+
+    lat, total, truth = view["latency_ms"], view["latency_ms_since_start"], view["truth"]
+    lines = [
+        f"in {view['in_per_s']:,.0f}/s  out {view['out_per_s']:,.0f}/s  "
+        f"backlog {view['backlog']:,}  pending {view['pending']:,}  dead letters {view['dead_letters']:,}",
+        f"enqueue->result ms: p50 {ms(lat['p50'])}  p95 {ms(lat['p95'])}  p99 {ms(lat['p99'])} "
+        f"(last interval, {lat['count']}); since start p99 {ms(total['p99'])} ({total['count']})",
+    ]
+    for token, w in view["workers"].items():
+        lines.append(f"worker {token}: {w['per_s']:,.0f}/s, partitions {w['partitions']}")
+    for d in view["decisions"]:
+        lines.append(f"{d['scorer']} ({d['arm']}): {d['approved']:,} approved, {d['declined']:,} declined")
+    lines.append(
+        f"against the generator's truth: precision {pct(truth['precision'])}, recall {pct(truth['recall'])} "
+        f"(tp {truth['tp']}, fp {truth['fp']}, fn {truth['fn']}, tn {truth['tn']})"
+    )
+    return "\n".join(lines)
+
+
+def run_stats(
+    client: Client, partitions: int, run_id: str, candidate: str | None = None
+) -> dict[str, Any] | None:
+    """A whole run's figures, from its registry entry and every result and dead letter of its
+    events (read from the run's start on); None when no such run is registered."""
+    import orjson
+
+    from fraudscore.stream.runs import frauds_of, run_info
+
+    info = run_info(client, run_id)
+    if info is None:
+        return None
+    frauds = frauds_of(client, run_id)
+    start = info.get("started_ms", "0")
+    prefix = run_id + "-"
+    decisions: list[Decision] = []
+    dead = 0
+    for i in range(partitions):
+        keys = PartitionKeys(i)
+        rows, _ = _read_since(client, keys.results, None, None, low=start)
+        decisions += [_decision(f) for _, f in rows if f[b"event_id"].decode().startswith(prefix)]
+        letters, _ = _read_since(client, keys.dead, None, None, low=start)
+        for _, f in letters:
+            try:
+                event_id = orjson.loads(f[b"event"]).get("event_id")
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
+            dead += isinstance(event_id, str) and event_id.startswith(prefix)
+    latency = LatencyHistogram.of(d.latency_ms for d in decisions)
+    started, ended = int(start), int(info.get("ended_ms") or 0)
+    return {
+        "run": info,
+        "published": int(info.get("published", 0)),
+        "results": len(decisions),
+        "dead_letters": dead,
+        "in_per_s": int(info.get("published", 0)) * 1000 / (ended - started) if ended > started else None,
+        "latency_ms": latency_json(latency),
+        "decisions": decisions_by_scorer(decisions, candidate),
+        "truth": {"frauds": len(frauds), **Quality.of(decisions, frauds).as_json()},
+    }
+
+
+def render_stats(stats: dict[str, Any]) -> str:
+    run, lat, truth = stats["run"], stats["latency_ms"], stats["truth"]
+    rate = "-" if stats["in_per_s"] is None else f"{stats['in_per_s']:,.0f}/s"
+    lines = [
+        f"run {run['run_id']} ({run.get('state', '?')}): {run['shape']} up to {float(run['rate']):g}/s for "
+        f"{float(run['duration']):g} s; published {stats['published']:,} ({rate}), results "
+        f"{stats['results']:,}, dead letters {stats['dead_letters']:,}",
+        "enqueue->result ms: "
+        + ", ".join(f"{n} {'-' if lat[n] is None else f'{lat[n]:.1f}'}" for n, _ in QUANTILES),
+    ]
+    for d in stats["decisions"]:
+        lines.append(f"{d['scorer']} ({d['arm']}): {d['approved']:,} approved, {d['declined']:,} declined")
+    p, r = truth["precision"], truth["recall"]
+    lines.append(
+        f"against the run's {truth['frauds']} frauds: precision {'-' if p is None else f'{100 * p:.1f} %'}, "
+        f"recall {'-' if r is None else f'{100 * r:.1f} %'} (tp {truth['tp']}, fp {truth['fp']}, "
+        f"fn {truth['fn']}, tn {truth['tn']})"
+    )
+    return "\n".join(lines)
+
+
+def render_runs(found: Sequence[dict[str, str]]) -> str:
+    if not found:
+        return "no runs"
+    lines = [f"{'run':32} {'state':8} {'shape':8} {'rate/s':>8} {'s':>6} {'published':>10} {'frauds':>7}"]
+    for r in found:
+        lines.append(
+            f"{r['run_id']:32} {r.get('state', '?'):8} {r.get('shape', '?'):8} {float(r.get('rate', 0)):8g} "
+            f"{float(r.get('duration', 0)):6g} {int(r.get('published', 0)):10,} {int(r.get('frauds', 0)):7,}"
+        )
+    return "\n".join(lines)
