@@ -149,6 +149,8 @@ def test_the_live_view_counts_each_interval_for_the_owner_and_against_the_truth(
     register(client, "live", {"live-00000001", "live-00000002"})
     client.set(PartitionKeys(0).lease, "worker-a")
     client.set(PartitionKeys(1).lease, "worker-b")
+    for n in range(5):  # results before the interval: not in it
+        write_result(client, n % PARTITIONS, f"early-{n:08d}", True, "knn:knn:v1", 10)
     before = snapshot(client, PARTITIONS, sample=1)
     sent = {0: 0, 1: 0}
     decisions = [("live-00000001", False), ("live-00000002", True), ("live-00000003", False)]
