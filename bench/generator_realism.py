@@ -6,7 +6,7 @@ and scores them with the exact kNN, and prints: the share of legitimate events a
 share of injected frauds declined, and each dimension's mean for the generated legitimate
 events beside the references' legitimate and fraudulent means.
 
-    .venv/bin/python bench/generator_realism.py --events 30000 --customers 10000
+    .venv/bin/python bench/generator_realism.py --events 20000 --customers 2000 --warmup 20000
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 
 from fraudscore.contract.vectorize import vectorize
 from fraudscore.scorer import KnnScorer
-from fraudscore.stream.generate import raw
 from fraudscore.stream.replay import Replay
 
 DIMS = (
@@ -33,6 +32,12 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=30000)
     parser.add_argument("--customers", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        help="events applied first and not measured: customers with a history",
+    )
     parser.add_argument("--index", type=Path, default=Path("data/references.fsidx"))
     parser.add_argument("--references", type=Path, default=Path("data/references.json.gz"))
     args = parser.parse_args()
@@ -41,16 +46,18 @@ def main() -> None:
 
     state = Replay(1)
     vectors, truth = [], []
-    for event, fraud in population_events(args.customers, args.seed, 0.02, "r", args.events):
-        vectors.append(vectorize(state.apply(event)))
-        truth.append(fraud)
-        raw(event)
+    events = population_events(args.customers, args.seed, 0.02, "r", args.warmup + args.events)
+    for n, (event, fraud) in enumerate(events):
+        payload = state.apply(event)
+        if n >= args.warmup:
+            vectors.append(vectorize(payload))
+            truth.append(fraud)
     with KnnScorer.open(args.index) as scorer:
         scores = scorer.scores(vectors)
         approved = [scorer.approves(s) for s in scores]
     legit = [a for a, f in zip(approved, truth, strict=True) if not f]
     frauds = [a for a, f in zip(approved, truth, strict=True) if f]
-    print(f"{len(vectors)} events, {args.customers} customers, seed {args.seed}")
+    print(f"{len(vectors)} events after {args.warmup}, {args.customers} customers, seed {args.seed}")
     print(f"legitimate approved: {100 * sum(legit) / max(1, len(legit)):.1f} % of {len(legit)}")
     declined = len(frauds) - sum(frauds)
     print(f"frauds declined: {100 * declined / max(1, len(frauds)):.1f} % of {len(frauds)}")
