@@ -202,3 +202,30 @@ def test_a_bad_flag_is_one_line_and_a_nonzero_exit(flags: list[str], named: str)
     assert 0 < run.returncode < 128
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("fraudscore monitor"), run.stderr
     assert named in run.stderr and "Traceback" not in run.stderr
+
+
+def test_the_live_monitor_prints_the_totals_then_one_view_per_interval(
+    redis_url: str, client: Client
+) -> None:
+    register(client, "lv", {"lv-00000000"})
+    for n in range(6):
+        write_result(client, n % PARTITIONS, f"lv-{n:08d}", n != 0, "knn:knn:v1", 10)
+    client.set(PartitionKeys(1).lease, "worker-b")
+    argv = [*CLI, "--redis", redis_url, "--partitions", str(PARTITIONS), "--count", "2", "--interval", "0.1"]
+    as_json = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=60)
+    assert as_json.returncode == 0, as_json.stderr
+    first, second = (json.loads(line) for line in as_json.stdout.splitlines())
+    assert first == {
+        "published": 0,
+        "results": 6,
+        "dead_letters": 0,
+        "pending": 0,
+        "backlog": 0,
+        "owners": {"0": None, "1": "worker-b"},
+    }
+    assert second["results"] == 6 and second["out_per_s"] == 0 and second["latency_ms"]["count"] == 0
+    assert second["workers"] == {"worker-b": {"partitions": [1], "results": 0, "per_s": 0.0}}
+    as_text = subprocess.run(argv, capture_output=True, text=True, timeout=60)  # not a terminal: lines
+    lines = as_text.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("published 0, scored 6; dead 0; pending 0")
+    assert lines[1].startswith("published 0/s, scored 0/s") and "worker-b 0/s" in lines[1]

@@ -475,29 +475,33 @@ def _candidate(registry: Path | None) -> str | None:
 
 
 def _live(client: Any, args: argparse.Namespace, candidate: str | None) -> int:
-    """The live view, once per interval: redrawn in place on a terminal, appended otherwise."""
+    """The totals at once, then the view once per interval: on a terminal, several lines redrawn
+    in place; otherwise one line per interval (for logs); with --json, one object per line."""
     from fraudscore.stream import monitor
 
     truth = monitor.Truth(client)
     view = monitor.LiveView(candidate=candidate)
     tty = sys.stdout.isatty() and not args.json
     previous = monitor.snapshot(client, args.partitions, args.group, sample=1)  # its cursor: now
-    shown = 0
+    print(
+        json.dumps(monitor.totals_json(previous)) if args.json else monitor.line(None, previous), flush=True
+    )
+    shown = 1
     tick = time.monotonic()
-    while True:
+    while args.count is None or shown < args.count:
         tick += args.interval
         time.sleep(max(0.0, tick - time.monotonic()))
         current = monitor.snapshot(client, args.partitions, args.group, since=previous)
         figures = view.update(previous, current, truth, monitor.live_workers(client))
         if args.json:
             print(json.dumps(figures), flush=True)
+        elif tty:
+            print("\x1b[H\x1b[2J" + monitor.render(figures), flush=True)
         else:
-            text = monitor.render(figures)
-            print(("\x1b[H\x1b[2J" if tty else "") + text + ("" if tty else "\n"), flush=True)
+            print(monitor.compact(previous, current, figures), flush=True)
         shown += 1
-        if args.count is not None and shown >= args.count:
-            return 0
         previous = current
+    return 0
 
 
 def cmd_pipeline_demo(args: argparse.Namespace) -> int:

@@ -424,6 +424,33 @@ class LiveView:
         }
 
 
+def totals_json(s: Snapshot) -> dict[str, Any]:
+    """A snapshot's counters: what ``fraudscore monitor --json`` prints first."""
+    return {
+        "published": s.total("published"),
+        "results": s.total("scored"),
+        "dead_letters": s.total("dead"),
+        "pending": s.total("pending"),
+        "backlog": s.total("lag"),
+        "owners": {p.index: p.owner for p in s.partitions},
+    }
+
+
+def compact(previous: Snapshot, current: Snapshot, view: dict[str, Any]) -> str:
+    """The view on one line (``line``'s, then p95, the workers and the detection quality)."""
+    text = line(previous, current)
+    p95 = view["latency_ms"]["p95"]
+    if p95 is not None:
+        text += f"; p95 {p95:.0f} ms"
+    if view["workers"]:
+        text += "; workers " + ", ".join(f"{t} {w['per_s']:,.0f}/s" for t, w in view["workers"].items())
+    truth = view["truth"]
+    shares = [("precision", truth["precision"]), ("recall", truth["recall"])]
+    if any(v is not None for _, v in shares):
+        text += "; " + ", ".join(f"{n} {'-' if v is None else f'{100 * v:.1f}%'}" for n, v in shares)
+    return text
+
+
 def render(view: dict[str, Any]) -> str:
     """The live view as a few lines of text."""
 
