@@ -110,7 +110,8 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("second of the run")
         ax.set_ylabel("events in the second")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        if rows:
+            ax.legend(loc="lower right")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
 
