@@ -229,3 +229,31 @@ def test_the_live_monitor_prints_the_totals_then_one_view_per_interval(
     lines = as_text.stdout.splitlines()
     assert len(lines) == 2 and lines[0].startswith("published 0, scored 6; dead 0; pending 0")
     assert lines[1].startswith("published 0/s, scored 0/s") and "worker-b 0/s" in lines[1]
+
+
+def test_a_generated_run_scored_by_a_worker_adds_up(redis_url: str, client: Client, index_path: Path) -> None:
+    """`fraudscore generate`, a real worker, then `monitor --stats`: every published event has
+    one result, and the confusion counts are those of the results against the run's truth."""
+    from fraudscore.scorer import KnnScorer
+    from fraudscore.stream.worker import Worker, WorkerConfig
+
+    flags = ["--rate", "600", "--duration", "1", "--customers", "40", "--fraud-share", "0.2"]
+    flags += ["--seed", "9", "--run-id", "e2e", "--partitions", str(PARTITIONS), "--redis", redis_url]
+    made = subprocess.run([*CLI[:-1], "generate", *flags], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    with KnnScorer.open(index_path) as scorer:
+        Worker(connect(redis_url), scorer, WorkerConfig(partitions=PARTITIONS, claim_idle_ms=600)).run(
+            max_idle_s=1.0
+        )
+    stats = monitor_json(redis_url, "--stats", "--run-id", "e2e")
+    assert stats["published"] == stats["results"] == 600 and stats["dead_letters"] == 0
+    frauds: Any = client.smembers(run_frauds_key("e2e"))
+    approved: dict[str, bool] = {}
+    for i in range(PARTITIONS):
+        entries: Any = client.xrange(PartitionKeys(i).results)
+        approved |= {f[b"event_id"].decode(): f[b"approved"] == b"true" for _, f in entries}
+    truth = {f.decode() for f in frauds}
+    assert stats["truth"]["tp"] == sum(not a for e, a in approved.items() if e in truth)
+    assert stats["truth"]["fp"] == sum(not a for e, a in approved.items() if e not in truth)
+    assert stats["truth"]["tp"] + stats["truth"]["fn"] == len(truth) == stats["truth"]["frauds"] > 0
+    assert sum(d["approved"] + d["declined"] for d in stats["decisions"]) == 600
