@@ -255,5 +255,6 @@ def test_a_generated_run_scored_by_a_worker_adds_up(redis_url: str, client: Clie
     truth = {f.decode() for f in frauds}
     assert stats["truth"]["tp"] == sum(not a for e, a in approved.items() if e in truth)
     assert stats["truth"]["fp"] == sum(not a for e, a in approved.items() if e not in truth)
+    assert stats["truth"]["tn"] == sum(a for e, a in approved.items() if e not in truth)
     assert stats["truth"]["tp"] + stats["truth"]["fn"] == len(truth) == stats["truth"]["frauds"] > 0
     assert sum(d["approved"] + d["declined"] for d in stats["decisions"]) == 600
