@@ -11,13 +11,19 @@ one line of rates; ``fraudscore monitor`` prints one such line per interval, and
 
 Latencies go into a ``LatencyHistogram``: log-spaced buckets that merge by adding counts, so
 the percentiles of a whole run are those of its intervals' histograms merged.
+
+The live view (``LiveView``, ``render``, ``compact``) adds each worker's rate (a partition's
+results count for its lease's owner), decisions by scorer and A/B arm, and precision/recall
+against the ground truth of ``fraudscore generate``'s runs (``Truth``: the run's set of fraud
+ids in Redis, the run named by the event id).  ``run_stats`` gives one run's figures from all
+of its results.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -152,19 +158,19 @@ def _decision(fields: dict[bytes, bytes]) -> Decision:
 
 
 def _read_since(
-    client: Client, key: str, after: bytes | None, limit: int | None, page: int = 1000, low: str = "-"
+    client: Client, key: str, after: bytes | None, limit: int | None, page: int = 1000
 ) -> tuple[list[Any], bool]:
-    """The results after entry ``after`` (from ``low`` when None), oldest first, at most ``limit``
+    """The results after entry ``after`` (all of them when None), oldest first, at most ``limit``
     and then the newest (those between are passed over: True)."""
     rows: list[Any] = []
-    start: Any = low if after is None else b"(" + after
+    low = b"-" if after is None else b"(" + after
     while limit is None or len(rows) < limit:
         count = page if limit is None else min(page, limit - len(rows))
-        chunk: Any = client.xrange(key, min=start, count=count)
+        chunk: Any = client.xrange(key, min=low, count=count)
         rows += chunk
         if len(chunk) < count:
             return rows, False
-        start = b"(" + chunk[-1][0]
+        low = b"(" + chunk[-1][0]
     newest: Any = client.xrevrange(key, count=1)
     if newest[0][0] == rows[-1][0]:
         return rows, False
@@ -478,6 +484,19 @@ def render(view: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _entries(
+    client: Client, key: str, low: str, page: int = 2000
+) -> Iterator[tuple[bytes, dict[bytes, bytes]]]:
+    """A stream's entries from ``low`` on, a page at a time (a run's results may be millions)."""
+    start: Any = low
+    while True:
+        chunk: Any = client.xrange(key, min=start, count=page)
+        yield from chunk
+        if len(chunk) < page:
+            return
+        start = b"(" + chunk[-1][0]
+
+
 def run_stats(
     client: Client, partitions: int, run_id: str, candidate: str | None = None
 ) -> dict[str, Any] | None:
@@ -492,20 +511,22 @@ def run_stats(
         return None
     frauds = frauds_of(client, run_id)
     start = info.get("started_ms", "0")
-    prefix = run_id + "-"
+    prefix = (run_id + "-").encode()
     decisions: list[Decision] = []
     dead = 0
     for i in range(partitions):
         keys = PartitionKeys(i)
-        rows, _ = _read_since(client, keys.results, None, None, low=start)
-        decisions += [_decision(f) for _, f in rows if f[b"event_id"].decode().startswith(prefix)]
-        letters, _ = _read_since(client, keys.dead, None, None, low=start)
-        for _, f in letters:
+        decisions += [
+            _decision(f)
+            for _, f in _entries(client, keys.results, start)
+            if f[b"event_id"].startswith(prefix)
+        ]
+        for _, f in _entries(client, keys.dead, start):
             try:
                 event_id = orjson.loads(f[b"event"]).get("event_id")
             except (orjson.JSONDecodeError, AttributeError):
                 continue
-            dead += isinstance(event_id, str) and event_id.startswith(prefix)
+            dead += isinstance(event_id, str) and event_id.encode().startswith(prefix)
     latency = LatencyHistogram.of(d.latency_ms for d in decisions)
     started, ended = int(start), int(info.get("ended_ms") or 0)
     return {
