@@ -72,7 +72,7 @@ sanitize: install index
 	inc=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])') && \
 	ext=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))') && \
 	gcc $(SAN_FLAGS) -I$$inc src/fraudscore/index/_knn.c -o $(SAN_DIR)/fraudscore/index/_knn$$ext && \
-	gcc $(SAN_FLAGS) -I$$inc -Isrc/fraudscore/index src/fraudscore/service/_fastpath.c \
+	gcc $(SAN_FLAGS) -I$$inc -Isrc/fraudscore/index -Isrc/fraudscore/models src/fraudscore/service/_fastpath.c \
 	    -o $(SAN_DIR)/fraudscore/service/_fastpath$$ext && \
 	gcc $(SAN_FLAGS) -I$$inc src/fraudscore/models/_trees.c -o $(SAN_DIR)/fraudscore/models/_trees$$ext && \
 	gcc $(SAN_FLAGS) -I$$inc src/fraudscore/models/_drift.c -o $(SAN_DIR)/fraudscore/models/_drift$$ext
