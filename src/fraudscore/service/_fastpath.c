@@ -820,7 +820,7 @@ typedef struct {
     PyObject *features[DIMS];          /* each reason's opening, up to "value": */
     PyObject *ok_head;                 /* a 200's head up to its Content-Length's digits */
     unsigned char ab_key[AB_KEY_BYTES];
-    char candidate[MAX_CANDIDATE];     /* the candidate's version, hashed before the customer's key */
+    char candidate[MAX_CANDIDATE];     /* the candidate's version and a zero byte, hashed before the key */
     size_t candidate_len;
     uint64_t cut;                      /* buckets below it are the candidate's */
     uint64_t buckets;
@@ -1090,8 +1090,9 @@ static int Plan_init(PlanObject *self, PyObject *args, PyObject *kw) {
             PyErr_Format(PyExc_ValueError, "candidate must be bytes shorter than %d, or None", MAX_CANDIDATE);
             return -1;
         }
-        self->candidate_len = (size_t)PyBytes_GET_SIZE(candidate);
-        memcpy(self->candidate, PyBytes_AS_STRING(candidate), self->candidate_len);
+        /* with the zero byte that ends it in the hashed message (the candidate[] is zeroed) */
+        self->candidate_len = (size_t)PyBytes_GET_SIZE(candidate) + 1;
+        memcpy(self->candidate, PyBytes_AS_STRING(candidate), self->candidate_len - 1);
     }
     if (buckets == 0 || cut > buckets || capacity < 1 || capacity > (1 << 24)) {
         PyErr_SetString(PyExc_ValueError, "need 0 <= cut <= buckets, buckets > 0 and 1 <= capacity <= 2**24");
