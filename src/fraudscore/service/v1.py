@@ -37,7 +37,7 @@ serialized here, and the split (the candidate's version and share).  The fast pa
 this module still defines them, and answers whatever the fast path declines (tests/test_v1_native.py
 holds the two to each other).  Its decisions are counted in the plan (``native_decisions``, merged
 into GET /metrics), and its answers queued there for the drift trackers and shadows: the plan
-signals an eventfd, and ``_drain`` feeds ``AfterAnswer`` from the queue on the event loop.
+signals an eventfd, and ``drain_native`` feeds ``AfterAnswer`` from the queue on the event loop.
 """
 
 from __future__ import annotations
@@ -387,7 +387,7 @@ class V1Live:
             self.fast = None
             self._install(self._build(self.active.models))  # the same set, without a plan
         loop.remove_reader(self._notify)
-        self._drain()
+        self.drain_native()
         os.close(self._notify)
         self._notify = -1
 
@@ -401,11 +401,11 @@ class V1Live:
     def _drain_and_watch(self) -> None:
         if self._notify < 0:  # stopped meanwhile
             return
-        self._drain()
+        self.drain_native()
         assert self._loop is not None
         self._loop.add_reader(self._notify, self._wake)
 
-    def _drain(self) -> None:
+    def drain_native(self) -> None:
         """Feed the native answers queued since the last drain to the drift trackers and the
         shadows (on the loop, as AfterAnswer wants); fold the retired plans' decisions."""
         with contextlib.suppress(BlockingIOError):  # read by an earlier drain
