@@ -898,15 +898,38 @@ static inline void put(out_t *o, const char *s, size_t n) {
 static inline void put_bytes(out_t *o, PyObject *b) { put(o, PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b)); }
 
 /* The shortest of %.15g, %.16g, %.17g that reads back as x (as a JSON number: a float's text keeps a
- * '.' or an exponent, so it parses back to a float).  Needs the C locale (uselocale by the caller). */
+ * '.' or an exponent, so it parses back to a float).  %.17g always does; most doubles need 16 or
+ * 17 digits, so 16 is tried first (then 15 only if 16 reads back).  Needs the C locale (uselocale
+ * by the caller). */
 static void put_double(out_t *o, double x) {
-    char text[40];
-    int n = 0;
-    for (int precision = 15; precision <= 17; precision++) {
-        n = snprintf(text, sizeof text, "%.*g", precision, x);
-        if (precision == 17 || strtod_l(text, NULL, c_locale) == x) break;
+    char text[40], shorter[40];
+    int n = snprintf(text, sizeof text, "%.16g", x);
+    if (strtod_l(text, NULL, c_locale) == x) {
+        int m = snprintf(shorter, sizeof shorter, "%.15g", x);
+        if (strtod_l(shorter, NULL, c_locale) == x) { memcpy(text, shorter, (size_t)m + 1); n = m; }
+    } else {
+        n = snprintf(text, sizeof text, "%.17g", x);
     }
     if (!strpbrk(text, ".eEn")) { text[n++] = '.'; text[n++] = '0'; text[n] = '\0'; }
+    put(o, text, (size_t)n);
+}
+
+/* A vector's component: round4 made it k / 10^4 for an integer k, whose shortest text is k's
+ * digits with the point 4 places in, trailing zeros dropped (no shorter decimal reads back as the
+ * same double near [-1, 1]).  Anything else goes to put_double. */
+static void put_component(out_t *o, double x) {
+    double k = nearbyint(x * 10000.0);
+    if (!(fabs(x) <= 1.0) || k / 10000.0 != x) { put_double(o, x); return; }
+    char text[16];
+    int n = 0;
+    long long units = llabs((long long)k);
+    if (signbit(x)) text[n++] = '-';
+    text[n++] = (char)('0' + units / 10000);
+    text[n++] = '.';
+    int frac = (int)(units % 10000), digits_ = 4;
+    while (digits_ > 1 && frac % 10 == 0) { frac /= 10; digits_--; }
+    for (int i = digits_ - 1; i >= 0; i--) { text[n + i] = (char)('0' + frac % 10); frac /= 10; }
+    n += digits_;
     put(o, text, (size_t)n);
 }
 
@@ -991,7 +1014,7 @@ static Py_ssize_t v1_answer(PlanObject *plan, PyObject *index, const payload_t *
     for (int r = 0; r < REASONS; r++) {
         if (r) PUT_LIT(&o, ",");
         put_bytes(&o, plan->features[top[r]]);
-        put_double(&o, v[top[r]]);
+        put_component(&o, v[top[r]]);
         PUT_LIT(&o, ",\"contribution\":");
         put_double(&o, contrib[top[r]]);
         PUT_LIT(&o, "}");
