@@ -1,8 +1,8 @@
 /* The service's fast path: the bytes of one whole scoring request in, its response out, with no
  * Python in between (HTTP framing, JSON, the 14-dimension vector and the search, in one call).
  *
- * It answers only what it is sure of: a complete `POST /fraud-score HTTP/1.1` request, alone in
- * the buffer, with plain headers, a Content-Length body, and a payload of the ordinary shape
+ * It answers only what it is sure of: a complete `POST /fraud-score HTTP/1.1` request (or
+ * `POST /v1/score`, once Python has set a V1Plan: see below), alone in the buffer, with plain headers, a Content-Length body, and a payload of the ordinary shape
  * (ASCII strings without escapes, timestamps written YYYY-MM-DDTHH:MM:SS with an optional Z,
  * numbers in range).  For anything else -- an error of any kind, an unusual but valid form, a
  * request split over two reads or pipelined behind another -- it returns None, and the Python
