@@ -63,7 +63,7 @@ SAN_DIR   = build/sanitize
 SAN_FLAGS = -O1 -g -std=c11 -ffp-contract=off -fno-strict-aliasing -fPIC -shared -pthread \
             -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 SAN_TESTS = tests/test_index.py tests/test_index_fuzz.py tests/test_fastpath.py tests/test_models_native.py \
-            tests/test_drift.py tests/test_native_loop.py
+            tests/test_drift.py tests/test_native_loop.py tests/test_native_loop_v1.py
 
 sanitize: install index
 	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)

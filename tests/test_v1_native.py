@@ -35,7 +35,7 @@ from .models_support import SMALL_CONFIG, small_model, small_references
 from .test_lifecycle import cli_ok, metric, wait_for
 
 MODES = ["fast path", "native loop"]
-CHECKED = 2000  # payloads per registry and mode
+CHECKED = 3000  # payloads per registry and mode
 
 
 @pytest.fixture(scope="module")
