@@ -890,7 +890,7 @@ static PyObject *py_siphash24(PyObject *module, PyObject *const *args, Py_ssize_
 typedef struct { char *p, *end; } out_t;
 
 static inline void put(out_t *o, const char *s, size_t n) {
-    if ((size_t)(o->end - o->p) < n) { o->p = o->end + 1; return; } /* overflow: seen by the caller */
+    if (o->p > o->end || (size_t)(o->end - o->p) < n) { o->p = o->end + 1; return; } /* overflow: the caller sees it */
     memcpy(o->p, s, n);
     o->p += n;
 }
@@ -1007,9 +1007,12 @@ static Py_ssize_t v1_answer(PlanObject *plan, PyObject *index, const payload_t *
     locale_t previous = uselocale(c_locale);
     if (approved) PUT_LIT(&o, "{\"approved\":true,\"fraud_score\":");
     else PUT_LIT(&o, "{\"approved\":false,\"fraud_score\":");
+    char *score_text = o.p;
     put_double(&o, score);
+    size_t score_len = (size_t)(o.p - score_text);
     put_bytes(&o, a->middle[frauds]);
-    put_double(&o, probability);
+    if (a->model_decides && o.p <= o.end) put(&o, score_text, score_len); /* the same number: its text again */
+    else put_double(&o, probability);
     PUT_LIT(&o, "},\"reasons\":[");
     for (int r = 0; r < REASONS; r++) {
         if (r) PUT_LIT(&o, ",");
