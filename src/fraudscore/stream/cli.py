@@ -1,4 +1,4 @@
-"""The stream commands: ``fraudscore worker``, ``publish``, ``monitor`` and ``demo``.
+"""The stream commands: ``fraudscore worker``, ``publish``, ``monitor`` and ``pipeline demo``.
 
 ``register(subparsers)`` adds them to the main parser (``fraudscore.cli``).  Redis and the
 worker's modules are imported only when a stream command runs, so other commands start as fast
@@ -8,6 +8,7 @@ as before.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -19,11 +20,13 @@ from types import FrameType
 from typing import Any
 
 from fraudscore.errors import EXIT_CODES, Category, TransientError, UsageError
-from fraudscore.flags import positive_int
+from fraudscore.flags import positive_float, positive_int
 
 log = logging.getLogger("fraudscore.stream")
 
 REDIS_URL_ENV = "FRAUDSCORE_REDIS_URL"
+DEMO_OUT = "pipeline-demo"  # `pipeline demo`'s output directory
+DEMO_EVENTS = 20000  # `pipeline demo`'s events without --events or --duration
 RESTART_DELAY_S = 1.0  # before restarting a worker process that died
 
 
@@ -52,7 +55,7 @@ def _add_redis_options(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``worker``, ``publish``, ``monitor`` and ``demo`` to the command line's subparsers."""
+    """Add ``worker``, ``publish``, ``monitor`` and ``pipeline`` to the command line's subparsers."""
     from fraudscore.cli import DEFAULT_INDEX, DEFAULT_REFERENCES
     from fraudscore.stream.keys import DEFAULT_BATCH
 
@@ -136,23 +139,76 @@ def register(subparsers: Any) -> None:
     m.add_argument("--group", default="scorers", help="consumer group (default: %(default)s)")
     m.set_defaults(func=cmd_monitor)
 
-    d = subparsers.add_parser(
+    pipeline = subparsers.add_parser(
+        "pipeline",
+        help="the stream pipeline as a whole (`pipeline demo`)",
+        description="The stream pipeline as a whole: Redis, workers, a producer and the monitor together.",
+    )
+    actions = pipeline.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
+    d = actions.add_parser(
         "demo",
-        help="the whole pipeline here: a private Redis, workers, a paced producer, the monitor",
-        description="Start redis-server (or use --redis), `fraudscore worker --workers N` and a producer "
-        "of generated events at --rate/--shape; print the monitor's line every --interval until every "
-        "event is done; then stop everything and print a summary.",
+        help="the whole pipeline here: a private Redis, workers, a paced generator, the monitor; "
+        "then a report and a chart",
+        description="Start redis-server (unless --redis), `fraudscore worker --workers N` and a "
+        "generator of events (a share of them fraudulent on purpose) at --rate/--shape; show the "
+        "monitor's line every --interval until every event is done; stop the generator, the "
+        "workers and Redis, in that order (also on Ctrl-C); then print a report (rates, "
+        "enqueue-to-result latency, dead letters, decisions, precision and recall against the "
+        "generator's frauds) and draw the rate and latency over time into a PNG chart.",
     )
     d.add_argument("--redis", metavar="URL", help="use this Redis instead of a private redis-server")
     d.add_argument("--partitions", type=positive_int, default=4, help="default: %(default)s")
     d.add_argument("--index", type=Path, default=DEFAULT_INDEX, help="default: %(default)s")
-    d.add_argument("--events", type=positive_int, default=20000, help="default: %(default)s")
+    size = d.add_mutually_exclusive_group()
+    size.add_argument("--events", type=positive_int, help="events to generate (default: 20000)")
+    size.add_argument(
+        "--duration",
+        type=positive_float,
+        metavar="SECONDS",
+        help="generate as many events as --rate/--shape schedule in this time, instead of --events",
+    )
     d.add_argument("--workers", type=positive_int, default=2, help="default: %(default)s")
-    d.add_argument("--rate", type=float, default=1000.0, help="peak events/s (default: %(default)s)")
-    d.add_argument("--shape", choices=["constant", "ramp", "burst", "wave"], default="wave")
-    d.add_argument("--period", type=float, default=10.0, help="seconds per period (default: %(default)s)")
-    d.add_argument("--interval", type=float, default=1.0, help="seconds between lines (default: %(default)s)")
-    d.set_defaults(func=cmd_demo)
+    d.add_argument(
+        "--registry",
+        type=Path,
+        help="the workers score with this model registry's live versions, as `fraudscore worker "
+        "--registry` (an A/B candidate's share too); the report gives each arm's decisions "
+        "(default: the exact kNN of --index)",
+    )
+    d.add_argument("--rate", type=positive_float, default=1000.0, help="peak events/s (default: %(default)s)")
+    d.add_argument(
+        "--shape", choices=["constant", "ramp", "burst", "wave"], default="wave", help="default: %(default)s"
+    )
+    d.add_argument(
+        "--period", type=positive_float, default=10.0, help="seconds per period (default: %(default)s)"
+    )
+    d.add_argument(
+        "--interval",
+        type=positive_float,
+        default=1.0,
+        help="seconds per point of the series (default: %(default)s)",
+    )
+    d.add_argument("--seed", type=int, default=0, help="the generator's seed (default: %(default)s)")
+    d.add_argument(
+        "--fraud-share",
+        type=float,
+        default=0.02,
+        help="share of the events made fraudulent, the ground truth (default: %(default)s)",
+    )
+    d.add_argument(
+        "--out",
+        type=Path,
+        default=Path(DEMO_OUT),
+        metavar="DIR",
+        help="where report.json and the chart go (default: %(default)s/)",
+    )
+    chart = d.add_mutually_exclusive_group()
+    chart.add_argument("--chart", type=Path, metavar="PATH", help="the chart (default: DIR/pipeline.png)")
+    chart.add_argument("--no-chart", action="store_true", help="draw no chart")
+    d.add_argument(
+        "--json", action="store_true", help="print the report as JSON (the progress stays on stderr)"
+    )
+    d.set_defaults(func=cmd_pipeline_demo)
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -283,7 +339,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     printed = 0
     while True:
         try:
-            current = snapshot(client, args.partitions, args.group)
+            current = snapshot(client, args.partitions, args.group, since=previous)
         except TRANSIENT_ERRORS as exc:
             raise TransientError(f"--redis {args.redis or _redis_url()}: {exc}") from None
         print(line(previous, current), flush=True)
@@ -294,27 +350,48 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         time.sleep(args.interval)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_pipeline_demo(args: argparse.Namespace) -> int:
     from fraudscore.cli import DEFAULT_REFERENCES, ensure_index
-    from fraudscore.stream.demo import DemoConfig, run
+    from fraudscore.loadtest.chart import check_available
+    from fraudscore.stream import demo_report
+    from fraudscore.stream.demo import CHART_NAME, REPORT_NAME, DemoConfig, check_redis, events_within, run
     from fraudscore.stream.generate import RateShape
 
-    if not args.interval > 0:
-        raise UsageError(f"--interval must be positive, got {args.interval}")
     try:
         shape = RateShape(args.shape, args.rate, args.period)
     except ValueError as exc:
         raise UsageError(f"--rate/--period: {exc}") from None
+    if not 0.0 <= args.fraud_share <= 1.0:
+        raise UsageError(f"--fraud-share must be between 0 and 1, got {args.fraud_share}")
+    chart = None if args.no_chart else (args.chart or args.out / CHART_NAME)
+    if chart is not None:
+        check_available()  # before the run, not after it
+    if args.registry is not None and not args.registry.is_dir():
+        raise UsageError(f"--registry {args.registry}: no such directory")
     if args.redis is not None:
-        _client(args)  # a malformed URL is a usage error
+        check_redis(args.redis)
+    events = events_within(shape, args.duration) if args.duration is not None else args.events or DEMO_EVENTS
     config = DemoConfig(
-        events=args.events,
+        events=events,
         shape=shape,
         workers=args.workers,
         partitions=args.partitions,
         index=ensure_index(args.index, DEFAULT_REFERENCES),
+        out=args.out,
+        chart=chart,
         interval=args.interval,
         redis_url=args.redis,
+        seed=args.seed,
+        fraud_share=args.fraud_share,
+        log_level=args.log_level,
+        registry=args.registry,
     )
-    run(config, log_level=args.log_level)
+    report = run(config)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(demo_report.text(report))
+        print(f"report: {args.out / REPORT_NAME}")
+        if chart is not None:
+            print(f"chart: {chart}")
     return 0

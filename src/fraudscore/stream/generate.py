@@ -5,6 +5,10 @@ around a few Brazilian cities and mostly buy from their favourite merchants, nea
 purchases are online, some far from home.  Event times are whole seconds apart (sometimes
 zero: ties happen), so a customer's 24 h window fills and empties as the stream goes on.
 ``malformed`` gives raw events that must be dead-lettered, one of each kind of mistake.
+``generate_labelled`` also makes a share of the events fraudulent on purpose (a card used
+online, far from home, at a risky merchant the customer never visited, for many times the usual
+amount) and returns their ids: the ground truth that ``fraudscore pipeline demo`` measures the
+decisions against.  The other events are exactly ``generate``'s.
 
 ``RateShape`` says how fast a producer sends them (events per second of wall-clock time, which
 has nothing to do with the events' own times): constant, a ramp, bursts or a wave, repeating
@@ -35,6 +39,7 @@ START_MS = 1_773_187_200_000  # 2026-03-11T00:00:00Z
 SHAPES = ("constant", "ramp", "burst", "wave")
 FLOOR = 0.1  # every shape's lowest rate, as a share of its peak
 BURST_SHARE = 0.1  # of each period a burst lasts
+FRAUD_MCCS = ("7801", "7802", "7995")  # the riskiest codes of the contract's mcc_risk.json
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,41 @@ def generate(
     start_ms: int = START_MS,
 ) -> list[Event]:
     """``n_events`` events in stream order, times non-decreasing from ``start_ms``."""
+    events, _ = generate_labelled(
+        n_events,
+        customers=customers,
+        merchants=merchants,
+        seed=seed,
+        mean_gap_s=mean_gap_s,
+        start_ms=start_ms,
+        fraud_share=0.0,
+    )
+    return events
+
+
+def generate_labelled(
+    n_events: int,
+    *,
+    customers: int = 1000,
+    merchants: int = 200,
+    seed: int = 0,
+    mean_gap_s: float = 2.0,
+    start_ms: int = START_MS,
+    fraud_share: float = 0.02,
+) -> tuple[list[Event], frozenset[str]]:
+    """``generate``'s events with about ``fraud_share`` of them made fraudulent; their ids.
+
+    The fraud draws come from a random generator of their own, so every other event is the
+    one ``generate`` gives for the same arguments.
+
+    >>> events, frauds = generate_labelled(2000, seed=1)
+    >>> len(frauds), events[:3] == generate(3, seed=1)
+    (30, True)
+    """
+    if not 0.0 <= fraud_share <= 1.0:
+        raise ValueError(f"the fraud share must be in [0, 1], not {fraud_share}")
     rng = random.Random(seed)
+    fraud_rng = random.Random(f"fraud-{seed}")
     shops = [
         Merchant(f"MERC-{m:04d}", rng.choice(MCCS), _near(rng, rng.choice(CITIES), 0.08))
         for m in range(merchants)
@@ -82,6 +121,7 @@ def generate(
         typical = int(100 * math.exp(rng.uniform(math.log(10), math.log(800))))
         people.append(Customer(f"C-{c:05d}", home, favourites, typical))
     seen: set[str] = set()
+    frauds: set[str] = set()
     events = []
     t = start_ms
     for n in range(n_events):
@@ -100,23 +140,46 @@ def generate(
         seen.add(who.id)
         given_home = who.home if (first and rng.random() < 0.9) or rng.random() < 0.001 else None
         cents = max(1, int(who.typical_cents * math.exp(rng.gauss(0, 0.6))))
-        events.append(
-            Event(
-                event_id=f"ev-{seed}-{n:08d}",
-                customer_id=who.id,
-                cents=cents,
-                installments=1 if rng.random() < 0.6 else rng.randint(2, 12),
-                time_ms=t,
-                merchant_id=shop.id,
-                mcc=shop.mcc,
-                merchant_location=shop.location if rng.random() < 0.8 else None,
-                is_online=online,
-                card_present=present,
-                terminal=terminal,
-                customer_home=given_home,
-            )
+        event = Event(
+            event_id=f"ev-{seed}-{n:08d}",
+            customer_id=who.id,
+            cents=cents,
+            installments=1 if rng.random() < 0.6 else rng.randint(2, 12),
+            time_ms=t,
+            merchant_id=shop.id,
+            mcc=shop.mcc,
+            merchant_location=shop.location if rng.random() < 0.8 else None,
+            is_online=online,
+            card_present=present,
+            terminal=terminal,
+            customer_home=given_home,
         )
-    return events
+        # a customer's first event sets their home: it stays theirs, never a fraud
+        if fraud_share and not first and fraud_rng.random() < fraud_share:
+            event = _fraudulent(fraud_rng, event, who, shops)
+            frauds.add(event.event_id)
+        events.append(event)
+    return events, frozenset(frauds)
+
+
+def _fraudulent(rng: random.Random, event: Event, who: Customer, shops: list[Merchant]) -> Event:
+    """``event`` as a stolen card's use: online, far away, a risky unknown merchant, a big amount."""
+    risky = [m for i, m in enumerate(shops) if m.mcc in FRAUD_MCCS and i not in who.favourites] or shops
+    shop = rng.choice(risky)
+    far = [c for c in CITIES if (c.lat - who.home.lat) ** 2 + (c.lon - who.home.lon) ** 2 > 1.0] or list(
+        CITIES
+    )
+    return event._replace(
+        cents=int(who.typical_cents * rng.uniform(8.0, 30.0)),
+        installments=rng.randint(6, 12),
+        merchant_id=shop.id,
+        mcc=shop.mcc,
+        merchant_location=shop.location,
+        is_online=True,
+        card_present=False,
+        terminal=_near(rng, rng.choice(far), 0.3),
+        customer_home=None,
+    )
 
 
 def raw(event: Event) -> bytes:

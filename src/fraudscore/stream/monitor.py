@@ -2,15 +2,23 @@
 
 ``snapshot`` reads, per partition: the events, results and dead letters ever added to each
 stream (XINFO STREAM's entries-added, which trimming does not lower), the group's pending
-entries and lag (XINFO GROUPS), and the lease's owner; and, from the newest results, the
-time from enqueue to scored and the share approved.  ``line`` turns two snapshots into one
-line of rates; ``fraudscore monitor`` prints one such line per interval.
+entries and lag (XINFO GROUPS), and the lease's owner; and the results themselves: the newest
+``sample`` per partition for a first snapshot, every result written since the previous one's
+for the next (``since``).  Each result read is a ``Decision``: its event, whether it was
+approved, the scorer, and the time from enqueue to scored.  ``line`` turns two snapshots into
+one line of rates; ``fraudscore monitor`` prints one such line per interval, and
+``fraudscore pipeline demo`` keeps the snapshots for its report and chart.
+
+Latencies go into a ``LatencyHistogram``: log-spaced buckets that merge by adding counts, so
+the percentiles of a whole run are those of its intervals' histograms merged.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -32,12 +40,91 @@ class PartitionStats:
 
 
 @dataclass(frozen=True)
+class Decision:
+    """One result as the monitor reads it."""
+
+    event_id: str
+    approved: bool
+    scorer: str  # kind:name:version
+    latency_ms: float  # enqueue (the events entry's id) to scored (the worker's clock)
+
+
+class LatencyHistogram:
+    """Counts of latencies in log-spaced buckets, each 1/16 of a doubling (4.4 %) wide.
+
+    A quantile is the upper bound of the bucket it falls in: at most 4.4 % above the true
+    value, and the same whether the histograms were merged first or not.
+
+    >>> h = LatencyHistogram.of([1.0, 2.0, 3.0, 4.0, 100.0])
+    >>> [round(h.quantile(q), 2) for q in (0.5, 0.99)], h.count
+    ([3.04, 101.73], 5)
+    """
+
+    PER_DOUBLING = 16
+    FLOOR_MS = 0.01  # the first bucket holds everything at or below this
+
+    def __init__(self, counts: dict[int, int] | None = None) -> None:
+        self.counts: dict[int, int] = dict(counts or {})
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> LatencyHistogram:
+        h = cls()
+        for v in values:
+            h.add(v)
+        return h
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, ms: float) -> None:
+        b = 0 if ms <= self.FLOOR_MS else math.ceil(math.log2(ms / self.FLOOR_MS) * self.PER_DOUBLING - 1e-9)
+        self.counts[b] = self.counts.get(b, 0) + 1
+
+    def merge(self, other: LatencyHistogram) -> None:
+        for b, n in other.counts.items():
+            self.counts[b] = self.counts.get(b, 0) + n
+
+    def upper_ms(self, bucket: int) -> float:
+        return self.FLOOR_MS * 2 ** (bucket / self.PER_DOUBLING)
+
+    def quantile(self, q: float) -> float | None:
+        """The upper bound of the bucket of the ``q`` quantile (the ceil(q*n)-th value); None if empty."""
+        total = self.count
+        if not total:
+            return None
+        rank = max(1, math.ceil(q * total - 1e-9))
+        seen = 0
+        for b in sorted(self.counts):
+            seen += self.counts[b]
+            if seen >= rank:
+                return self.upper_ms(b)
+        raise AssertionError("unreachable: rank <= total")
+
+
+@dataclass(frozen=True)
 class Snapshot:
     taken_at: float  # time.monotonic()
     partitions: list[PartitionStats]
-    latencies_ms: list[float]  # enqueue to scored, of the newest results
-    approved: int  # among those results
-    sampled: int
+    decisions: list[Decision]  # the newest results (a first snapshot), or those since ``since``
+    cursor: tuple[bytes | None, ...]  # per partition: the newest result read (None: none yet)
+    skipped: bool = False  # results were passed over (more than ``limit`` in a partition)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def __post_init__(self) -> None:
+        self.latency.merge(LatencyHistogram.of(d.latency_ms for d in self.decisions))
+
+    @property
+    def latencies_ms(self) -> list[float]:
+        return [d.latency_ms for d in self.decisions]
+
+    @property
+    def approved(self) -> int:
+        return sum(d.approved for d in self.decisions)
+
+    @property
+    def sampled(self) -> int:
+        return len(self.decisions)
 
     def total(self, name: str) -> int:
         return sum(getattr(p, name) or 0 for p in self.partitions)
@@ -55,11 +142,49 @@ def _ms(iso: bytes) -> float:
     return datetime.fromisoformat(iso.decode()).timestamp() * 1000.0
 
 
-def snapshot(client: Client, partitions: int, group: str = GROUP, sample: int = 100) -> Snapshot:
-    """The pipeline's counters now, and the latency of the newest ``sample`` results per partition."""
+def _decision(fields: dict[bytes, bytes]) -> Decision:
+    return Decision(
+        event_id=fields[b"event_id"].decode(),
+        approved=fields[b"approved"] == b"true",
+        scorer=fields[b"scorer"].decode(),
+        latency_ms=_ms(fields[b"scored_at"]) - _ms(fields[b"enqueued_at"]),
+    )
+
+
+def _read_since(
+    client: Client, key: str, after: bytes | None, limit: int | None, page: int = 1000
+) -> tuple[list[Any], bool]:
+    """The results after entry ``after`` (all of them when None), oldest first, at most ``limit``
+    and then the newest (those between are passed over: True)."""
+    rows: list[Any] = []
+    low = b"-" if after is None else b"(" + after
+    while limit is None or len(rows) < limit:
+        count = page if limit is None else min(page, limit - len(rows))
+        chunk: Any = client.xrange(key, min=low, count=count)
+        rows += chunk
+        if len(chunk) < count:
+            return rows, False
+        low = b"(" + chunk[-1][0]
+    newest: Any = client.xrevrange(key, count=1)
+    if newest[0][0] == rows[-1][0]:
+        return rows, False
+    return [*rows, newest[0]], True
+
+
+def snapshot(
+    client: Client,
+    partitions: int,
+    group: str = GROUP,
+    sample: int = 100,
+    since: Snapshot | None = None,
+    limit: int | None = 20_000,
+) -> Snapshot:
+    """The pipeline's counters now, and results: the newest ``sample`` per partition, or (given
+    ``since``) every one written after ``since`` read them, at most ``limit`` per partition."""
     stats = []
-    latencies: list[float] = []
-    approved = 0
+    decisions: list[Decision] = []
+    cursor: list[bytes | None] = []
+    skipped = False
     for i in range(partitions):
         keys = PartitionKeys(i)
         pending, lag = 0, None
@@ -82,20 +207,21 @@ def snapshot(client: Client, partitions: int, group: str = GROUP, sample: int = 
                 owner=None if owner is None else owner.decode(),
             )
         )
-        newest: Any = client.xrevrange(keys.results, count=sample)
-        for _, fields in newest:
-            latencies.append(_ms(fields[b"scored_at"]) - _ms(fields[b"enqueued_at"]))
-            approved += fields[b"approved"] == b"true"
-    return Snapshot(time.monotonic(), stats, latencies, approved, len(latencies))
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        rows: Any
+        if since is None:
+            newest: Any = client.xrevrange(keys.results, count=sample)
+            rows = newest[::-1]
+        else:
+            rows, more = _read_since(client, keys.results, since.cursor[i], limit)
+            skipped = skipped or more
+        decisions += [_decision(fields) for _, fields in rows]
+        cursor.append(rows[-1][0] if rows else None if since is None else since.cursor[i])
+    return Snapshot(time.monotonic(), stats, decisions, tuple(cursor), skipped)
 
 
 def line(previous: Snapshot | None, current: Snapshot) -> str:
-    """One line: rates since ``previous`` (totals when there is none), backlog, latency, approvals."""
+    """One line: rates since ``previous`` (totals when there is none), backlog, and the latency and
+    approvals of the results ``current`` read."""
     published, scored = current.total("published"), current.total("scored")
     if previous is None:
         rates = f"published {published}, scored {scored}"
@@ -110,10 +236,10 @@ def line(previous: Snapshot | None, current: Snapshot) -> str:
         f"lag {current.total('lag')}; owned {sum(p.owner is not None for p in current.partitions)}"
         f"/{len(current.partitions)}"
     )
-    if current.sampled:
+    p50, p99 = current.latency.quantile(0.5), current.latency.quantile(0.99)
+    if p50 is not None and p99 is not None:
         text += (
-            f"; enqueue->scored p50 {_percentile(current.latencies_ms, 0.5):.0f} ms, "
-            f"p99 {_percentile(current.latencies_ms, 0.99):.0f} ms; "
+            f"; enqueue->scored p50 {p50:.0f} ms, p99 {p99:.0f} ms; "
             f"approved {100 * current.approved / current.sampled:.0f}%"
         )
     return text
