@@ -63,7 +63,7 @@ SAN_DIR   = build/sanitize
 SAN_FLAGS = -O1 -g -std=c11 -ffp-contract=off -fno-strict-aliasing -fPIC -shared -pthread \
             -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 SAN_TESTS = tests/test_index.py tests/test_index_fuzz.py tests/test_fastpath.py tests/test_models_native.py \
-            tests/test_drift.py tests/test_native_loop.py
+            tests/test_drift.py tests/test_native_loop.py tests/test_native_loop_v1.py
 
 sanitize: install index
 	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)
@@ -72,7 +72,7 @@ sanitize: install index
 	inc=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])') && \
 	ext=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))') && \
 	gcc $(SAN_FLAGS) -I$$inc src/fraudscore/index/_knn.c -o $(SAN_DIR)/fraudscore/index/_knn$$ext && \
-	gcc $(SAN_FLAGS) -I$$inc -Isrc/fraudscore/index src/fraudscore/service/_fastpath.c \
+	gcc $(SAN_FLAGS) -I$$inc -Isrc/fraudscore/index -Isrc/fraudscore/models src/fraudscore/service/_fastpath.c \
 	    -o $(SAN_DIR)/fraudscore/service/_fastpath$$ext && \
 	gcc $(SAN_FLAGS) -I$$inc src/fraudscore/models/_trees.c -o $(SAN_DIR)/fraudscore/models/_trees$$ext && \
 	gcc $(SAN_FLAGS) -I$$inc src/fraudscore/models/_drift.c -o $(SAN_DIR)/fraudscore/models/_drift$$ext
