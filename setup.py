@@ -17,14 +17,15 @@ setup(
         Extension(
             "fraudscore.service._fastpath",
             sources=["src/fraudscore/service/_fastpath.c"],
-            depends=["src/fraudscore/index/knn_api.h"],
-            include_dirs=["src/fraudscore/index"],
+            depends=["src/fraudscore/index/knn_api.h", "src/fraudscore/models/trees_api.h"],
+            include_dirs=["src/fraudscore/index", "src/fraudscore/models"],
             # the vector must round exactly as the Python vectorizer's does: no fused multiply-add either
             extra_compile_args=CFLAGS,
         ),
         Extension(
             "fraudscore.models._trees",
             sources=["src/fraudscore/models/_trees.c"],
+            depends=["src/fraudscore/models/trees_api.h"],
             # the leaf sums must round like LightGBM's: no fused multiply-add
             extra_compile_args=CFLAGS,
         ),

@@ -7,7 +7,9 @@ Feeds each dev payload, as the bytes of a whole HTTP request, to ``HttpConnectio
 (the service's own connection class, over the in-memory transport of ``service/memory.py`` that
 the protocol tests also use), once with the native fast path and once with httptools, orjson and
 the Python vectorizer; then to /v1/score, with the registry's model (``--registry``, default
-as ``fraudscore serve`` finds it).  What this leaves
+as ``fraudscore serve`` finds it), once answered by Python and once natively (the fast path with
+the V1Plan ``fraudscore serve`` gives it; the queue its answers leave for the drift trackers is
+drained by Python after each pass, timed apart, per request).  What this leaves
 out is the socket: the event loop, the system calls and the wake-ups, which ``http_single.py``
 measures with the rest.  Figures are medians over the repeats.
 """
@@ -15,6 +17,7 @@ measures with the rest.  Figures are medians over the repeats.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +31,8 @@ from fraudscore.service import v1
 from fraudscore.service.memory import MemoryTransport, memory_connection
 from fraudscore.service.protocol import HttpConnection, fast_path
 from fraudscore.service.state import ServiceConfig, ServiceState
+
+DRAIN_EVERY = 1000  # requests between two drains of the native /v1/score queue (it holds 4,096)
 
 
 def time_path(conn: HttpConnection, transport: MemoryTransport, requests: list[bytes]) -> list[float]:
@@ -66,11 +71,29 @@ def main() -> None:
     v1_scorers = v1.load(v1.resolve_registry(args.registry), scorer)
     state = ServiceState(config=config, scorer=scorer, constants=DEFAULT_CONSTANTS, ready=True, v1=v1_scorers)
     paths["/v1/score"] = memory_connection(state, keep=False)
+    # the same answerer, natively: a fast path given its plan (the loop only holds the drain's reader)
+    native_v1 = v1.load(v1.resolve_registry(args.registry), scorer)
+    state = ServiceState(config=config, scorer=scorer, constants=DEFAULT_CONSTANTS, ready=True, v1=native_v1)
+    state.fast = fast_path(scorer, DEFAULT_CONSTANTS, config.max_body_bytes, state.metrics.native)
+    native_v1.serve_natively(state.fast, asyncio.new_event_loop())
+    paths["/v1/score native"] = memory_connection(state, keep=False)
+    drains: list[float] = []
 
     figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in paths}
     for _ in range(args.repeats):
         for name, (conn, transport) in paths.items():
-            times = time_path(conn, transport, requests["/v1/score" if name == "/v1/score" else SCORE_PATH])
+            path = requests["/v1/score" if name.startswith("/v1") else SCORE_PATH]
+            if name == "/v1/score native":  # drained as the loop would, well before the queue fills
+                times, drained = [], 0.0
+                for start in range(0, len(path), DRAIN_EVERY):
+                    times += time_path(conn, transport, path[start : start + DRAIN_EVERY])
+                    t0 = time.perf_counter_ns()
+                    native_v1.drain_native()
+                    drained += (time.perf_counter_ns() - t0) / 1000
+                times.sort()
+                drains.append(drained / len(path))
+            else:
+                times = time_path(conn, transport, path)
             figures[name].append((percentile(times, 50), percentile(times, 90), percentile(times, 99)))
 
     print(f"machine: {machine()}")
@@ -78,7 +101,8 @@ def main() -> None:
     print(f"requests: {len(entries):,} dev payloads x {args.repeats} repeats (medians over repeats)")
     for name, rows in figures.items():
         p50, p90, p99 = (statistics.median(r[i] for r in rows) for i in range(3))
-        print(f"{name:12s} data_received (us): median {p50:.1f}  p90 {p90:.1f}  p99 {p99:.1f}")
+        print(f"{name:17s} data_received (us): median {p50:.1f}  p90 {p90:.1f}  p99 {p99:.1f}")
+    print(f"/v1/score native: draining its queue after (us per request): {statistics.median(drains):.1f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The whole stack under the contract's load test, scored, with each process's peak memory and CPU.
 
     python bench/stack.py [--lb builtin|nginx|haproxy] [--outer] [--target 900] [--runs 1] [--kill-at S]
-                          [--no-chart] [--native-loop | --no-native-loop]
+                          [--no-chart] [--native-loop | --no-native-loop] [--path /v1/score]
+                          [--registry DIR]
 
 Starts `fraudscore stack` (each process in its own cgroup with the compose file's limits; with
 --outer, `--no-limits` inside one cgroup of 1 CPU / 350 MB instead), runs `fraudscore loadtest
@@ -37,6 +38,7 @@ from _common import (
     outer_line,
     run_line,
 )
+from fraudscore.defaults import SCORE_PATH
 from fraudscore.loadtest.profile import DURATION_S, TARGET_RATE
 from fraudscore.stack.cgroups import Cgroup, CgroupManager
 from fraudscore.stack.runner import wait_ready
@@ -74,6 +76,8 @@ def run_once(
     chart: bool = True,
     observe: Observer | None = None,
     native_loop: bool | None = None,
+    path: str = SCORE_PATH,
+    registry: str | None = None,
 ) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -81,6 +85,8 @@ def run_once(
     argv = fraudscore("stack", "--port", str(port), "--lb", lb, log_level="INFO")
     if native_loop is not None:  # else the stack's default
         argv.append("--native-loop" if native_loop else "--no-native-loop")
+    if registry is not None:  # else the stack's default: data/registry when it exists
+        argv += ["--registry", registry]
     manager: CgroupManager | None = None
     outer_cg: Cgroup | None = None
     if outer:
@@ -101,7 +107,7 @@ def run_once(
             killer = threading.Timer(kill_at, kill_instance, (stack.pid, "api1"))
             killer.start()
         with observe(stack_processes(stack.pid)) if observe else nullcontext():
-            result = loadtest(url, target, duration, out, chart=chart)
+            result = loadtest(url, target, duration, out, chart=chart, path=path)
         if outer_cg is not None:  # before the stack stops: its shutdown is not the load's
             outer_during = outer_figures(outer_cg, result["requests"], before)
     finally:
@@ -139,6 +145,8 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         help="`fraudscore stack --native-loop` or --no-native-loop (default: the stack's default)",
     )
+    parser.add_argument("--path", default=SCORE_PATH, help="the endpoint k6 posts to (default: %(default)s)")
+    parser.add_argument("--registry", help="the instances' model registry (default: the stack's)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     for i in range(args.runs):
@@ -146,7 +154,8 @@ def main() -> None:
         nochart = "-nochart" if args.no_chart else ""
         native = {None: "", True: "-native", False: "-nonative"}[args.native_loop]
         outer = "-outer" if args.outer else ""
-        name = f"stack-{args.lb}{outer}{native}{kill}{nochart}-{args.target:g}-run{i + 1}"
+        route = "-v1" if args.path != SCORE_PATH else ""
+        name = f"stack-{args.lb}{outer}{native}{route}{kill}{nochart}-{args.target:g}-run{i + 1}"
         out = ROOT / "bench" / "results" / name
         result = run_once(
             args.lb,
@@ -157,6 +166,8 @@ def main() -> None:
             args.kill_at,
             chart=not args.no_chart,
             native_loop=args.native_loop,
+            path=args.path,
+            registry=args.registry,
         )
         print(run_line(name, result))
         for line in result["processes"]:

@@ -30,6 +30,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fraudscore.contract.testdata import amounts_scaled
 from fraudscore.contract.vectorize import FEATURES, vectorize
 from fraudscore.errors import ModelFormatError, UsageError
 from fraudscore.models.drift import EPSILON, SERIES, Drift, DriftCollector, offline, psi
@@ -53,15 +54,17 @@ class Clock:
         return self.now
 
 
-def tripled(payload: dict[str, Any]) -> dict[str, Any]:
-    transaction = {**payload["transaction"], "amount": payload["transaction"]["amount"] * 3}
-    return {**payload, "transaction": transaction}
+def tripled(payload: dict[str, Any]) -> Any:
+    return amounts_scaled(payload, 3)
 
 
 def full_model() -> tuple[Registry, str] | None:
     registry = Registry(FULL_REGISTRY)
     models = [v for v in registry.versions() if registry.meta(v).get("kind") == "model"]
-    return (registry, models[-1]) if models else None
+    if not models:
+        return None
+    # the one trained on the most references: a registry may also hold small ones (the benches')
+    return registry, max(models, key=lambda v: int(registry.meta(v)["training"]["rows"]))
 
 
 @pytest.fixture(scope="module", params=["small", "full"])

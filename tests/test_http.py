@@ -369,6 +369,7 @@ def test_shutdown_finishes_in_flight_then_exits(
     answer = s.recv(4096)
     assert answer.startswith(b"HTTP/1.1 200 OK")
     assert b"Connection: close" not in answer or answer.endswith(b"}")
+    srv.proc.wait(15)  # exits on that one SIGTERM (stop() would send a second)
     code, log = srv.stop()
     assert code == 0
     assert "shutting down" in log and "stopped" in log

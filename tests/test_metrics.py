@@ -470,8 +470,8 @@ def test_v1_counts_model_loads_and_the_deciding_scorer(
     loads = "fraudscore_model_loads_total"
     assert value(samples, loads, model=name, version=report.version, result="ok") == 1
     assert value(samples, loads, version=report.version, result="failed") == 0
-    requests = "fraudscore_http_requests_total"
-    assert value(samples, requests, route="/v1/score", status="200", answerer="python") == N_FAST
+    requests = "fraudscore_http_requests_total"  # /v1/score is the fast path's too (V1Plan)
+    assert value(samples, requests, route="/v1/score", status="200", answerer="native") == N_FAST
     model = {"scorer": name, "version": report.version}
     approved = sum(d["approved"] for d in decided)
     assert value(samples, "fraudscore_decisions_total", **model, outcome="approved") == approved

@@ -526,7 +526,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every failure ends as one line on stderr and ``exit_code``'s status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    prog = " ".join(["fraudscore", args.command, *([args.index_command] if args.command == "index" else [])])
+    # these groups' errors name the action too: `fraudscore index build`, `fraudscore pipeline demo`
+    action = getattr(args, f"{args.command}_command", None) if args.command in ("index", "pipeline") else None
+    prog = " ".join(["fraudscore", args.command, *([action] if action else [])])
     if args.log_level is None:
         try:
             args.log_level = env_log_level()

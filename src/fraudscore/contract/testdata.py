@@ -190,3 +190,10 @@ def entries(document: Any, source: str | Path) -> list[Entry]:
 def load(path: str | Path) -> list[Entry]:
     """The entries of a test-data file, .json or .json.gz."""
     return entries(read_json(path), path)
+
+
+def amounts_scaled(payload: Any, factor: float) -> Any:
+    """``payload`` with its transaction's amount times ``factor``: the drift the lifecycle issue's
+    acceptance injects (the dev payloads with amounts x3), for tests and benches alike."""
+    transaction = {**payload["transaction"], "amount": payload["transaction"]["amount"] * factor}
+    return {**payload, "transaction": transaction}

@@ -1,4 +1,7 @@
-"""``latency.png``: request rate above, p50/p90/p99 latency below (log scale), one point per second."""
+"""``latency.png``: request rate above, p50/p90/p99 latency below (log scale), one point per second.
+
+``style_latency_axis`` is shared with the pipeline demo's chart (``stream.demo_report``).
+"""
 
 from __future__ import annotations
 
@@ -18,11 +21,23 @@ def check_available() -> None:
         raise ConfigError("matplotlib is needed for the chart: install the dev extras")
 
 
+def style_latency_axis(ax: Any, label: str) -> None:
+    """A latency axis as every chart here draws it: log scale in plain numbers, a grid, a legend."""
+    from matplotlib.ticker import LogFormatter
+
+    ax.set_yscale("log")
+    # Plain numbers (2, 5, 20) rather than 2x10^0 on the log axis.
+    ax.yaxis.set_major_formatter(LogFormatter())
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper left")
+
+
 def write_chart(series: Sequence[Second], path: Path, result: dict[str, Any]) -> None:
     """Draw ``series`` into ``path``; the title gives the run's request count, p99 and score."""
     # matplotlib is a dev extra: imported only when a chart is drawn.
     from matplotlib.figure import Figure
-    from matplotlib.ticker import LogFormatter
 
     # Figure without pyplot: no global state and no display backend to pick.
     fig = Figure(figsize=(10, 6.5), layout="constrained")
@@ -35,14 +50,8 @@ def write_chart(series: Sequence[Second], path: Path, result: dict[str, Any]) ->
     for name, color in (("p50", "tab:green"), ("p90", "tab:orange"), ("p99", "tab:red")):
         values = [math.nan if v is None else v for v in (getattr(s, f"{name}_ms") for s in series)]
         latency_ax.plot(seconds, values, label=name, color=color)
-    latency_ax.set_yscale("log")
-    # Plain numbers (2, 5, 20) rather than 2x10^0 on the log axis.
-    latency_ax.yaxis.set_major_formatter(LogFormatter())
-    latency_ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
-    latency_ax.set_ylabel("latency (ms)")
+    style_latency_axis(latency_ax, "latency (ms)")
     latency_ax.set_xlabel("seconds since the first request")
-    latency_ax.grid(alpha=0.3, which="both")
-    latency_ax.legend(loc="upper left")
     score, lat = result["score"], result["latency_ms"]
     fig.suptitle(
         f"{result['requests']} requests to {result['url']}, p99 {lat['p99']:.2f} ms\n"

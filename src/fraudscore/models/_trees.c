@@ -26,6 +26,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "trees_api.h"
+
 #define DEFAULT_LEFT 2
 #define CATEGORICAL 1
 #define MISSING_ZERO 1
@@ -565,6 +567,24 @@ static PyTypeObject ForestType = {
     .tp_getset = Forest_getset,
 };
 
+/* ---- the C API (trees_api.h): explain without the GIL, for the service's fast path ---------- */
+
+static int api_n_features(PyObject *forest) {
+    const Forest *f = (const Forest *)forest;
+    return f->nodes ? f->n_features : -1;
+}
+
+static int api_explain(PyObject *forest, const double *row, double *prob, double *contrib) {
+    const Forest *f = (const Forest *)forest;
+    if (!f->nodes) return -1;
+    if (!f->allow_nan)
+        for (int i = 0; i < f->n_features; i++)
+            if (!isfinite(row[i])) return -1;
+    memset(contrib, 0, sizeof(double) * (size_t)f->n_features);
+    *prob = probability(f, raw_explained(f, row, contrib));
+    return 0;
+}
+
 static struct PyModuleDef trees_module = {
     PyModuleDef_HEAD_INIT, "_trees", "Native evaluator of LightGBM forests, with Saabas reasons.", -1, NULL,
     NULL, NULL, NULL, NULL,
@@ -581,5 +601,12 @@ PyMODINIT_FUNC PyInit__trees(void) {
         return NULL;
     }
     PyModule_AddIntConstant(m, "MAX_FEATURES", MAX_FEATURES);
+    static fs_trees_api api = {&ForestType, api_n_features, api_explain};
+    PyObject *capsule = PyCapsule_New(&api, FS_TREES_CAPSULE, NULL);
+    if (!capsule || PyModule_AddObject(m, "_C_API", capsule) < 0) {
+        Py_XDECREF(capsule);
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

@@ -15,9 +15,10 @@ batch) holds one for its duration.  A version leaving the set is closed when its
 go, whenever that is: no sleep, no grace period.
 
 **A/B.**  ``arm_of`` is the one split function, used by the service and the stream worker: a
-keyed BLAKE2b of the customer's id (the transaction's when absent) and of the candidate's
+keyed SipHash-2-4 of the customer's id (the transaction's when absent) and of the candidate's
 version, so a customer keeps its arm on every instance and across restarts, and a new candidate
-draws a new sample of customers.
+draws a new sample of customers.  The hash is native (``service._fastpath.siphash24``), the one
+the fast path also computes when it answers ``/v1/score`` itself.
 
 **Discovery.**  Each instance writes ``<registry>/instances/<host>-<pid>.json`` (its role, pid,
 start, admin address and status), rewrites it at each swap or failure and removes it at stop;
@@ -33,7 +34,6 @@ drift out.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import socket
@@ -49,6 +49,7 @@ from typing import Any, Protocol
 from fraudscore.errors import ConfigError, FraudscoreError
 from fraudscore.models.registry import META, POINTER, Registry, write_json_atomic
 from fraudscore.scorer import KnnScorer, Scorer, ScorerId
+from fraudscore.service._fastpath import siphash24
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ POLL_SECONDS = float(os.environ.get(POLL_ENV, "0.2"))
 # measured (bench/lifecycle_lag.py), a waiting thread's median wake-up lag during loads drops from
 # 1.4-2.0 to 0.7 ms and its p99 from 9-10 to 6-7.5 ms; the longest (about 10 ms) stays: one C call
 LOAD_SWITCH_INTERVAL = 0.0005
-AB_KEY = b"fraudscore/ab-split/v1"  # the split hash's key: changing it reshuffles every customer
+AB_KEY = b"fraudscore/ab-v2"  # the split hash's 16-byte key: changing it reshuffles every customer
 AB_BUCKETS = 10_000  # shares resolve to 0.01 %
 INSTANCES = "instances"
 MAX_FAILURES = 20  # the failures an instance remembers (the newest)
@@ -74,13 +75,17 @@ PRODUCTION, CANDIDATE, SHADOW = "production", "candidate", "shadow"
 
 def arm_bucket(key: str, candidate: str) -> int:
     """The bucket (0 … AB_BUCKETS-1) of a customer key for a candidate version."""
-    digest = hashlib.blake2b(candidate.encode() + b"\0" + key.encode(), digest_size=8, key=AB_KEY).digest()
-    return int.from_bytes(digest, "big") % AB_BUCKETS
+    return siphash24(AB_KEY, candidate.encode() + b"\0" + key.encode()) % AB_BUCKETS
+
+
+def arm_cut(share: float) -> int:
+    """The buckets below this one are the candidate's, for ``share`` percent of keys."""
+    return round(share * AB_BUCKETS / 100)
 
 
 def arm_of(key: str, candidate: str, share: float) -> str:
     """``"candidate"`` for ``share`` percent of keys, ``"production"`` for the rest."""
-    return CANDIDATE if arm_bucket(key, candidate) < round(share * AB_BUCKETS / 100) else PRODUCTION
+    return CANDIDATE if arm_bucket(key, candidate) < arm_cut(share) else PRODUCTION
 
 
 def split_key(payload: Any) -> str:

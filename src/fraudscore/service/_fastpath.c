@@ -1,8 +1,8 @@
 /* The service's fast path: the bytes of one whole scoring request in, its response out, with no
  * Python in between (HTTP framing, JSON, the 14-dimension vector and the search, in one call).
  *
- * It answers only what it is sure of: a complete `POST /fraud-score HTTP/1.1` request, alone in
- * the buffer, with plain headers, a Content-Length body, and a payload of the ordinary shape
+ * It answers only what it is sure of: a complete `POST /fraud-score HTTP/1.1` request (or
+ * `POST /v1/score`, once Python has set a V1Plan: see below), alone in the buffer, with plain headers, a Content-Length body, and a payload of the ordinary shape
  * (ASCII strings without escapes, timestamps written YYYY-MM-DDTHH:MM:SS with an optional Z,
  * numbers in range).  For anything else -- an error of any kind, an unusual but valid form, a
  * request split over two reads or pipelined behind another -- it returns None, and the Python
@@ -34,6 +34,7 @@
 #include <unistd.h>
 
 #include "knn_api.h"
+#include "trees_api.h"
 
 #define DIMS FS_KNN_DIMS
 #define N_ANSWERS (FS_KNN_K + 1) /* 0..K frauds among the K nearest: the search's K, from knn_api.h */
@@ -181,6 +182,10 @@ static inline int is_key(slice_t k, const char *name) {
 
 /* ---- The payload ---------------------------------------------------------------------------- */
 
+/* An id the answer does not use but /v1/score's A/B split hashes: absent (0), a string (1), or any
+ * other JSON value (2, read and skipped). */
+typedef struct { slice_t s; int state; } ident_t;
+
 typedef struct {
     int has_last;
     double amount, installments, avg_amount, tx_count, merchant_avg, km_home, km_last;
@@ -189,6 +194,7 @@ typedef struct {
     slice_t merchant_id, mcc;
     slice_t known[MAX_KNOWN];
     int n_known;
+    ident_t tx_id, customer_id; /* the payload's "id" and customer.id */
 } payload_t;
 
 /* Days from 1970-01-01 to a proleptic Gregorian date (H. Hinnant's days_from_civil). */
@@ -241,13 +247,13 @@ static int read_known(cur_t *c, payload_t *pl) {
 }
 
 /* The payload's shape, as tables: each field's key, how it is read, and where it goes. */
-typedef enum { NUMBER, NON_NEGATIVE, STRING, BOOLEAN, TIMESTAMP, KNOWN_LIST, OBJECT, OBJECT_OR_NULL } kind_t;
+typedef enum { NUMBER, NON_NEGATIVE, STRING, BOOLEAN, TIMESTAMP, KNOWN_LIST, OBJECT, OBJECT_OR_NULL, IDENT } kind_t;
 typedef struct field {
     const char *key;
     kind_t kind;
     size_t offset;           /* in payload_t */
     const struct field *sub; /* the members of an OBJECT, ended by a NULL key */
-    int optional;            /* may be absent (only last_transaction, which then reads as null) */
+    int optional;            /* may be absent (last_transaction, which then reads as null; the ids) */
 } field_t;
 
 #define AT(member) offsetof(payload_t, member)
@@ -261,6 +267,7 @@ static const field_t CUSTOMER[] = {
     {"avg_amount", NUMBER, AT(avg_amount), NULL, 0},
     {"tx_count_24h", NON_NEGATIVE, AT(tx_count), NULL, 0},
     {"known_merchants", KNOWN_LIST, 0, NULL, 0},
+    {"id", IDENT, AT(customer_id), NULL, 1},
     {NULL, 0, 0, NULL, 0},
 };
 static const field_t MERCHANT[] = {
@@ -286,6 +293,7 @@ static const field_t PAYLOAD[] = {
     {"merchant", OBJECT, 0, MERCHANT, 0},
     {"terminal", OBJECT, 0, TERMINAL, 0},
     {"last_transaction", OBJECT_OR_NULL, AT(has_last), LAST_TRANSACTION, 1},
+    {"id", IDENT, AT(tx_id), NULL, 1},
     {NULL, 0, 0, NULL, 0},
 };
 #undef AT
@@ -307,6 +315,12 @@ static int read_field(cur_t *c, payload_t *pl, const field_t *f, int depth) {
         if (literal(c, "null") == 0) return 0;
         *(int *)at = 1;
         return read_object(c, pl, f->sub, depth + 1);
+    case IDENT: {
+        ident_t *id = (ident_t *)at;
+        ws(c);
+        id->state = c->p < c->end && *c->p == '"' ? 1 : 2;
+        return id->state == 1 ? read_string(c, &id->s) : skip_value(c, depth + 1);
+    }
     }
     return -1;
 }
@@ -437,7 +451,9 @@ static int vectorize(const payload_t *pl, const constants_t *k, double *v) {
 /* ---- HTTP framing ------------------------------------------------------------------------------- */
 
 #define SCORE_PATH "/fraud-score"
+#define V1_PATH "/v1/score"
 static const char REQUEST_LINE[] = "POST " SCORE_PATH " HTTP/1.1\r\n";
+static const char V1_REQUEST_LINE[] = "POST " V1_PATH " HTTP/1.1\r\n";
 
 static inline int is_tchar(unsigned char ch) {
     return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
@@ -459,12 +475,18 @@ static int name_is(const char *s, size_t n, const char *lower) {
  * path's to refuse (414, 431), so the fast path declines it. */
 typedef struct { Py_ssize_t max_body, max_headers, max_header_bytes; int url_fits; } limits_t;
 
-/* The body of data if it is exactly one plain POST /fraud-score request within the limits; -1 to
- * decline.  Header bytes are counted as the Python path counts them (name, value, 4) but with the
+/* The body of data if it is exactly one plain POST /fraud-score (or, *v1 set, POST /v1/score)
+ * request within the limits; -1 to decline.  Header bytes are counted as the Python path counts them (name, value, 4) but with the
  * value's trailing blanks kept, so near the limit this declines at least whatever Python refuses. */
-static int frame(const char *data, size_t n, const limits_t *limits, const char **body, size_t *body_len) {
+static int frame(const char *data, size_t n, const limits_t *limits, const char **body, size_t *body_len, int *v1) {
     size_t line = sizeof REQUEST_LINE - 1;
-    if (!limits->url_fits || n < line || memcmp(data, REQUEST_LINE, line) != 0) return -1;
+    *v1 = 0;
+    if (!limits->url_fits) return -1; /* /v1/score is the shorter path: it fits where /fraud-score does */
+    if (n < line || memcmp(data, REQUEST_LINE, line) != 0) {
+        line = sizeof V1_REQUEST_LINE - 1;
+        if (n < line || memcmp(data, V1_REQUEST_LINE, line) != 0) return -1;
+        *v1 = 1;
+    }
     const char *p = data + line, *end = data + n;
     long long length = -1;
     Py_ssize_t headers = 0, header_bytes = 0;
@@ -758,6 +780,450 @@ static PyTypeObject MetricsType = {
     .tp_methods = Metrics_methods,
 };
 
+/* ---- POST /v1/score: the plan Python builds at each swap (service/v1.py) ------------------------
+ *
+ * The Python path (service/v1.py, V1Live.answer) defines every /v1/score answer; a V1Plan holds
+ * what it needs to give the same answers here: per A/B arm the model's forest (or none), its
+ * threshold, who decides, and the answer's fixed parts serialized by Python; the candidate's
+ * version and share for the split.  Native answers are counted per arm (decisions) and queued
+ * (arm, vector, probability, approved) for Python to feed the drift trackers and shadow versions
+ * (drain()): a full queue drops and counts.  FastPath.set_v1 installs a plan under a write lock;
+ * every native /v1/score answer holds the read lock, so a plan replaced is in no one's hands when
+ * set_v1 returns, and its Python references go then, with the GIL. */
+
+#define REASONS 3        /* service/v1.py's REASONS: checked by the tests, which compare whole answers */
+#define V1_OUT 8192      /* a whole /v1/score response at most: the plan's pieces are bounded to fit */
+#define V1_PIECE 4096    /* the longest fixed part of a body */
+#define V1_FEATURE 256   /* the longest reason opening */
+#define MAX_CANDIDATE 512
+#define AB_KEY_BYTES 16
+#define V1_ARMS 2        /* production, candidate: the order of models/live.py's arms */
+
+static const fs_trees_api *trees;
+
+typedef struct {
+    PyObject *forest;                  /* a _trees.Forest, or NULL: no model (knn_only answers) */
+    double threshold;
+    int model_decides;
+    int knn_approves[N_ANSWERS];
+    PyObject *knn_only[N_ANSWERS];     /* whole responses, without a model */
+    PyObject *middle[N_ANSWERS];       /* with a model: from ,"decided_by" to "probability": */
+    uint64_t decisions[2];             /* [approved]: atomic */
+} arm_t;
+
+typedef struct { double v[DIMS]; double probability; uint8_t arm, approved; } after_t;
+
+typedef struct {
+    PyObject_HEAD
+    int n_arms;
+    arm_t arms[V1_ARMS];
+    PyObject *features[DIMS];          /* each reason's opening, up to "value": */
+    PyObject *ok_head;                 /* a 200's head up to its Content-Length's digits */
+    unsigned char ab_key[AB_KEY_BYTES];
+    char candidate[MAX_CANDIDATE];     /* the candidate's version and a zero byte, hashed before the key */
+    size_t candidate_len;
+    uint64_t cut;                      /* buckets below it are the candidate's */
+    uint64_t buckets;
+    pthread_mutex_t lock;              /* guards the queue */
+    int lock_ready;
+    after_t *queue;
+    size_t n_queued, capacity;
+    uint64_t dropped;
+    int notify_fd;                     /* written when the queue stops being empty; -1: none */
+} PlanObject;
+
+/* SipHash-2-4 (Aumasson and Bernstein) of a + b, the two parts read as one message: the A/B split
+ * hashes the candidate's version, a zero byte and the customer's key (models/live.py arm_bucket). */
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                                                   \
+    do {                                                                                           \
+        v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);                                  \
+        v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                                                     \
+        v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                                                     \
+        v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);                                  \
+    } while (0)
+
+static inline uint64_t le64(const unsigned char *p) {
+    uint64_t x = 0;
+    for (int i = 7; i >= 0; i--) x = (x << 8) | p[i];
+    return x;
+}
+
+static uint64_t siphash24(const unsigned char key[16], const char *a, size_t na, const char *b, size_t nb) {
+    uint64_t k0 = le64(key), k1 = le64(key + 8);
+    uint64_t v0 = 0x736f6d6570736575ULL ^ k0, v1 = 0x646f72616e646f6dULL ^ k1;
+    uint64_t v2 = 0x6c7967656e657261ULL ^ k0, v3 = 0x7465646279746573ULL ^ k1;
+    size_t n = na + nb, i = 0;
+    unsigned char block[8];
+    for (; i + 8 <= n; i += 8) {
+        for (int j = 0; j < 8; j++) block[j] = (unsigned char)(i + j < na ? a[i + j] : b[i + j - na]);
+        uint64_t m = le64(block);
+        v3 ^= m; SIPROUND; SIPROUND; v0 ^= m;
+    }
+    memset(block, 0, sizeof block);
+    for (size_t j = 0; i + j < n; j++) block[j] = (unsigned char)(i + j < na ? a[i + j] : b[i + j - na]);
+    block[7] = (unsigned char)n;
+    uint64_t m = le64(block);
+    v3 ^= m; SIPROUND; SIPROUND; v0 ^= m;
+    v2 ^= 0xff;
+    SIPROUND; SIPROUND; SIPROUND; SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+static PyObject *py_siphash24(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) return PyErr_Format(PyExc_TypeError, "siphash24() takes 2 arguments (%zd given)", nargs);
+    Py_buffer key, data;
+    if (PyObject_GetBuffer(args[0], &key, PyBUF_SIMPLE)) return NULL;
+    if (key.len != AB_KEY_BYTES) {
+        PyBuffer_Release(&key);
+        return PyErr_Format(PyExc_ValueError, "the key must be %d bytes", AB_KEY_BYTES);
+    }
+    if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE)) { PyBuffer_Release(&key); return NULL; }
+    uint64_t h = siphash24(key.buf, data.buf, (size_t)data.len, "", 0);
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&data);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+/* ---- writing the answer ---- */
+
+typedef struct { char *p, *end; } out_t;
+
+static inline void put(out_t *o, const char *s, size_t n) {
+    if (o->p > o->end || (size_t)(o->end - o->p) < n) { o->p = o->end + 1; return; } /* overflow: the caller sees it */
+    memcpy(o->p, s, n);
+    o->p += n;
+}
+#define PUT_LIT(o, s) put(o, s, sizeof(s) - 1)
+static inline void put_bytes(out_t *o, PyObject *b) { put(o, PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b)); }
+
+/* The shortest of %.15g, %.16g, %.17g that reads back as x (as a JSON number: a float's text keeps a
+ * '.' or an exponent, so it parses back to a float).  %.17g always does; most doubles need 16 or
+ * 17 digits, so 16 is tried first (then 15 only if 16 reads back).  Needs the C locale (uselocale
+ * by the caller). */
+static void put_double(out_t *o, double x) {
+    char text[40], shorter[40];
+    int n = snprintf(text, sizeof text, "%.16g", x);
+    if (strtod_l(text, NULL, c_locale) == x) {
+        int m = snprintf(shorter, sizeof shorter, "%.15g", x);
+        if (strtod_l(shorter, NULL, c_locale) == x) { memcpy(text, shorter, (size_t)m + 1); n = m; }
+    } else {
+        n = snprintf(text, sizeof text, "%.17g", x);
+    }
+    if (!strpbrk(text, ".eEn")) { text[n++] = '.'; text[n++] = '0'; text[n] = '\0'; }
+    put(o, text, (size_t)n);
+}
+
+/* A vector's component: round4 made it k / 10^4 for an integer k, whose shortest text is k's
+ * digits with the point 4 places in, trailing zeros dropped (no shorter decimal reads back as the
+ * same double near [-1, 1]).  Anything else goes to put_double. */
+static void put_component(out_t *o, double x) {
+    double k = nearbyint(x * 10000.0);
+    if (!(fabs(x) <= 1.0) || k / 10000.0 != x) { put_double(o, x); return; }
+    char text[16];
+    int n = 0;
+    long long units = llabs((long long)k);
+    if (signbit(x)) text[n++] = '-';
+    text[n++] = (char)('0' + units / 10000);
+    text[n++] = '.';
+    int frac = (int)(units % 10000), digits_ = 4;
+    while (digits_ > 1 && frac % 10 == 0) { frac /= 10; digits_--; }
+    for (int i = digits_ - 1; i >= 0; i--) { text[n + i] = (char)('0' + frac % 10); frac /= 10; }
+    n += digits_;
+    put(o, text, (size_t)n);
+}
+
+/* The REASONS features of largest |contribution|, largest first, ties in feature order (v1.py). */
+static void rank_reasons(const double *contrib, int *top) {
+    int taken[DIMS] = {0};
+    for (int r = 0; r < REASONS; r++) {
+        int best = -1;
+        for (int i = 0; i < DIMS; i++)
+            if (!taken[i] && (best < 0 || fabs(contrib[i]) > fabs(contrib[best]))) best = i;
+        taken[best] = 1;
+        top[r] = best;
+    }
+}
+
+static void queue_after(PlanObject *plan, int arm, const double *v, double probability, int approved) {
+    pthread_mutex_lock(&plan->lock);
+    if (plan->n_queued == plan->capacity) {
+        plan->dropped++;
+        pthread_mutex_unlock(&plan->lock);
+        return;
+    }
+    after_t *item = &plan->queue[plan->n_queued++];
+    int first = plan->n_queued == 1;
+    memcpy(item->v, v, sizeof item->v);
+    item->probability = probability;
+    item->arm = (uint8_t)arm;
+    item->approved = (uint8_t)approved;
+    pthread_mutex_unlock(&plan->lock);
+    if (first && plan->notify_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t r;
+        do r = write(plan->notify_fd, &one, sizeof one); while (r < 0 && errno == EINTR);
+    }
+}
+
+/* The whole /v1/score response of one request, into out (V1_OUT bytes): its length, or -1 to
+ * decline.  The caller holds the plan (the FastPath's read lock). */
+static Py_ssize_t v1_answer(PlanObject *plan, PyObject *index, const payload_t *pl, const double *v, char *out) {
+    const ident_t *cid = &pl->customer_id;
+    if (cid->state == 2 || (cid->state == 1 && cid->s.n == 0)) return -1; /* Python's 400 */
+    int frauds = knn->fraud_count(index, v);
+    if (frauds < 0 || frauds >= N_ANSWERS) return -1;
+    int arm = 0;
+    if (plan->n_arms > 1) {
+        slice_t key = {"", 0};
+        if (cid->state == 1) key = cid->s;
+        else if (pl->tx_id.state == 1) key = pl->tx_id.s;
+        uint64_t h = siphash24(plan->ab_key, plan->candidate, plan->candidate_len, key.s, key.n);
+        arm = h % plan->buckets < plan->cut ? 1 : 0;
+    }
+    arm_t *a = &plan->arms[arm];
+    if (!a->forest) {
+        int approved = a->knn_approves[frauds];
+        ADD(a->decisions[approved], 1);
+        PyObject *whole = a->knn_only[frauds];
+        memcpy(out, PyBytes_AS_STRING(whole), (size_t)PyBytes_GET_SIZE(whole));
+        return PyBytes_GET_SIZE(whole);
+    }
+    double probability, contrib[DIMS];
+    if (trees->explain(a->forest, v, &probability, contrib)) return -1;
+    int approved;
+    double score;
+    if (a->model_decides) {
+        approved = probability < a->threshold;
+        score = probability;
+    } else {
+        approved = a->knn_approves[frauds];
+        score = (double)frauds / (double)FS_KNN_K; /* scorer.decision: frauds / K */
+    }
+    int top[REASONS];
+    rank_reasons(contrib, top);
+    char body[V1_OUT];
+    out_t o = {body, body + sizeof body};
+    locale_t previous = uselocale(c_locale);
+    if (approved) PUT_LIT(&o, "{\"approved\":true,\"fraud_score\":");
+    else PUT_LIT(&o, "{\"approved\":false,\"fraud_score\":");
+    char *score_text = o.p;
+    put_double(&o, score);
+    size_t score_len = (size_t)(o.p - score_text);
+    put_bytes(&o, a->middle[frauds]);
+    if (a->model_decides && o.p <= o.end) put(&o, score_text, score_len); /* the same number: its text again */
+    else put_double(&o, probability);
+    PUT_LIT(&o, "},\"reasons\":[");
+    for (int r = 0; r < REASONS; r++) {
+        if (r) PUT_LIT(&o, ",");
+        put_bytes(&o, plan->features[top[r]]);
+        put_component(&o, v[top[r]]);
+        PUT_LIT(&o, ",\"contribution\":");
+        put_double(&o, contrib[top[r]]);
+        PUT_LIT(&o, "}");
+    }
+    PUT_LIT(&o, "]}");
+    if (o.p > o.end) { uselocale(previous); return -1; }
+    size_t body_len = (size_t)(o.p - body);
+    out_t w = {out, out + V1_OUT};
+    put_bytes(&w, plan->ok_head);
+    char digits_[24];
+    int nd = snprintf(digits_, sizeof digits_, "%zu\r\n\r\n", body_len);
+    uselocale(previous);
+    put(&w, digits_, (size_t)nd);
+    put(&w, body, body_len);
+    if (w.p > w.end) return -1;
+    ADD(a->decisions[approved], 1);
+    queue_after(plan, arm, v, probability, approved);
+    return w.p - out;
+}
+
+/* ---- the Python type ---- */
+
+static int bytes_tuple(PyObject *t, PyObject **out, int n, Py_ssize_t longest, const char *what) {
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != n) {
+        PyErr_Format(PyExc_ValueError, "%s must be a tuple of %d bytes", what, n);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        PyObject *b = PyTuple_GET_ITEM(t, i);
+        if (!PyBytes_Check(b) || PyBytes_GET_SIZE(b) > longest) {
+            PyErr_Format(PyExc_ValueError, "%s must be a tuple of %d bytes of at most %zd", what, n, longest);
+            return -1;
+        }
+        Py_INCREF(b);
+        Py_XSETREF(out[i], b);
+    }
+    return 0;
+}
+
+static int read_arm(PyObject *spec, arm_t *a) {
+    PyObject *forest, *approves, *knn_only, *middle;
+    int model_decides;
+    if (!PyArg_ParseTuple(spec, "OdpOOO;an arm is (forest, threshold, model_decides, knn_approves, knn_only, middle)",
+                          &forest, &a->threshold, &model_decides, &approves, &knn_only, &middle))
+        return -1;
+    a->model_decides = model_decides;
+    if (forest != Py_None) {
+        if (!PyObject_TypeCheck(forest, trees->forest_type) || trees->n_features(forest) != DIMS) {
+            PyErr_Format(PyExc_ValueError, "an arm's forest must be an initialised Forest of %d features", DIMS);
+            return -1;
+        }
+        Py_INCREF(forest);
+        a->forest = forest;
+        if (bytes_tuple(middle, a->middle, N_ANSWERS, V1_PIECE, "middle")) return -1;
+    } else if (model_decides) {
+        PyErr_SetString(PyExc_ValueError, "the model cannot decide without a forest");
+        return -1;
+    }
+    if (bytes_tuple(knn_only, a->knn_only, N_ANSWERS, V1_PIECE, "knn_only")) return -1;
+    if (!PyTuple_Check(approves) || PyTuple_GET_SIZE(approves) != N_ANSWERS) {
+        PyErr_Format(PyExc_ValueError, "knn_approves must be a tuple of %d bools", N_ANSWERS);
+        return -1;
+    }
+    for (int i = 0; i < N_ANSWERS; i++) {
+        int t = PyObject_IsTrue(PyTuple_GET_ITEM(approves, i));
+        if (t < 0) return -1;
+        a->knn_approves[i] = t;
+    }
+    return 0;
+}
+
+static int Plan_init(PlanObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"arms", "features", "ok_head", "ab_key", "candidate", "cut", "buckets", "capacity",
+                             "notify_fd", NULL};
+    PyObject *arms, *features, *ok_head, *candidate;
+    Py_buffer ab_key;
+    unsigned long long cut, buckets;
+    Py_ssize_t capacity;
+    int notify_fd;
+    if (self->lock_ready) { PyErr_SetString(PyExc_RuntimeError, "V1Plan is initialised already"); return -1; }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!O!y*OKKni", kwlist, &PyTuple_Type, &arms, &PyTuple_Type,
+                                     &features, &PyBytes_Type, &ok_head, &ab_key, &candidate, &cut, &buckets,
+                                     &capacity, &notify_fd))
+        return -1;
+    int bad_key = ab_key.len != AB_KEY_BYTES;
+    if (!bad_key) memcpy(self->ab_key, ab_key.buf, AB_KEY_BYTES);
+    PyBuffer_Release(&ab_key);
+    if (bad_key) { PyErr_Format(PyExc_ValueError, "ab_key must be %d bytes", AB_KEY_BYTES); return -1; }
+    Py_ssize_t n_arms = PyTuple_GET_SIZE(arms);
+    if (n_arms < 1 || n_arms > V1_ARMS || (n_arms == 2) != (candidate != Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "arms: the production's, and the candidate's when there is one");
+        return -1;
+    }
+    if (candidate != Py_None) {
+        if (!PyBytes_Check(candidate) || PyBytes_GET_SIZE(candidate) >= MAX_CANDIDATE) {
+            PyErr_Format(PyExc_ValueError, "candidate must be bytes shorter than %d, or None", MAX_CANDIDATE);
+            return -1;
+        }
+        /* with the zero byte that ends it in the hashed message (the candidate[] is zeroed) */
+        self->candidate_len = (size_t)PyBytes_GET_SIZE(candidate) + 1;
+        memcpy(self->candidate, PyBytes_AS_STRING(candidate), self->candidate_len - 1);
+    }
+    if (buckets == 0 || cut > buckets || capacity < 1 || capacity > (1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "need 0 <= cut <= buckets, buckets > 0 and 1 <= capacity <= 2**24");
+        return -1;
+    }
+    if (PyBytes_GET_SIZE(ok_head) > 512) { PyErr_SetString(PyExc_ValueError, "ok_head is too long"); return -1; }
+    for (Py_ssize_t i = 0; i < n_arms; i++)
+        if (read_arm(PyTuple_GET_ITEM(arms, i), &self->arms[i])) return -1;
+    if (bytes_tuple(features, self->features, DIMS, V1_FEATURE, "features")) return -1;
+    self->queue = PyMem_Calloc((size_t)capacity, sizeof(after_t));
+    if (!self->queue) { PyErr_NoMemory(); return -1; }
+    Py_INCREF(ok_head);
+    self->ok_head = ok_head;
+    self->n_arms = (int)n_arms;
+    self->cut = cut;
+    self->buckets = buckets;
+    self->capacity = (size_t)capacity;
+    self->notify_fd = notify_fd;
+    pthread_mutex_init(&self->lock, NULL);
+    self->lock_ready = 1;
+    return 0;
+}
+
+static void Plan_dealloc(PlanObject *self) {
+    for (int a = 0; a < V1_ARMS; a++) {
+        Py_CLEAR(self->arms[a].forest);
+        for (int i = 0; i < N_ANSWERS; i++) {
+            Py_CLEAR(self->arms[a].knn_only[i]);
+            Py_CLEAR(self->arms[a].middle[i]);
+        }
+    }
+    for (int d = 0; d < DIMS; d++) Py_CLEAR(self->features[d]);
+    Py_CLEAR(self->ok_head);
+    if (self->lock_ready) pthread_mutex_destroy(&self->lock);
+    PyMem_Free(self->queue);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* drain() -> ([(arm, vector, probability, approved)], dropped): what was queued since the last call */
+static PyObject *Plan_drain(PlanObject *self, PyObject *unused) {
+    if (!self->lock_ready) return PyErr_Format(PyExc_RuntimeError, "V1Plan is not initialised");
+    size_t n;
+    uint64_t dropped;
+    after_t *items = PyMem_Malloc((self->capacity) * sizeof(after_t));
+    if (!items) return PyErr_NoMemory();
+    pthread_mutex_lock(&self->lock);
+    n = self->n_queued;
+    memcpy(items, self->queue, n * sizeof(after_t));
+    self->n_queued = 0;
+    dropped = self->dropped;
+    self->dropped = 0;
+    pthread_mutex_unlock(&self->lock);
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; list && i < n; i++) {
+        PyObject *vector = PyList_New(DIMS);
+        for (int d = 0; vector && d < DIMS; d++) {
+            PyObject *x = PyFloat_FromDouble(items[i].v[d]);
+            if (!x) Py_CLEAR(vector);
+            else PyList_SET_ITEM(vector, d, x);
+        }
+        PyObject *item = vector ? Py_BuildValue("(iNdO)", items[i].arm, vector, items[i].probability,
+                                                items[i].approved ? Py_True : Py_False)
+                                : NULL;
+        if (!item) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    PyMem_Free(items);
+    if (!list) return NULL;
+    return Py_BuildValue("(NK)", list, (unsigned long long)dropped);
+}
+
+/* decisions() -> ((approved, denied) per arm): the native answers' decisions so far */
+static PyObject *Plan_decisions(PlanObject *self, PyObject *unused) {
+    PyObject *out = PyTuple_New(self->n_arms);
+    for (int a = 0; out && a < self->n_arms; a++) {
+        PyObject *pair = Py_BuildValue("(KK)", (unsigned long long)LOAD(self->arms[a].decisions[1]),
+                                       (unsigned long long)LOAD(self->arms[a].decisions[0]));
+        if (!pair) Py_CLEAR(out);
+        else PyTuple_SET_ITEM(out, a, pair);
+    }
+    return out;
+}
+
+static PyMethodDef Plan_methods[] = {
+    {"drain", (PyCFunction)Plan_drain, METH_NOARGS,
+     "drain($self, /)\n--\n\nThe native answers queued for drift and shadows since the last call: "
+     "([(arm, vector, probability, approved)], dropped)."},
+    {"decisions", (PyCFunction)Plan_decisions, METH_NOARGS,
+     "decisions($self, /)\n--\n\nPer arm, (approved, denied): the native answers' decisions so far."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject PlanType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "fraudscore.service._fastpath.V1Plan",
+    .tp_basicsize = sizeof(PlanObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "V1Plan(arms, features, ok_head, ab_key, candidate, cut, buckets, capacity, notify_fd)\n--\n\n"
+              "What the fast path needs to answer POST /v1/score as service/v1.py does (FastPath.set_v1).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Plan_init,
+    .tp_dealloc = (destructor)Plan_dealloc,
+    .tp_methods = Plan_methods,
+};
+
 /* ---- The Python type ---------------------------------------------------------------------------- */
 
 typedef struct {
@@ -770,6 +1236,9 @@ typedef struct {
     int loops;                             /* NativeLoops answering with this object: it must not change */
     MetricsObject *metrics;                /* or NULL: where answered requests are counted and timed */
     int route;                             /* /fraud-score's slot in metrics */
+    int v1_route;                          /* /v1/score's, or -1: metrics has none (no native /v1/score) */
+    PlanObject *v1;                        /* or NULL: /v1/score goes to Python (set_v1) */
+    pthread_rwlock_t v1_lock;              /* read: one native /v1/score answer; write: set_v1 */
 } FastPathObject;
 
 static void FastPath_clear_fields(FastPathObject *self) {
@@ -860,6 +1329,8 @@ static int FastPath_init(FastPathObject *self, PyObject *args, PyObject *kw) {
             PyErr_Format(PyExc_ValueError, "metrics has no route %s", SCORE_PATH);
             return -1;
         }
+        self->v1_route = match_route(m, V1_PATH, sizeof V1_PATH - 1);
+        if (self->v1_route == m->n_routes) self->v1_route = -1;
         Py_INCREF(metrics);
         self->metrics = m;
     }
@@ -889,7 +1360,45 @@ static int FastPath_init(FastPathObject *self, PyObject *args, PyObject *kw) {
 
 static void FastPath_dealloc(FastPathObject *self) {
     FastPath_clear_fields(self);
+    Py_CLEAR(self->v1);
+    pthread_rwlock_destroy(&self->v1_lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int check_initialised(FastPathObject *self);
+
+static PyObject *FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    FastPathObject *self = (FastPathObject *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    /* writers first: a swap waits for the answers in progress, not for every answer to come */
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&self->v1_lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+    return (PyObject *)self;
+}
+
+/* set_v1(plan or None): native /v1/score answers from now on come from plan (None: Python answers
+ * them).  When it returns, no native answer uses the plan it replaced. */
+static PyObject *FastPath_set_v1(FastPathObject *self, PyObject *plan) {
+    if (check_initialised(self)) return NULL;
+    if (plan != Py_None && !PyObject_TypeCheck(plan, &PlanType))
+        return PyErr_Format(PyExc_TypeError, "set_v1() takes a V1Plan or None");
+    if (plan != Py_None && !((PlanObject *)plan)->lock_ready)
+        return PyErr_Format(PyExc_RuntimeError, "V1Plan is not initialised");
+    if (plan != Py_None && self->metrics && self->v1_route < 0)
+        return PyErr_Format(PyExc_ValueError, "metrics has no route %s", V1_PATH);
+    PlanObject *new = plan == Py_None ? NULL : (PlanObject *)plan, *old;
+    Py_XINCREF(new);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_rwlock_wrlock(&self->v1_lock);
+    old = self->v1;
+    __atomic_store_n(&self->v1, new, __ATOMIC_RELAXED); /* also read unlocked, as a hint (answer_request) */
+    pthread_rwlock_unlock(&self->v1_lock);
+    Py_END_ALLOW_THREADS
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
 }
 
 static int body_vector(FastPathObject *self, const char *body, size_t n, double *v) {
@@ -904,18 +1413,49 @@ static int check_initialised(FastPathObject *self) {
     return -1;
 }
 
+#define V1_ANSWER N_ANSWERS /* answer_request's result for a /v1/score response written to out */
+
+/* /v1/score from the plan in place, counted and timed like /fraud-score's answers */
+static int answer_v1(FastPathObject *self, const payload_t *pl, const double *v, double started_ns, char *out,
+                     size_t *out_len) {
+    pthread_rwlock_rdlock(&self->v1_lock);
+    Py_ssize_t n = self->v1 ? v1_answer(self->v1, self->index, pl, v, out) : -1;
+    pthread_rwlock_unlock(&self->v1_lock);
+    if (n < 0) return -1;
+    *out_len = (size_t)n;
+    ADD(self->answered, 1);
+    MetricsObject *m = self->metrics;
+    if (m) {
+        uint64_t done = now_ns();
+        ADD(m->requests[NATIVE][self->v1_route][200 - MIN_STATUS], 1);
+        double elapsed = (double)done - started_ns;
+        observe_latency(&m->latency[NATIVE][self->v1_route], elapsed > 0 ? (uint64_t)elapsed : 0);
+    }
+    return V1_ANSWER;
+}
+
 /* The frauds among the neighbours (0..K) when data is exactly one ordinary scoring request, counted
- * and timed in the metrics from started_ns (a CLOCK_MONOTONIC time; < 0: now); -1 when it declines,
- * which the caller counts.  Needs no GIL: it reads only C data, and the index and the answers stay
- * alive as long as self does (the caller holds self). */
-static int answer_frauds(FastPathObject *self, const char *data, size_t n, double started_ns) {
+ * and timed in the metrics from started_ns (a CLOCK_MONOTONIC time; < 0: now); V1_ANSWER when it is
+ * a /v1/score request answered natively (the response in out, V1_OUT bytes, its length in
+ * *out_len); -1 when it declines, which the caller counts.  Needs no GIL: it reads only C data, and
+ * the index and the answers stay alive as long as self does (the caller holds self), the plan as
+ * long as the read lock is held. */
+static int answer_request(FastPathObject *self, const char *data, size_t n, double started_ns, char *out,
+                          size_t *out_len) {
     MetricsObject *m = self->metrics;
     uint64_t searched = 0, done = 0;
     if (m && started_ns < 0) started_ns = (double)now_ns();
     const char *body;
     size_t body_len;
     double v[DIMS];
-    if (frame(data, n, &self->limits, &body, &body_len) || body_vector(self, body, body_len, v)) return -1;
+    int v1;
+    if (frame(data, n, &self->limits, &body, &body_len, &v1)) return -1;
+    if (v1) {
+        payload_t pl;
+        if (!__atomic_load_n(&self->v1, __ATOMIC_RELAXED) || read_payload(body, body_len, &pl) || vectorize(&pl, &self->constants, v)) return -1;
+        return answer_v1(self, &pl, v, started_ns, out, out_len);
+    }
+    if (body_vector(self, body, body_len, v)) return -1;
     if (m) searched = now_ns();
     int frauds = knn->fraud_count(self->index, v);
     if (m) done = now_ns(); /* what follows is a few increments: the answer's time ends here */
@@ -950,11 +1490,15 @@ static PyObject *FastPath_answer(FastPathObject *self, PyObject *const *args, Py
         read_at = PyFloat_AsDouble(args[1]);
         if (read_at == -1.0 && PyErr_Occurred()) return NULL;
     }
-    int frauds = answer_frauds(self, PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data), read_at < 0 ? -1.0 : read_at * 1e9);
+    char out[V1_OUT];
+    size_t out_len = 0;
+    int frauds = answer_request(self, PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data),
+                                read_at < 0 ? -1.0 : read_at * 1e9, out, &out_len);
     if (frauds < 0) {
         count_declined(self);
         Py_RETURN_NONE;
     }
+    if (frauds == V1_ANSWER) return PyBytes_FromStringAndSize(out, (Py_ssize_t)out_len);
     PyObject *answer = self->answers[frauds];
     Py_INCREF(answer);
     return answer;
@@ -988,6 +1532,9 @@ static PyMethodDef FastPath_methods[] = {
     {"answer", (PyCFunction)(void (*)(void))FastPath_answer, METH_FASTCALL,
      "answer($self, data, started=-1.0, /)\n--\n\nThe response when data is exactly one ordinary scoring request, else None; "
      "started: the time.monotonic() at which data was read (the metrics' latency starts there)"},
+    {"set_v1", (PyCFunction)FastPath_set_v1, METH_O,
+     "set_v1($self, plan, /)\n--\n\nAnswer POST /v1/score natively from plan (a V1Plan) from now on; None: "
+     "leave it to Python.  On return no answer uses the plan replaced."},
     {"vectorize", (PyCFunction)FastPath_vectorize, METH_O,
      "vectorize($self, body, /)\n--\n\nThe payload's vector as the fast path computes it, or None where it declines"},
     {NULL, NULL, 0, NULL},
@@ -1008,7 +1555,7 @@ static PyTypeObject FastPathType = {
               "max_url=sys.maxsize, max_headers=sys.maxsize, max_header_bytes=sys.maxsize)\n--\n\n"
               "Whole scoring requests answered natively; what it answers is counted in metrics. A request over "
               "the URL or header limits is declined (the Python path refuses it).",
-    .tp_new = PyType_GenericNew,
+    .tp_new = FastPath_new,
     .tp_init = (initproc)FastPath_init,
     .tp_dealloc = (destructor)FastPath_dealloc,
     .tp_methods = FastPath_methods,
@@ -1019,8 +1566,8 @@ static PyTypeObject FastPathType = {
  *
  * Python keeps control (readiness, metrics, reloads, shutdown, and every request the fast path
  * declines); this loop only carries the ordinary ones.  adopt(fd) gives it an accepted socket.  On
- * each read it answers when the bytes are exactly one ordinary scoring request (answer_frauds, no
- * GIL), and writes the prebuilt answer.  Anything else -- a split or pipelined request, another
+ * each read it answers when the bytes are exactly one ordinary scoring request (answer_request, no
+ * GIL), and writes the prebuilt answer (or, for /v1/score with a plan set, the answer written for it).  Anything else -- a split or pipelined request, another
  * route, an error -- and the connection moves to Python for good: the loop stops watching it and
  * queues (fd, the bytes read), then signals migrate_fd, which the event loop watches; take() hands
  * them over, and Python serves the connection from those bytes on (service/native_loop.py).
@@ -1037,8 +1584,9 @@ static PyTypeObject FastPathType = {
 typedef struct conn {
     int fd;
     struct conn *prev, *next; /* the loop's ring, least recently active first */
-    const char *out;          /* the rest of an answer not yet written (prebuilt bytes, alive with the FastPath) */
-    size_t out_left;
+    const char *out;          /* the rest of an answer not yet written (prebuilt bytes, alive with the FastPath, */
+    size_t out_left;          /* or held, a copy of the rest of a /v1/score answer) */
+    char *held;
     uint64_t last_active;
 } conn_t;
 
@@ -1060,6 +1608,7 @@ typedef struct {
     /* the loop thread's own */
     conn_t ring;
     char *buf;
+    char *scratch; /* a /v1/score answer, V1_OUT bytes */
     unsigned long long answered, migrated, idle_closed, open; /* read by Python after a join (or racily, for a log) */
 } LoopObject;
 
@@ -1076,6 +1625,7 @@ static void conn_close(LoopObject *L, conn_t *c) {
     ring_remove(c);
     epoll_ctl(L->epfd, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
+    free(c->held);
     free(c);
 }
 
@@ -1135,6 +1685,8 @@ static int conn_flush(LoopObject *L, conn_t *c) {
         c->out += w;
         c->out_left -= (size_t)w;
         if (!c->out_left) { /* written whole after a wait: read again */
+            free(c->held);
+            c->held = NULL;
             struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
             return epoll_ctl(L->epfd, EPOLL_CTL_MOD, c->fd, &ev);
         }
@@ -1152,7 +1704,8 @@ static void conn_event(LoopObject *L, conn_t *c) {
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
     if (n <= 0) { conn_close(L, c); return; } /* the client closed, or the connection failed */
     uint64_t now = now_ns();
-    int frauds = answer_frauds(L->fast, L->buf, (size_t)n, (double)now);
+    size_t out_len = 0;
+    int frauds = answer_request(L->fast, L->buf, (size_t)n, (double)now, L->scratch, &out_len);
     if (frauds < 0) { /* not counted as declined here: Python offers the same bytes to the fast path again */
         conn_migrate(L, c, L->buf, (size_t)n);
         return;
@@ -1161,10 +1714,21 @@ static void conn_event(LoopObject *L, conn_t *c) {
     c->last_active = now;
     ring_remove(c); /* most recently active: to the end of the ring */
     ring_push(L, c);
-    PyObject *answer = L->fast->answers[frauds];
-    c->out = PyBytes_AS_STRING(answer);
-    c->out_left = (size_t)PyBytes_GET_SIZE(answer);
-    if (conn_flush(L, c)) conn_close(L, c);
+    if (frauds == V1_ANSWER) {
+        c->out = L->scratch;
+        c->out_left = out_len;
+    } else {
+        PyObject *answer = L->fast->answers[frauds];
+        c->out = PyBytes_AS_STRING(answer);
+        c->out_left = (size_t)PyBytes_GET_SIZE(answer);
+    }
+    if (conn_flush(L, c)) { conn_close(L, c); return; }
+    if (c->out_left && frauds == V1_ANSWER) { /* waits for room: the scratch is the next read's */
+        c->held = malloc(c->out_left);
+        if (!c->held) { conn_close(L, c); return; }
+        memcpy(c->held, c->out, c->out_left);
+        c->out = c->held;
+    }
 }
 
 /* The descriptors adopt() queued: each becomes a watched connection. */
@@ -1236,13 +1800,14 @@ static int Loop_init(LoopObject *self, PyObject *args, PyObject *kw) {
     self->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     self->migrate_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     self->buf = malloc(LOOP_READ_BYTES);
+    self->scratch = malloc(V1_OUT);
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
     if (self->epfd < 0 || self->wake_fd < 0 || self->migrate_fd < 0 ||
         epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->wake_fd, &ev)) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
-    if (!self->buf) { PyErr_NoMemory(); return -1; }
+    if (!self->buf || !self->scratch) { PyErr_NoMemory(); return -1; }
     pthread_mutex_init(&self->lock, NULL);
     self->ring.next = self->ring.prev = &self->ring;
     self->idle_ns = (uint64_t)(idle_timeout * 1e9);
@@ -1343,6 +1908,7 @@ static void Loop_dealloc(LoopObject *self) {
     free(self->inbox);
     free(self->outbox);
     free(self->buf);
+    free(self->scratch);
     if (self->epfd >= 0) close(self->epfd);
     if (self->wake_fd >= 0) close(self->wake_fd);
     if (self->migrate_fd >= 0) close(self->migrate_fd);
@@ -1392,6 +1958,9 @@ static PyTypeObject LoopType = {
 
 static PyMethodDef module_methods[] = {
     {"round4", py_round4, METH_O, "round4($module, x, /)\n--\n\nround(x, 4), as the fast path computes it."},
+    {"siphash24", (PyCFunction)(void (*)(void))py_siphash24, METH_FASTCALL,
+     "siphash24($module, key, data, /)\n--\n\nSipHash-2-4 of data under a 16-byte key, as the /v1/score A/B split "
+     "hashes (models/live.py arm_bucket)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1409,16 +1978,28 @@ static int add_new(PyObject *module, const char *name, PyObject *value) {
 }
 
 PyMODINIT_FUNC PyInit__fastpath(void) {
+    /* PyCapsule_Import finds a submodule only once imported: import both first, whoever came first */
+    static const char *const providers[] = {"fraudscore.index._knn", "fraudscore.models._trees"};
+    for (size_t i = 0; i < sizeof providers / sizeof providers[0]; i++) {
+        PyObject *module = PyImport_ImportModule(providers[i]);
+        if (!module) return NULL;
+        Py_DECREF(module);
+    }
     knn = (const fs_knn_api *)PyCapsule_Import(FS_KNN_CAPSULE, 0);
     if (!knn) return NULL;
+    trees = (const fs_trees_api *)PyCapsule_Import(FS_TREES_CAPSULE, 0);
+    if (!trees) return NULL;
     c_locale = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
     if (c_locale == (locale_t)0) return PyErr_SetFromErrno(PyExc_OSError);
-    if (PyType_Ready(&FastPathType) < 0 || PyType_Ready(&MetricsType) < 0 || PyType_Ready(&LoopType) < 0) return NULL;
+    if (PyType_Ready(&FastPathType) < 0 || PyType_Ready(&MetricsType) < 0 || PyType_Ready(&LoopType) < 0 ||
+        PyType_Ready(&PlanType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&fastpath_module);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "FastPath", (PyObject *)&FastPathType) < 0 ||
         PyModule_AddObjectRef(m, "RequestMetrics", (PyObject *)&MetricsType) < 0 ||
         PyModule_AddObjectRef(m, "NativeLoop", (PyObject *)&LoopType) < 0 ||
+        PyModule_AddObjectRef(m, "V1Plan", (PyObject *)&PlanType) < 0 ||
         add_new(m, "LATENCY_BOUNDS", bounds_tuple(LATENCY_BOUNDS, N_LATENCY)) < 0 ||
         add_new(m, "SEARCH_BOUNDS", bounds_tuple(SEARCH_BOUNDS, N_SEARCH)) < 0) {
         Py_DECREF(m);

@@ -5,12 +5,34 @@ from typing import Any, final
 from typing_extensions import Buffer
 
 from fraudscore.index._knn import Index
+from fraudscore.models._trees import Forest
 
 # the histograms' bucket upper bounds, in seconds (a last bucket holds what is above)
 LATENCY_BOUNDS: tuple[float, ...]
 SEARCH_BOUNDS: tuple[float, ...]
 
 def round4(x: float, /) -> float: ...
+def siphash24(key: Buffer, data: Buffer, /) -> int: ...
+
+# one arm of a plan: (forest, threshold, model_decides, knn_approves, knn_only, middle)
+_Arm = tuple[Forest | None, float, bool, tuple[bool, ...], tuple[bytes, ...], tuple[bytes, ...] | None]
+
+@final
+class V1Plan:
+    def __init__(
+        self,
+        arms: tuple[_Arm, ...],
+        features: tuple[bytes, ...],
+        ok_head: bytes,
+        ab_key: Buffer,
+        candidate: bytes | None,
+        cut: int,
+        buckets: int,
+        capacity: int,
+        notify_fd: int,
+    ) -> None: ...
+    def drain(self) -> tuple[list[tuple[int, list[float], float, bool]], int]: ...
+    def decisions(self) -> tuple[tuple[int, int], ...]: ...
 
 @final
 class RequestMetrics:
@@ -40,6 +62,7 @@ class FastPath:
         max_header_bytes: int = ...,
     ) -> None: ...
     def answer(self, data: bytes, started: float = -1.0, /) -> bytes | None: ...
+    def set_v1(self, plan: V1Plan | None, /) -> None: ...
     def vectorize(self, body: Buffer, /) -> list[float] | None: ...
 
 @final

@@ -2,7 +2,9 @@
 
 ``serve --handoff PATH`` (unless ``--no-native-loop``): every connection the balancer hands over
 goes to a ``_fastpath.NativeLoop``, a thread of its own with its own epoll and no GIL.  It answers each
-read that is exactly one ordinary scoring request with the fast path's bytes.  The first read it
+read that is exactly one ordinary scoring request with the fast path's bytes (``/fraud-score``, and
+``/v1/score`` from the fast path's ``V1Plan``, which ``service/v1.py`` swaps under a lock the loop
+takes for each such answer).  The first read it
 declines (a split or pipelined request, another route, an error) moves the connection to Python
 for good: the loop queues the descriptor with the bytes it read and signals an eventfd that this
 module watches on the event loop.  Python then serves the connection as any other, starting with

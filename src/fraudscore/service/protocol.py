@@ -5,8 +5,9 @@ in ``HttpConnection``; a request's (url, body) is reset by ``on_message_begin``.
 synchronous and takes microseconds, so there are no tasks: a request is answered inside
 ``on_message_complete`` and pipelined requests are answered in order by construction.
 
-Two paths answer.  A read that is exactly one ordinary scoring request, arriving while the
-parser is between requests, is answered by the native fast path (``_fastpath.c``) in one call;
+Two paths answer.  A read that is exactly one ordinary scoring request (``/fraud-score``, or
+``/v1/score`` with the plan ``service/v1.py`` gives the fast path), arriving while the parser is
+between requests, is answered by the native fast path (``_fastpath.c``) in one call;
 for everything else that path declines and httptools with ``vectorize`` answer, as they define
 what the answer is.  Both give the same bytes for what both accept (tests/test_fastpath.py).
 Every response is counted and timed for ``GET /metrics`` (``metrics.py``): the fast path does it

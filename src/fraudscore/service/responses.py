@@ -38,13 +38,13 @@ def response(status: int, body: object, *, close: bool = False, extra: str = "")
     return head.encode("ascii") + payload
 
 
-_OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
 
 
 def ok(body: bytes) -> bytes:
     """A 200 whose JSON body the caller serialized (an answer that varies per request):
     the same bytes as ``response(200, …)``, with the head's fixed part built once."""
-    return b"%s%d\r\n\r\n%s" % (_OK_HEAD, len(body), body)
+    return b"%s%d\r\n\r\n%s" % (OK_HEAD, len(body), body)
 
 
 def error(status: int, message: str, *, close: bool = False) -> bytes:

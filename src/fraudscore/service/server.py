@@ -89,6 +89,7 @@ async def serve(config: ServiceConfig, *, started: float | None = None) -> None:
             max_headers=config.max_headers,
             max_header_bytes=config.max_header_bytes,
         )
+        v1_scorers.serve_natively(state.fast, loop)  # /v1/score too, until detach_v1
     state.ready = True
     native: NativeConnections | None = None
     if config.native_loop and state.fast is not None:

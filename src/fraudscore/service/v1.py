@@ -29,13 +29,26 @@ written, ``service.shadow.AfterAnswer`` feeds the version's drift tracker and th
 
 Everything in the answer that does not depend on the request is serialized once, here, as
 ``orjson.Fragment``: per request, one ``orjson.dumps`` call joins them with the numbers.
+
+**Natively.**  Once the server has its fast path (``serve_natively``), each live set also becomes
+a ``_fastpath.V1Plan``: per arm the forest, the threshold, who decides and the answer's fixed parts
+serialized here, and the split (the candidate's version and share).  The fast path then answers
+``/v1/score`` itself (on the event loop's thread and on the native loop's), with the same answers:
+this module still defines them, and answers whatever the fast path declines (tests/test_v1_native.py
+holds the two to each other).  Its decisions are counted in the plan (``native_decisions``, merged
+into GET /metrics), and its answers queued there for the drift trackers and shadows: the plan
+signals an eventfd, and ``drain_native`` feeds ``AfterAnswer`` from the queue on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import signal
+import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,21 +59,39 @@ import orjson
 from fraudscore.contract.vectorize import FEATURES
 from fraudscore.errors import ConfigError
 from fraudscore.index.search import K
-from fraudscore.models.live import CANDIDATE, PRODUCTION, LiveModels, Loaded, ModelSet, split_key
+from fraudscore.models.live import (
+    AB_BUCKETS,
+    AB_KEY,
+    CANDIDATE,
+    PRODUCTION,
+    LiveModels,
+    Loaded,
+    ModelSet,
+    arm_cut,
+    split_key,
+)
 from fraudscore.models.registry import DEFAULT_REGISTRY, Registry, knn_version
 from fraudscore.models.scorer import ModelScorer
 from fraudscore.scorer import KnnScorer, ScorerId, decision
 from fraudscore.service import responses
+from fraudscore.service._fastpath import FastPath, V1Plan
 from fraudscore.service.decode import unsearchable
+from fraudscore.service.shadow import CAPACITY, DELAY_SECONDS
 
 if TYPE_CHECKING:
     from fraudscore.service.shadow import AfterAnswer
     from fraudscore.service.state import ServiceState
 
-REASONS = 3  # the features that pushed the score most, per answer
+log = logging.getLogger(__name__)
+
+REASONS = 3  # the features that pushed the score most, per answer (_fastpath.c's REASONS too)
 REGISTRY_ENV = "FRAUDSCORE_REGISTRY"
 # (|contribution|, -feature) sorts largest first with ties in feature order when reversed
 _NEGATED_POSITIONS = tuple(-i for i in range(len(FEATURES)))
+# the native answer's reason openings, up to the value: the rest of each reason is numbers
+_REASON_OPENINGS = tuple(b'{"feature":' + orjson.dumps(f) + b',"value":' for f in FEATURES)
+ARMS = (PRODUCTION, CANDIDATE)  # the plan's arms, in _fastpath.c's order
+Decisions = Counter[tuple[str, str, str, str]]  # (scorer, version, outcome, arm): count
 
 
 def resolve_registry(explicit: Path | None) -> Path | None:
@@ -183,6 +214,33 @@ class V1Scorer:
         )
         return response, probability, approved
 
+    @property
+    def decider(self) -> ScorerId:
+        """Whose decisions these answers are (counted for GET /metrics)."""
+        return self.model.id if self.model_decides and self.model is not None else self.knn.id
+
+    def native_arm(self) -> tuple[Any, ...]:
+        """This answerer as one arm of a ``_fastpath.V1Plan``: (forest or None, threshold, whether
+        the model decides, the kNN's approval per fraud count, the whole answers without a model,
+        and with one, per fraud count, the body from ``,"decided_by"`` up to the probability)."""
+        model = self.model
+        middle = None
+        if model is not None:
+            named = orjson.dumps({"name": self._model_name, "version": self._model_version})
+            middle = tuple(
+                b',"decided_by":%s,"knn":%s,"model":%s,"probability":'
+                % (orjson.dumps(self.decided_by), orjson.dumps(_decision(n)), named[:-1])
+                for n in range(K + 1)
+            )
+        return (
+            model.forest if model is not None else None,
+            model.threshold if model is not None else 0.0,
+            self.model_decides,
+            self._knn_approves,
+            self._knn_only,
+            middle,
+        )
+
     def describe(self) -> str:
         model = f"model {self._model_version}" if self.model else "no model"
         return f"/v1/score: {self.decided_by['version']} decides, {model} beside the kNN {self.knn_version}"
@@ -190,6 +248,21 @@ class V1Scorer:
 
 def _uncounted(scorer: ScorerId, approved: bool, arm: str) -> None:
     """Decisions go uncounted until the server hands the scorer its metrics."""
+
+
+def _plan_decisions(active: _Active) -> Decisions:
+    out: Decisions = Counter()
+    if active.plan is None:
+        return out
+    answerers = (active.production, active.candidate)
+    for arm, (approved, denied) in enumerate(active.plan.decisions()):
+        answerer = answerers[arm]
+        assert answerer is not None
+        scorer = answerer.decider
+        for outcome, count in (("approved", approved), ("denied", denied)):
+            if count:
+                out[scorer.name, scorer.version, outcome, ARMS[arm]] += count
+    return out
 
 
 @dataclass(frozen=True)
@@ -201,6 +274,7 @@ class _Active:
     production_hold: Loaded | None
     candidate: V1Scorer | None
     candidate_hold: Loaded | None
+    plan: V1Plan | None = None  # the same answers, for the fast path (once serving natively)
 
 
 class V1Live:
@@ -212,6 +286,16 @@ class V1Live:
         self.own_knn = knn_version(knn.index.checksum)
         self._count_decision: Callable[[ScorerId, bool, str], None] = _uncounted
         self.after: AfterAnswer | None = None  # drift and shadows, once the server gives a loop
+        # native answers (serve_natively): the fast path, the eventfd its plans signal, the sets
+        # swapped out whose plans still hold queued answers or decisions, and the decisions of
+        # those already drained
+        self.fast: FastPath | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._notify = -1
+        self._retired: list[_Active] = []
+        self._counted: Decisions = Counter()
+        self._native_lock = threading.Lock()  # guards active's replacement, _retired and _counted
+        self._swap_lock = threading.Lock()  # one swap at a time: the follower's or serve_natively's
         self.active = self._build(live.current)
         live.listeners.append(self._swap)
 
@@ -245,11 +329,114 @@ class V1Live:
         candidate, candidate_hold = (
             self._arm(models, models.candidate, CANDIDATE) if models.candidate else (None, None)
         )
-        return _Active(models, production, production_hold, candidate, candidate_hold)
+        plan = None
+        if self.fast is not None:
+            try:
+                plan = V1Plan(
+                    (production.native_arm(), *((candidate.native_arm(),) if candidate else ())),
+                    _REASON_OPENINGS,
+                    responses.OK_HEAD,
+                    AB_KEY,
+                    models.candidate.version.encode() if models.candidate else None,
+                    arm_cut(models.share),
+                    AB_BUCKETS,
+                    CAPACITY,
+                    self._notify,
+                )
+            except ValueError as exc:  # e.g. a model of other features: Python answers every request
+                log.warning("/v1/score answered by Python alone: %s", exc)
+        return _Active(models, production, production_hold, candidate, candidate_hold, plan)
 
     def _swap(self, models: ModelSet) -> None:
-        if models is not self.active.models:
-            self.active = self._build(models)  # one assignment: a request sees the old or the new
+        with self._swap_lock:
+            if models is not self.active.models:
+                self._install(self._build(models))
+
+    def _install(self, active: _Active) -> None:
+        """Serve ``active`` from now on.  The fast path first: when set_v1 returns, no native
+        answer uses the old plan, whose queue and counts then wait in ``_retired`` for the loop."""
+        if self.fast is not None:
+            self.fast.set_v1(active.plan)
+        with self._native_lock:
+            old = self.active
+            if old.plan is not None:
+                self._retired.append(old)
+            self.active = active  # one assignment: a request sees the old or the new
+        if old.plan is not None:
+            os.eventfd_write(self._notify, 1)  # its queue is drained on the loop
+
+    # -- the native answers ----------------------------------------------------------------
+
+    def serve_natively(self, fast: FastPath, loop: asyncio.AbstractEventLoop) -> None:
+        """Let ``fast`` answer /v1/score from now on (see the module's docstring), until
+        ``stop_native``."""
+        self._notify = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._loop = loop
+        loop.add_reader(self._notify, self._wake)
+        with self._swap_lock:
+            self.fast = fast
+            self._install(self._build(self.active.models))
+
+    def stop_native(self) -> None:
+        """Python answers /v1/score alone from now on; what the plans queued is fed now."""
+        fast, loop = self.fast, self._loop
+        if fast is None or loop is None:
+            return
+        with self._swap_lock:
+            fast.set_v1(None)
+            self.fast = None
+            self._install(self._build(self.active.models))  # the same set, without a plan
+        loop.remove_reader(self._notify)
+        self.drain_native()
+        os.close(self._notify)
+        self._notify = -1
+
+    def _wake(self) -> None:
+        """A plan's queue stopped being empty: drain it after DELAY_SECONDS, so one wake-up takes
+        a batch (the eventfd stays readable, unread, until then)."""
+        assert self._loop is not None
+        self._loop.remove_reader(self._notify)
+        self._loop.call_later(DELAY_SECONDS, self._drain_and_watch)
+
+    def _drain_and_watch(self) -> None:
+        if self._notify < 0:  # stopped meanwhile
+            return
+        self.drain_native()
+        assert self._loop is not None
+        self._loop.add_reader(self._notify, self._wake)
+
+    def drain_native(self) -> None:
+        """Feed the native answers queued since the last drain to the drift trackers and the
+        shadows (on the loop, as AfterAnswer wants); fold the retired plans' decisions."""
+        with contextlib.suppress(BlockingIOError):  # read by an earlier drain
+            os.eventfd_read(self._notify)
+        with self._native_lock:
+            retired, self._retired = self._retired, []
+            for old in retired:  # final: set_v1 replaced them, nothing counts there any more
+                self._counted.update(_plan_decisions(old))
+            actives = [*retired, self.active]
+        after = self.after
+        for active in actives:
+            if active.plan is None:
+                continue
+            items, dropped = active.plan.drain()
+            if after is None:
+                continue
+            after.dropped += dropped
+            holds = (active.production_hold, active.candidate_hold)
+            shadows = active.models.shadows
+            for arm, vector, probability, approved in items:
+                hold = holds[arm]
+                if hold is not None:
+                    after.put(hold.drift, vector, probability, approved, shadows)
+
+    def native_decisions(self) -> Decisions:
+        """The decisions of the native answers so far, labelled as ServiceMetrics.decided's."""
+        with self._native_lock:
+            out = Counter(self._counted)
+            for active in (*self._retired, self.active):
+                out.update(_plan_decisions(active))
+        return out
 
     @property
     def model(self) -> ModelScorer | None:
@@ -313,6 +500,7 @@ def attach(state: ServiceState, loop: asyncio.AbstractEventLoop) -> Callable[[],
     answerer = state.v1
     assert answerer is not None
     answerer.count_decision = state.metrics.decided
+    state.metrics.more_decisions = answerer.native_decisions
     after = answerer.after = AfterAnswer(loop)
     live = answerer.live
     state.metrics.registry.register(LifecycleCollector(live, after))
@@ -328,6 +516,7 @@ def attach(state: ServiceState, loop: asyncio.AbstractEventLoop) -> Callable[[],
     def detach() -> None:
         loop.remove_signal_handler(signal.SIGHUP)
         live.stop()
+        answerer.stop_native()
         after.close()
         if instance is not None:
             instance.remove()

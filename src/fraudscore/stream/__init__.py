@@ -8,9 +8,10 @@
 - ``replay``     the single-threaded oracle the workers must agree with
 - ``monitor``    rates, backlog, latency and approvals, read from Redis
 - ``generate``   a small deterministic event generator, and the producers' rate shapes
-- ``demo``       the whole pipeline on this machine, watched live
+- ``demo``       ``fraudscore pipeline demo``: the whole pipeline here, watched live
+- ``demo_report`` the demo's report and chart
 - ``compose``    renders deploy/stream/docker-compose.yml
-- ``cli``        ``fraudscore worker``, ``publish``, ``monitor`` and ``demo``
+- ``cli``        ``fraudscore worker``, ``publish``, ``monitor`` and ``pipeline demo``
 
-README.md beside this file describes the design and lists every key.
+The repository's README.md ("The streaming pipeline") describes the design and lists every key.
 """

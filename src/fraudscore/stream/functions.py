@@ -6,6 +6,10 @@ its consumer group's deliveries are fenced: they refuse (error ``FSLEASE``) unle
 caller's token is the partition's lease, so a worker that lost its lease (paused, partitioned,
 presumed dead) cannot apply, read or claim anything after its successor took over:
 
+- ``fs_publish`` XADDs a chunk of raw events to a partition's stream, all or none: a pipeline
+                of XADDs can be cut anywhere (a Redis that finishes loading its data mid-pipeline
+                rejects the first commands and runs the rest), and the chunk sent again would then
+                put its first events after its last ones.
 - ``fs_lease``  acquire (SET NX PX), renew or release a partition's lease.
 - ``fs_read``   XREADGROUP ``>`` of new entries (non-blocking: fenced reads cannot block).
 - ``fs_claim``  XAUTOCLAIM every pending entry of the group from a cursor, with each entry's
@@ -36,6 +40,12 @@ local function holds(lease, token)
 end
 
 local lost = 'FSLEASE the partition lease is not held by this worker'
+
+-- KEYS: events; ARGV: raw events -> the number added.  Not fenced: producers hold no lease.
+local function publish(keys, args)
+  for i = 1, #args do redis.call('XADD', keys[1], '*', 'event', args[i]) end
+  return #args
+end
 
 -- KEYS: lease; ARGV: token, op (acquire | renew | release), ttl ms
 local function lease(keys, args)
@@ -240,6 +250,7 @@ local function trim(keys, args)
   return redis.call('XTRIM', keys[1], 'MINID', floor)
 end
 
+redis.register_function('fs_publish', publish)
 redis.register_function('fs_lease', lease)
 redis.register_function('fs_read', read)
 redis.register_function('fs_claim', claim)

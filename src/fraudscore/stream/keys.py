@@ -18,6 +18,9 @@ characters it holds, can make two keys collide::
                             (last terminal), hlat/hlon (home), the event times of the 24 h
                             window, the recent merchants); TTL after the customer's last event
     {fs:p<i>}:m:<merchant>  hash: n, sum (cents) of the merchant's events in the partition; TTL
+    {fs}:runs               sorted set: the generator's run ids, scored by their start (ms)
+    {fs}:run:<run>          hash: a run's settings, start, end and counts (``stream.runs``)
+    {fs}:run:<run>:frauds   set: the ids of the run's events made fraudulent (ground truth)
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import zlib
 NAMESPACE = "fs"
 META = "{fs}:meta"
 WORKERS = "{fs}:workers"
+RUNS = "{fs}:runs"
+RUN = "{fs}:run:"  # + a run id: its hash; + ":frauds": its ground truth
 GROUP = "scorers"
 # entries read per partition per step: here, not in worker.py, so the command line's default
 # needs no import of redis (the worker's own default is this too)
@@ -62,3 +67,13 @@ class PartitionKeys:
 
     def merchant(self, merchant_id: str) -> str:
         return f"{self.tag}:m:{merchant_id}"
+
+
+def run_key(run_id: str) -> str:
+    """The hash of a generator's run (run ids hold no ``:``, so no two keys collide)."""
+    return f"{RUN}{run_id}"
+
+
+def run_frauds_key(run_id: str) -> str:
+    """The set of a run's fraudulent event ids."""
+    return f"{RUN}{run_id}:frauds"

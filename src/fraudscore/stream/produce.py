@@ -2,15 +2,20 @@
 
 An event goes to ``{fs:p<i>}:events`` with i = ``partition_of(customer_id)``; bytes that have
 no readable ``customer_id`` go to partition 0, where a worker dead-letters them.  Events are sent
-in pipelined chunks; when Redis fails mid-chunk the whole chunk is sent again, in order, so an
-event may be in its stream twice, always after its first copy: the workers recognise the repeat
-by its event id and apply it once.  ``publish_paced`` sends them at the pace of a ``RateShape``.
+in chunks, each chunk as one ``fs_publish`` call per partition (``functions.py``), which adds all
+of that partition's events of the chunk or none.  When Redis fails mid-chunk the whole chunk is
+sent again, in order, so an event may be in its stream twice, always after its first copy: the
+workers recognise the repeat by its event id and apply it once.  (A pipeline of plain XADDs would
+not do: Redis can reject its first commands and run the rest, when it finishes loading its data
+mid-pipeline, and the chunk sent again would put those first events after later ones.)
+``publish_paced`` sends them at the pace of a ``RateShape``.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -46,15 +51,20 @@ def _chunks(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
 def publish(
     client: Client, raws: Iterable[bytes], partitions: int, chunk: int = 500, retries: int = 50
 ) -> int:
-    """XADD every raw event to its partition; the number published.  Retries transient errors."""
+    """XADD every raw event to its partition; the number published.  Retries transient errors.
+
+    The function library must be loaded (``worker.prepare``)."""
     streams = [PartitionKeys(i).events for i in range(partitions)]
     published = 0
     for part in _chunks(raws, chunk):
+        routed: dict[int, list[bytes]] = {}
+        for raw in part:
+            routed.setdefault(partition_of_raw(raw, partitions), []).append(raw)
         backoff = 0.05
         for attempt in range(retries + 1):
             pipe = client.pipeline(transaction=False)
-            for raw in part:
-                pipe.xadd(streams[partition_of_raw(raw, partitions)], {"event": raw})
+            for index, events in routed.items():
+                pipe.fcall("fs_publish", 1, streams[index], *events)
             try:
                 pipe.execute()
                 break
@@ -69,13 +79,19 @@ def publish(
 
 
 def publish_paced(
-    client: Client, raws: Sequence[bytes], partitions: int, shape: RateShape, max_chunk: int = 500
+    client: Client,
+    raws: Sequence[bytes],
+    partitions: int,
+    shape: RateShape,
+    max_chunk: int = 500,
+    stop: threading.Event | None = None,
 ) -> int:
-    """``publish`` each event at its due time by ``shape`` (in chunks of those already due)."""
+    """``publish`` each event at its due time by ``shape`` (in chunks of those already due);
+    the number sent, fewer when ``stop`` is set first (it is checked at least every 0.1 s)."""
     due = shape.schedule(len(raws))
     start = time.monotonic()
     sent = 0
-    while sent < len(raws):
+    while sent < len(raws) and not (stop is not None and stop.is_set()):
         now = time.monotonic() - start
         ready = min(bisect.bisect_right(due, now, lo=sent), sent + max_chunk)
         if ready == sent:
